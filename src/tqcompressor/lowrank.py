@@ -1,0 +1,40 @@
+"""Truncated-SVD factorisation W ≈ U V, the baseline every Kronecker result is compared against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .shapes import check_weight, working_dtype
+
+
+@dataclass
+class LowRankFactors:
+    u: torch.Tensor  # (in_features, rank)
+    v: torch.Tensor  # (rank, out_features)
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    @property
+    def num_params(self) -> int:
+        return self.u.numel() + self.v.numel()
+
+    def reconstruct(self) -> torch.Tensor:
+        return self.u @ self.v
+
+    def relative_error(self, weight: torch.Tensor) -> float:
+        target = weight.to(torch.float64)
+        return float(torch.linalg.norm(target - self.reconstruct().double()) / torch.linalg.norm(target))
+
+
+def truncated_svd(weight: torch.Tensor, rank: int) -> LowRankFactors:
+    """Best rank-``rank`` approximation (Eckart–Young), split evenly as U·sqrt(S) and sqrt(S)·V^T."""
+    check_weight(weight)
+    if not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"rank must be between 1 and {min(weight.shape)} for a {tuple(weight.shape)} matrix")
+    u, s, vh = torch.linalg.svd(weight.to(working_dtype(weight)), full_matrices=False)
+    root = s[:rank].sqrt()
+    return LowRankFactors((u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype))

@@ -1,0 +1,33 @@
+"""Honest parameter counts: every tensor once, tied or shared tensors included a single time."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _storage_key(tensor) -> tuple[int, int, tuple[int, ...]]:
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of distinct trainable-or-frozen parameter values in ``module``.
+
+    ``nn.Module.parameters()`` already skips a Parameter registered twice; keying on storage also
+    catches two Parameter objects that share memory (a head tied by assignment of ``.data``).
+    """
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    total = 0
+    for _, param in module.named_parameters(remove_duplicate=False):
+        key = _storage_key(param)
+        if key not in seen:
+            seen.add(key)
+            total += param.numel()
+    return total
+
+
+def tied_parameters(module: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that share one tensor (e.g. ``lm_head.weight`` and ``wte.weight``)."""
+    groups: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(_storage_key(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]

@@ -1,0 +1,159 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from tqcompressor import (
+    KroneckerEmbedding,
+    KroneckerLinear,
+    KroneckerShape,
+    LowRankLinear,
+    TiedKroneckerHead,
+    count_parameters,
+    search_permutations,
+    tied_parameters,
+    truncated_svd,
+)
+from tqcompressor.layers import dense_weight
+
+
+def _permuted_factors(weight_io: torch.Tensor, shape: KroneckerShape):
+    # A couple of search rounds give non-trivial permutations, which the layer must honour.
+    return search_permutations(weight_io, shape, iterations=2, starts=("spectral",)).factors
+
+
+def _dense(kind: str, in_features: int, out_features: int) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(in_features, out_features).double()
+    module = Conv1D(out_features, in_features).double()
+    nn.init.normal_(module.bias)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("dims", [(12, 16, 2, 4, 3), (6, 32, 4, 2, 2), (24, 8, 1, 8, 1)])
+def test_kronecker_linear_forward_and_gradients_equal_the_dense_layer(kind, dims):
+    shape = KroneckerShape(*dims)
+    dense_in = _dense(kind, shape.in_features, shape.out_features)
+    weight, _, _ = dense_weight(dense_in)
+    layer = KroneckerLinear.from_module(dense_in, _permuted_factors(weight, shape))
+    assert not torch.equal(layer.input_index, torch.arange(shape.in_features)) or shape.m2 == 1
+    dense = layer.to_dense()
+    assert type(dense) is type(dense_in)
+    x = torch.randn(3, 5, shape.in_features, dtype=torch.float64, requires_grad=True)
+    y, y_dense = layer(x), dense(x)
+    torch.testing.assert_close(y, y_dense, rtol=1e-10, atol=1e-10)
+    assert y.shape == (3, 5, shape.out_features)
+    # Gradients: the factor gradients must equal the dense gradient pulled back through W(a, b).
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    grad_x = x.grad.clone()
+    x.grad = None
+    (dense(x) * upstream).sum().backward()
+    torch.testing.assert_close(grad_x, x.grad, rtol=1e-10, atol=1e-10)
+    a, b = layer.a.detach().requires_grad_(), layer.b.detach().requires_grad_()
+    probe = copy.deepcopy(layer)
+    probe.a, probe.b = nn.Parameter(a), nn.Parameter(b)
+    dense_grad = x.detach().reshape(-1, shape.in_features).T @ upstream.reshape(-1, shape.out_features)
+    (probe.dense_weight() * dense_grad).sum().backward()
+    torch.testing.assert_close(layer.a.grad, probe.a.grad, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(layer.b.grad, probe.b.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_both_contraction_orders_agree():
+    shape = KroneckerShape(4, 6, 3, 5, 2)
+    factors = _permuted_factors(torch.randn(12, 30, dtype=torch.float64), shape)
+    layer = KroneckerLinear(factors, torch.randn(30, dtype=torch.float64))
+    x = torch.randn(7, 12, dtype=torch.float64)
+    first = layer(x)
+    layer.a_first = not layer.a_first
+    torch.testing.assert_close(layer(x), first, rtol=1e-12, atol=1e-12)
+
+
+def test_kronecker_linear_runs_under_bf16_autocast_and_in_float32():
+    shape = KroneckerShape(384, 768, 2, 4, 4)
+    dense = nn.Linear(768, 3072)
+    layer = KroneckerLinear.from_module(dense, _permuted_factors(dense.weight.detach().T, shape))
+    x = torch.randn(2, 3, 768)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.05)
+    assert count_parameters(layer) == 4 * (384 * 768 + 8) + 3072
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_low_rank_linear_equals_its_dense_form(kind):
+    dense_in = _dense(kind, 20, 12)
+    weight, _, _ = dense_weight(dense_in)
+    layer = LowRankLinear.from_module(dense_in, truncated_svd(weight, 4))
+    x = torch.randn(2, 3, 20, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), layer.to_dense()(x))
+    assert count_parameters(layer) == 4 * 32 + 12
+
+
+def _embedding_factors(weight: torch.Tensor, k: int):
+    vocab, dim = weight.shape
+    shape = KroneckerShape(vocab, dim // k, 1, k, 1)
+    return search_permutations(weight, shape, rows=True, iterations=3).factors
+
+
+def test_kronecker_embedding_twice_and_tied_head_equal_dense_equivalents():
+    torch.manual_seed(0)
+    dense = nn.Embedding(50, 16).double()
+    once = KroneckerEmbedding.from_factors(_embedding_factors(dense.weight.detach(), 2))
+    assert once.base.shape == (50, 8) and once.embedding_dim == 16
+    twice = KroneckerEmbedding.from_factors(_embedding_factors(once.base.detach(), 2), inner_of=once)
+    assert twice.base.shape == (50, 4) and len(twice.scales) == 2
+    # The outer stage is kept exactly; only the base was approximated again.
+    torch.testing.assert_close(twice.scales[1], once.scales[0])
+    torch.testing.assert_close(twice.index_1, once.index_0)
+    ids = torch.randint(0, 50, (3, 7))
+    for layer in (once, twice):
+        dense_equivalent = layer.to_dense()
+        torch.testing.assert_close(layer(ids), dense_equivalent(ids))
+        hidden = torch.randn(3, 7, 16, dtype=torch.float64)
+        head = TiedKroneckerHead(layer)
+        torch.testing.assert_close(head(hidden), hidden @ dense_equivalent.weight.T)
+    assert count_parameters(twice) == 50 * 4 + 2 + 2
+
+
+def test_embedding_of_kronecker_structure_is_exact_after_column_search():
+    g = torch.Generator().manual_seed(0)
+    base, scale = (
+        torch.randn(40, 6, generator=g, dtype=torch.float64),
+        torch.randn(1, 2, generator=g).double(),
+    )
+    exact = torch.kron(base, scale)[:, torch.randperm(12, generator=g)]
+    layer = KroneckerEmbedding.from_factors(_embedding_factors(exact, 2))
+    torch.testing.assert_close(layer.weight, exact, rtol=1e-9, atol=1e-9)
+
+
+def test_tied_head_counts_the_embedding_once():
+    layer = KroneckerEmbedding.from_factors(_embedding_factors(torch.randn(30, 8), 2))
+    model = nn.ModuleDict({"wte": layer, "lm_head": TiedKroneckerHead(layer)})
+    assert count_parameters(model) == 30 * 4 + 2
+    assert "lm_head.embedding.base" not in model.state_dict()
+    copied = copy.deepcopy(model)
+    assert copied["lm_head"].embedding is copied["wte"]
+
+
+def test_count_parameters_sees_ties_by_shared_storage():
+    a, b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+    b.weight = nn.Parameter(a.weight.data)  # a distinct Parameter object over the same memory
+    model = nn.Sequential(a, b)
+    assert count_parameters(model) == 16
+    assert tied_parameters(model) == [["0.weight", "1.weight"]]
+
+
+def test_bad_modules_and_shapes_are_rejected():
+    with pytest.raises(TypeError, match="cannot compress a Conv2d"):
+        dense_weight(nn.Conv2d(2, 2, 3))
+    factors = _permuted_factors(torch.randn(16, 32), KroneckerShape(8, 8, 2, 4, 1))
+    with pytest.raises(ValueError, match="16x32"):
+        KroneckerLinear.from_module(nn.Linear(16, 16), factors)
+    with pytest.raises(ValueError, match="rank 1"):
+        KroneckerEmbedding.from_factors(factors)
