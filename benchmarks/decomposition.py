@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def summarise(records: list[dict], speed: list[dict], search_options: dict, laye
         "",
         f"Matrices: q, k, v (split from `c_attn`) and `c_proj` of layers {layers} "
         f"({len({r['matrix'] for r in records})} matrices of 768x768, fp16 weights computed in float32).",
-        f"Search settings: `{search_options}`. Command: `python benchmarks/decomposition.py`.",
+        f"Search settings: `{search_options}`. Command: `{' '.join(['python benchmarks/decomposition.py', *sys.argv[1:]])}`.",
         "",
         "| ratio | factors | params | kronecker | kronecker+perm | svd | perm reduction | search s/matrix |",
         "|---|---|---|---|---|---|---|---|",
@@ -199,9 +200,7 @@ def main() -> None:
     )
     parser.add_argument("--layers", type=int, nargs="+", default=list(range(12)))
     parser.add_argument("--iterations", type=int, default=6)
-    parser.add_argument(
-        "--time-budget", type=float, default=20.0, help="search seconds per matrix and budget"
-    )
+    parser.add_argument("--time-budget", type=float, default=8.0, help="search seconds per matrix and budget")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not ASSET.exists():

@@ -10,7 +10,7 @@ from tqcompressor import (
     KroneckerLinear,
     KroneckerShape,
     LowRankLinear,
-    TiedKroneckerHead,
+    TiedEmbeddingHead,
     count_parameters,
     search_permutations,
     tied_parameters,
@@ -116,7 +116,7 @@ def test_kronecker_embedding_twice_and_tied_head_equal_dense_equivalents():
         dense_equivalent = layer.to_dense()
         torch.testing.assert_close(layer(ids), dense_equivalent(ids))
         hidden = torch.randn(3, 7, 16, dtype=torch.float64)
-        head = TiedKroneckerHead(layer)
+        head = TiedEmbeddingHead(layer)
         torch.testing.assert_close(head(hidden), hidden @ dense_equivalent.weight.T)
     assert count_parameters(twice) == 50 * 4 + 2 + 2
 
@@ -134,7 +134,7 @@ def test_embedding_of_kronecker_structure_is_exact_after_column_search():
 
 def test_tied_head_counts_the_embedding_once():
     layer = KroneckerEmbedding.from_factors(_embedding_factors(torch.randn(30, 8), 2))
-    model = nn.ModuleDict({"wte": layer, "lm_head": TiedKroneckerHead(layer)})
+    model = nn.ModuleDict({"wte": layer, "lm_head": TiedEmbeddingHead(layer)})
     assert count_parameters(model) == 30 * 4 + 2
     assert "lm_head.embedding.base" not in model.state_dict()
     copied = copy.deepcopy(model)

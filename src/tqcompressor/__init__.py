@@ -1,7 +1,7 @@
 """tqcompressor: permutation-enhanced Kronecker compression of transformer language models."""
 
 from .kronecker import KroneckerFactors, fit_factors, nearest_kronecker
-from .layers import KroneckerEmbedding, KroneckerLinear, LowRankLinear, TiedKroneckerHead
+from .layers import KroneckerEmbedding, KroneckerLinear, LowRankEmbedding, LowRankLinear, TiedEmbeddingHead
 from .lowrank import LowRankFactors, truncated_svd
 from .params import count_parameters, tied_parameters
 from .permutation_search import SearchResult, search_permutations
@@ -12,10 +12,11 @@ __all__ = [
     "KroneckerFactors",
     "KroneckerLinear",
     "KroneckerShape",
+    "LowRankEmbedding",
     "LowRankFactors",
     "LowRankLinear",
     "SearchResult",
-    "TiedKroneckerHead",
+    "TiedEmbeddingHead",
     "count_parameters",
     "fit_factors",
     "nearest_kronecker",

@@ -204,13 +204,38 @@ class KroneckerEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, base_dim={self.base.shape[1]}, k={ks}"
 
 
-class TiedKroneckerHead(nn.Module):
-    """An LM head tied to a KroneckerEmbedding: logits = hidden @ E.T, with no dense copy of E.
+class LowRankEmbedding(nn.Module):
+    """E = U V (vocab x k, k x d): the truncated-SVD baseline for embeddings, with a factorised head."""
+
+    def __init__(self, factors: LowRankFactors):
+        super().__init__()
+        self.u = nn.Parameter(factors.u.detach().clone())
+        self.v = nn.Parameter(factors.v.detach().clone())
+        self.num_embeddings, self.embedding_dim = self.u.shape[0], self.v.shape[1]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.u) @ self.v.to(self.u.dtype)
+
+    def attend(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden @ self.v.to(hidden.dtype).T) @ self.u.to(hidden.dtype).T
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.u @ self.v
+
+    def to_dense(self) -> nn.Embedding:
+        dense = nn.Embedding(self.num_embeddings, self.embedding_dim)
+        dense.weight.data = self.weight.detach().clone()
+        return dense.to(self.u.device, self.u.dtype)
+
+
+class TiedEmbeddingHead(nn.Module):
+    """An LM head tied to a compressed embedding: logits = hidden @ E.T, with no dense copy of E.
 
     The embedding is referenced, not registered, so its parameters appear (and are counted) once.
     """
 
-    def __init__(self, embedding: KroneckerEmbedding, bias: torch.Tensor | None = None):
+    def __init__(self, embedding: KroneckerEmbedding | LowRankEmbedding, bias: torch.Tensor | None = None):
         super().__init__()
         self.__dict__["embedding"] = embedding
         self.bias = _optional_bias(bias)

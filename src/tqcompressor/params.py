@@ -6,6 +6,8 @@ from torch import nn
 
 
 def _storage_key(tensor) -> tuple[int, int, tuple[int, ...]]:
+    if tensor.device.type == "meta":  # no storage to compare: only the same object counts as shared
+        return (id(tensor), -1, tuple(tensor.shape))
     return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
 
 

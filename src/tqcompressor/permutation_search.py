@@ -116,6 +116,8 @@ class _Problem:
         blocks = torch.arange(m1).repeat_interleave(m2)
         sums = y[p.reshape(m1, m2), torch.arange(m2)].sum(1)
         n = p.numel()
+        # Wide rows (an embedding's columns are vocab-long) get fewer pairs per round to bound memory.
+        batch = max(64, min(batch, (1 << 24) // flat.shape[1]))
         # Small sides get every pair each round; large ones a random sample of pairs.
         all_pairs = torch.triu_indices(n, n, 1) if n * (n - 1) // 2 <= batch else None
         for _ in range(rounds):
@@ -228,6 +230,10 @@ def search_permutations(
         raise ValueError("iterations and restarts must be non-negative")
     began = time.perf_counter()
     deadline = None if time_budget is None else began + time_budget
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.perf_counter() > deadline
+
     rng = np.random.default_rng(seed)
     work = weight.detach().to("cpu", working_dtype(weight))
     row_problem = _Problem(work, shape)
@@ -245,7 +251,7 @@ def search_permutations(
     best = (plain_error, *identity)
     history = [plain_error]
     for name in all_starts:
-        if trials and deadline is not None and time.perf_counter() > deadline:
+        if trials and out_of_time():
             break
         t0 = time.perf_counter()
         p = _start(name, row_problem, rows, M, rng)
@@ -267,9 +273,11 @@ def search_permutations(
                         trial.move_gains[move] = trial.move_gains.get(move, 0.0) + error - new_error
                         p, q, error = p_new, q_new, new_error
                         trial.history.append(error)
-            if round_start - error <= tolerance * max(round_start, 1e-30):
-                break
-            if deadline is not None and time.perf_counter() > deadline:
+                    if out_of_time():
+                        break
+                if out_of_time():
+                    break
+            if round_start - error <= tolerance * max(round_start, 1e-30) or out_of_time():
                 break
         trial.seconds = time.perf_counter() - t0
         trials.append(trial)

@@ -1,0 +1,270 @@
+"""Save, load and materialize compressed models: safetensors weights plus a JSON config, no pickles.
+
+``config.json`` is the base model's config with a ``tqcompressor`` section that records, for every
+replaced module, the structure needed to rebuild it (factor shapes, layout, stages), the plans
+applied and their reports. ``load`` builds the base architecture from the config, swaps in empty
+compressed modules of those shapes and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .kronecker import KroneckerFactors
+from .layers import KroneckerEmbedding, KroneckerLinear, LowRankEmbedding, LowRankLinear, TiedEmbeddingHead
+from .lowrank import LowRankFactors
+from .surgery import _set_untied_config, set_submodule
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def _module_spec(module: nn.Module, names: dict[int, str]) -> dict[str, Any] | None:
+    if isinstance(module, KroneckerLinear):
+        return {
+            "type": "kronecker_linear",
+            "shape": [module.m1, module.n1, module.m2, module.n2, module.rank],
+            "layout": module.layout,
+            "bias": module.bias is not None,
+        }
+    if isinstance(module, LowRankLinear):
+        return {
+            "type": "lowrank_linear",
+            "in": module.in_features,
+            "out": module.out_features,
+            "rank": module.u.shape[1],
+            "layout": module.layout,
+            "bias": module.bias is not None,
+        }
+    if isinstance(module, KroneckerEmbedding):
+        return {
+            "type": "kronecker_embedding",
+            "vocab": module.num_embeddings,
+            "base_dim": module.base.shape[1],
+            "factors": [s.numel() for s in module.scales],
+        }
+    if isinstance(module, LowRankEmbedding):
+        return {
+            "type": "lowrank_embedding",
+            "vocab": module.num_embeddings,
+            "dim": module.embedding_dim,
+            "rank": module.u.shape[1],
+        }
+    if isinstance(module, TiedEmbeddingHead):
+        return {
+            "type": "tied_embedding_head",
+            "embedding": names[id(module.embedding)],
+            "bias": module.bias is not None,
+        }
+    return None
+
+
+def compressed_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
+    names = {id(module): name for name, module in model.named_modules()}
+    specs = {name: _module_spec(module, names) for name, module in model.named_modules()}
+    # A separate dense head needs no entry: the saved config has tie_word_embeddings off, so the
+    # base architecture is rebuilt with its own head.
+    return {name: spec for name, spec in specs.items() if spec is not None}
+
+
+def _placeholder(spec: dict[str, Any], modules: dict[str, nn.Module]) -> nn.Module:
+    kind = spec["type"]
+    if kind == "kronecker_linear":
+        m1, n1, m2, n2, r = spec["shape"]
+        factors = KroneckerFactors(
+            torch.zeros(r, m1, n1), torch.zeros(r, m2, n2), torch.arange(m1 * m2), torch.arange(n1 * n2)
+        )
+        return KroneckerLinear(factors, torch.zeros(n1 * n2) if spec["bias"] else None, spec["layout"])
+    if kind == "lowrank_linear":
+        factors = LowRankFactors(
+            torch.zeros(spec["in"], spec["rank"]), torch.zeros(spec["rank"], spec["out"])
+        )
+        return LowRankLinear(factors, torch.zeros(spec["out"]) if spec["bias"] else None, spec["layout"])
+    if kind == "kronecker_embedding":
+        width, scales, indices = spec["base_dim"], [], []
+        for k in spec["factors"]:
+            width *= k
+            scales.append(torch.zeros(k))
+            indices.append(torch.arange(width))
+        return KroneckerEmbedding(torch.zeros(spec["vocab"], spec["base_dim"]), scales, indices)
+    if kind == "lowrank_embedding":
+        return LowRankEmbedding(
+            LowRankFactors(torch.zeros(spec["vocab"], spec["rank"]), torch.zeros(spec["rank"], spec["dim"]))
+        )
+    if kind == "tied_embedding_head":
+        embedding = modules[spec["embedding"]]
+        return TiedEmbeddingHead(embedding, torch.zeros(embedding.num_embeddings) if spec["bias"] else None)
+    raise ValueError(f"unknown compressed module type {kind!r} in config")
+
+
+def save(model: nn.Module, directory: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write config.json, model.safetensors (and the tokenizer) atomically into ``directory``."""
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not overwrite)):
+        raise FileExistsError(
+            f"{directory} already exists and is not empty (pass overwrite=True / --overwrite)"
+        )
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["tqcompressor"] = {
+        "format_version": FORMAT_VERSION,
+        "modules": compressed_modules(model),
+        "history": getattr(model, "tqcompressor_history", []),
+    }
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    # Hugging Face-tied heads appear twice in state_dict; safetensors stores each tensor once.
+    seen: dict[tuple[int, int], str] = {}
+    for name in list(state):
+        key = (state[name].data_ptr(), state[name].numel())
+        if key in seen and state[name].numel():
+            del state[name]
+        else:
+            seen[key] = name
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(
+            state, str(staging / WEIGHTS), metadata={"format": "pt", "tqcompressor": str(FORMAT_VERSION)}
+        )
+        (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        if directory.exists():
+            backup = directory.with_name(f".{directory.name}.old")
+            os.replace(directory, backup)
+            os.replace(staging, directory)
+            shutil.rmtree(backup)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory")
+    path = directory / CONFIG
+    if not path.is_file():
+        raise ValueError(f"{directory} has no {CONFIG}: not a saved model")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the directory is corrupted") from err
+
+
+def is_compressed_dir(path: str | Path) -> bool:
+    try:
+        return "tqcompressor" in read_config(path)
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def load(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Rebuild a compressed model saved by ``save``; no network access, no pickles."""
+    directory = Path(directory)
+    raw = read_config(directory)
+    section = raw.pop("tqcompressor", None)
+    if section is None:
+        raise ValueError(
+            f"{directory} is not a tqcompressor model (config.json has no 'tqcompressor' section)"
+        )
+    if section.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unsupported tqcompressor format {section.get('format_version')} in {directory}")
+    if not (directory / WEIGHTS).is_file():
+        raise ValueError(f"{directory} has no {WEIGHTS}: the save is incomplete")
+    architectures = raw.get("architectures") or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None:
+        raise ValueError(f"{directory}/config.json names no known architecture ({architectures})")
+    config = transformers.AutoConfig.for_model(**raw)
+    model = model_class(config)
+    modules = dict(model.named_modules())
+    # Embeddings first, so that tied heads can reference their rebuilt embedding.
+    for name, spec in sorted(
+        section["modules"].items(), key=lambda kv: kv[1]["type"] == "tied_embedding_head"
+    ):
+        replacement = _placeholder(spec, modules)
+        set_submodule(model, name, replacement)
+        modules[name] = replacement
+    if section["modules"]:
+        _set_untied_config(model)
+    try:
+        state = load_file(str(directory / WEIGHTS))
+    except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+        raise ValueError(f"cannot read {directory / WEIGHTS}: {err}") from err
+    _load_state(model, state, directory)
+    model.tqcompressor_history = section.get("history", [])
+    model.eval()
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    expected = model.state_dict()
+    # Names Hugging Face ties to another tensor are stored once; fill them from their twin.
+    for name, tensor in expected.items():
+        if name not in state:
+            twin = next(
+                (
+                    other
+                    for other, t in expected.items()
+                    if other in state and t.data_ptr() == tensor.data_ptr() and t.numel()
+                ),
+                None,
+            )
+            if twin is not None:
+                state[name] = state[twin]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory / WEIGHTS} does not match its config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"{directory / WEIGHTS}: {name} has shape {tuple(tensor.shape)}, "
+                f"config expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Replace every compressed module by its dense equivalent, in place (original architecture)."""
+    modules = list(model.named_modules())
+    tied_heads = [(name, m) for name, m in modules if isinstance(m, TiedEmbeddingHead)]
+    dense_of: dict[int, nn.Module] = {}
+    for name, module in modules:
+        if isinstance(module, (KroneckerLinear, LowRankLinear, KroneckerEmbedding, LowRankEmbedding)):
+            dense = module.to_dense()
+            dense_of[id(module)] = dense
+            set_submodule(model, name, dense)
+    for name, head in tied_heads:
+        embedding = dense_of[id(head.embedding)]
+        linear = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        linear.weight = embedding.weight  # keep the tie, as the original architecture has it
+        if head.bias is not None:
+            linear.bias = head.bias
+        set_submodule(model, name, linear.to(embedding.weight.device))
+        if getattr(model, "config", None) is not None:
+            model.config.tie_word_embeddings = True
+    model.tqcompressor_history = []
+    return model
