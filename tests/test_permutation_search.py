@@ -42,9 +42,7 @@ def test_without_permutations_the_planted_matrix_is_not_recovered():
 def _structured(seed: int) -> torch.Tensor:
     # Low-rank plus noise plus a few large rows: closer to trained weights than pure noise.
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(48, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.3 * torch.randn(
-        48, 64, generator=g
-    )
+    w = torch.randn(48, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.3 * torch.randn(48, 64, generator=g)
     w[torch.randint(0, 48, (3,), generator=g)] *= 8
     return w
 
@@ -53,11 +51,7 @@ def _structured(seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("dims", [(24, 16, 2, 4, 2), (12, 32, 4, 2, 1), (48, 16, 1, 4, 1)])
 def test_history_is_non_increasing_and_never_worse_than_plain(matrix, dims):
     shape = KroneckerShape(*dims)
-    w = (
-        torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
-        if matrix == "random"
-        else _structured(2)
-    )
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1)) if matrix == "random" else _structured(2)
     result = search_permutations(w, shape, iterations=5, restarts=1, seed=0)
     for trial in result.trials:
         assert all(b <= a + 1e-12 for a, b in zip(trial.history, trial.history[1:], strict=False))

@@ -77,9 +77,7 @@ def _inspect(args: argparse.Namespace) -> None:
     config = read_config(args.directory)
     section = config.get("tqcompressor")
     if section is None:
-        raise ValueError(
-            f"{args.directory} is not a tqcompressor model (no 'tqcompressor' section in config.json)"
-        )
+        raise ValueError(f"{args.directory} is not a tqcompressor model (no 'tqcompressor' section in config.json)")
     for step in section.get("history", []):
         print(CompressionReport.from_dict(step["report"]).table())
         print()
@@ -91,17 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     c = commands.add_parser("compress", help="compress a model with a preset or a plan file and save it")
-    c.add_argument(
-        "--model", help="HF name or directory (default: ../shared/assets/house-teacher if present)"
-    )
+    c.add_argument("--model", help="HF name or directory (default: ../shared/assets/house-teacher if present)")
     which = c.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", choices=PRESETS)
     which.add_argument("--plan", help="YAML or JSON plan file")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
-    c.add_argument(
-        "--dense-head", action="store_true", help="keep a separate dense LM head (counted in full)"
-    )
+    c.add_argument("--dense-head", action="store_true", help="keep a separate dense LM head (counted in full)")
     c.add_argument("--time-budget", type=float, help="permutation search seconds per layer (preset only)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(run=_compress)

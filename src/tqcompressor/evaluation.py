@@ -63,18 +63,14 @@ def read_text(source: str | Path) -> str:
         return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
     if path.is_file():
         return path.read_text(encoding="utf-8", errors="replace")
-    raise FileNotFoundError(
-        f"{source} is neither a known dataset ({', '.join(DATASETS)}) nor a file or folder"
-    )
+    raise FileNotFoundError(f"{source} is neither a known dataset ({', '.join(DATASETS)}) nor a file or folder")
 
 
 def lambada_passages(source: str | Path = "lambada") -> list[str]:
     path = assets_dir() / LOCAL_FILES["lambada"] if str(source) == "lambada" else Path(source)
     if str(source) == "lambada" and not path.is_file():
         return _hub_lambada()
-    return [
-        json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _context_length(model: nn.Module, max_length: int | None) -> int:
@@ -92,8 +88,10 @@ def perplexity(
     max_tokens: int | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Sliding-window perplexity: every token after the first is scored exactly once, with as much
-    preceding context as the window allows (windows of ``max_length`` advancing by ``stride``)."""
+    """Sliding-window perplexity: every token after the first is scored exactly once, token-weighted.
+
+    Each window ends at its last target and reaches back ``max_length`` tokens; windows advance by
+    ``stride`` (at most window - 1, so that even a window's first target has context)."""
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     if max_tokens is not None:
         ids = ids[: max_tokens + 1]
@@ -101,33 +99,32 @@ def perplexity(
         raise ValueError("perplexity needs at least two tokens")
     window = _context_length(model, max_length)
     stride = stride or window
-    if not 0 < stride <= window:
-        raise ValueError(f"stride must be between 1 and the window length {window}, got {stride}")
+    if window < 2 or not 0 < stride <= window:
+        raise ValueError(f"need a window of at least 2 tokens and 1 <= stride <= window ({window}), got {stride}")
     device = next(model.parameters()).device
-    total_nll, scored, scored_to = 0.0, 0, 1  # token 0 has no context and is never scored
+    step = min(stride, window - 1)
+    total_nll, scored_to = 0.0, 1  # token 0 has no context and is never scored
     started = time.perf_counter()
-    starts = range(0, ids.numel() - 1, stride)
-    for begin in tqdm(starts, desc="perplexity", disable=not progress, unit="window"):
-        end = min(begin + window, ids.numel())
-        if end <= scored_to:
-            continue
-        chunk = ids[begin:end].to(device)
+    bar = tqdm(total=ids.numel() - 1, desc="perplexity", disable=not progress, unit="tok")
+    while scored_to < ids.numel():
+        target_end = min(scored_to + step, ids.numel())
+        begin = max(0, target_end - window)
+        chunk = ids[begin:target_end].to(device)
         logits = model(chunk.unsqueeze(0)).logits[0].float()
-        first = scored_to - begin  # position (within the chunk) of the first target not yet scored
-        nll = F.cross_entropy(logits[first - 1 : -1], chunk[first:], reduction="sum")
-        total_nll += float(nll)
-        scored += end - scored_to
-        scored_to = end
-        if end == ids.numel():
-            break
+        first = scored_to - begin
+        total_nll += float(F.cross_entropy(logits[first - 1 : -1], chunk[first:], reduction="sum"))
+        bar.update(target_end - scored_to)
+        scored_to = target_end
+    bar.close()
+    scored = ids.numel() - 1
     seconds = time.perf_counter() - started
     return {
-        "ppl": math.exp(total_nll / scored),
+        "ppl": math.exp(min(total_nll / scored, 700.0)),
         "nll": total_nll / scored,
         "tokens": scored,
         "tokens_per_s": scored / max(seconds, 1e-9),
         "window": window,
-        "stride": stride,
+        "stride": step,
     }
 
 
@@ -201,9 +198,7 @@ def _component(name: str) -> str:
 
 def size_report(model: nn.Module, directory: str | Path | None = None) -> dict:
     """Parameters by component (embedding, attention, MLP, head, other), each tensor counted once."""
-    embeddings = {
-        id(m) for m in model.modules() if isinstance(m, (nn.Embedding, KroneckerEmbedding, LowRankEmbedding))
-    }
+    embeddings = {id(m) for m in model.modules() if isinstance(m, (nn.Embedding, KroneckerEmbedding, LowRankEmbedding))}
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if getter is not None else None
     parts = {"embedding": 0, "attention": 0, "mlp": 0, "head": 0, "other": 0}

@@ -98,8 +98,6 @@ def fit_factors(
     return KroneckerFactors(a.to(weight.dtype), b.to(weight.dtype), row_perm, col_perm)
 
 
-def nearest_kronecker(
-    weight: torch.Tensor, shape: KroneckerShape, randomized: bool = False
-) -> KroneckerFactors:
+def nearest_kronecker(weight: torch.Tensor, shape: KroneckerShape, randomized: bool = False) -> KroneckerFactors:
     """Plain nearest sum of Kronecker products, no permutations (the KnGPT-2 baseline)."""
     return fit_factors(weight, shape, randomized=randomized)

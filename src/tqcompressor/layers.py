@@ -46,9 +46,7 @@ def _optional_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
 class KroneckerLinear(nn.Module):
     """y = x W + bias with W[input_perm][:, col_perm] = sum_i a[i] ⊗ b[i], applied as two matmuls."""
 
-    def __init__(
-        self, factors: KroneckerFactors, bias: torch.Tensor | None = None, layout: Layout = "linear"
-    ):
+    def __init__(self, factors: KroneckerFactors, bias: torch.Tensor | None = None, layout: Layout = "linear"):
         super().__init__()
         shape = factors.shape
         self.m1, self.n1, self.m2, self.n2, self.rank = shape.m1, shape.n1, shape.m2, shape.n2, shape.rank
@@ -81,9 +79,7 @@ class KroneckerLinear(nn.Module):
             y = t.view(tokens, m2 * r, n1).transpose(1, 2) @ b.permute(1, 0, 2).reshape(m2 * r, n2)
         else:
             t = x.reshape(tokens * m1, m2) @ b.permute(1, 0, 2).reshape(m2, r * n2)
-            y = (
-                t.view(tokens, m1 * r, n2).transpose(1, 2) @ a.permute(1, 0, 2).reshape(m1 * r, n1)
-            ).transpose(1, 2)
+            y = (t.view(tokens, m1 * r, n2).transpose(1, 2) @ a.permute(1, 0, 2).reshape(m1 * r, n1)).transpose(1, 2)
         y = y.reshape(tokens, self.out_features).index_select(1, self.output_index)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

@@ -43,9 +43,7 @@ class Rule:
         try:
             re.compile(self.pattern)
         except re.error as err:
-            raise ValueError(
-                f"rule pattern {self.pattern!r} is not a valid regular expression: {err}"
-            ) from err
+            raise ValueError(f"rule pattern {self.pattern!r} is not a valid regular expression: {err}") from err
         if self.shape is not None:
             if len(self.shape) != 4:
                 raise ValueError(f"rule {self.pattern!r}: shape must be [m1, n1, m2, n2], got {self.shape}")

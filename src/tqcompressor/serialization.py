@@ -87,9 +87,7 @@ def _placeholder(spec: dict[str, Any], modules: dict[str, nn.Module]) -> nn.Modu
         )
         return KroneckerLinear(factors, torch.zeros(n1 * n2) if spec["bias"] else None, spec["layout"])
     if kind == "lowrank_linear":
-        factors = LowRankFactors(
-            torch.zeros(spec["in"], spec["rank"]), torch.zeros(spec["rank"], spec["out"])
-        )
+        factors = LowRankFactors(torch.zeros(spec["in"], spec["rank"]), torch.zeros(spec["rank"], spec["out"]))
         return LowRankLinear(factors, torch.zeros(spec["out"]) if spec["bias"] else None, spec["layout"])
     if kind == "kronecker_embedding":
         width, scales, indices = spec["base_dim"], [], []
@@ -112,9 +110,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, overwrite: boo
     """Write config.json, model.safetensors (and the tokenizer) atomically into ``directory``."""
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not overwrite)):
-        raise FileExistsError(
-            f"{directory} already exists and is not empty (pass overwrite=True / --overwrite)"
-        )
+        raise FileExistsError(f"{directory} already exists and is not empty (pass overwrite=True / --overwrite)")
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config["tqcompressor"] = {
@@ -134,9 +130,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, overwrite: boo
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_file(
-            state, str(staging / WEIGHTS), metadata={"format": "pt", "tqcompressor": str(FORMAT_VERSION)}
-        )
+        save_file(state, str(staging / WEIGHTS), metadata={"format": "pt", "tqcompressor": str(FORMAT_VERSION)})
         (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
@@ -173,17 +167,13 @@ def is_compressed_dir(path: str | Path) -> bool:
         return False
 
 
-def load(
-    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> nn.Module:
+def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a compressed model saved by ``save``; no network access, no pickles."""
     directory = Path(directory)
     raw = read_config(directory)
     section = raw.pop("tqcompressor", None)
     if section is None:
-        raise ValueError(
-            f"{directory} is not a tqcompressor model (config.json has no 'tqcompressor' section)"
-        )
+        raise ValueError(f"{directory} is not a tqcompressor model (config.json has no 'tqcompressor' section)")
     if section.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"unsupported tqcompressor format {section.get('format_version')} in {directory}")
     if not (directory / WEIGHTS).is_file():
@@ -196,9 +186,7 @@ def load(
     model = model_class(config)
     modules = dict(model.named_modules())
     # Embeddings first, so that tied heads can reference their rebuilt embedding.
-    for name, spec in sorted(
-        section["modules"].items(), key=lambda kv: kv[1]["type"] == "tied_embedding_head"
-    ):
+    for name, spec in sorted(section["modules"].items(), key=lambda kv: kv[1]["type"] == "tied_embedding_head"):
         replacement = _placeholder(spec, modules)
         set_submodule(model, name, replacement)
         modules[name] = replacement
@@ -233,8 +221,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], directory: Pat
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{directory / WEIGHTS} does not match its config: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
+            f"{directory / WEIGHTS} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:

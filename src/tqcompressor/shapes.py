@@ -74,9 +74,7 @@ def divisors(n: int) -> list[int]:
 def valid_factorizations(in_features: int, out_features: int) -> list[tuple[int, int, int, int]]:
     """All (m1, n1, m2, n2) with m1*m2 = in_features and n1*n2 = out_features."""
     return [
-        (in_features // m2, out_features // n2, m2, n2)
-        for m2 in divisors(in_features)
-        for n2 in divisors(out_features)
+        (in_features // m2, out_features // n2, m2, n2) for m2 in divisors(in_features) for n2 in divisors(out_features)
     ]
 
 

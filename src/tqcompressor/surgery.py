@@ -96,16 +96,12 @@ def resolve(model: nn.Module, plan: CompressionPlan) -> list[tuple[Rule, str]]:
         names = [name for name in modules if name and rule.matches(name)]
         if not names:
             sample = ", ".join(name for name in list(modules)[1:8])
-            raise ValueError(
-                f"plan rule {rule.pattern!r} matches no module (module names look like: {sample}, ...)"
-            )
+            raise ValueError(f"plan rule {rule.pattern!r} matches no module (module names look like: {sample}, ...)")
         for name in names:
             module = modules[name]
             if rule.embedding_factor is not None:
                 if not isinstance(module, EMBEDDING_TYPES):
-                    raise ValueError(
-                        f"{name}: embedding_factor needs an embedding, got {type(module).__name__}"
-                    )
+                    raise ValueError(f"{name}: embedding_factor needs an embedding, got {type(module).__name__}")
                 width = widths.get(name, _embedding_width(module))
                 if width % rule.embedding_factor:
                     raise ValueError(f"{name}: width {width} is not divisible by {rule.embedding_factor}")
@@ -230,9 +226,7 @@ def _output_head(model: nn.Module) -> tuple[str, nn.Module] | None:
     return name, head
 
 
-def _rewire_head(
-    model: nn.Module, embedding_name: str, old: nn.Module, new: nn.Module, tie: bool
-) -> str | None:
+def _rewire_head(model: nn.Module, embedding_name: str, old: nn.Module, new: nn.Module, tie: bool) -> str | None:
     """Keep the LM head consistent with a replaced token embedding; returns what the head now is."""
     found = _output_head(model)
     if found is None:
@@ -286,9 +280,7 @@ def compress(model: nn.Module, plan: CompressionPlan, progress: bool = True) -> 
     found = _output_head(model)
     if head == "unchanged" and found is not None:
         tied = getattr(found[1], "weight", None) is not None and any(
-            getattr(m, "weight", None) is found[1].weight
-            for m in model.modules()
-            if isinstance(m, nn.Embedding)
+            getattr(m, "weight", None) is found[1].weight for m in model.modules() if isinstance(m, nn.Embedding)
         )
         head = "tied to the input embedding" if tied else "separate dense head"
     report = CompressionReport(plan.name, reports, before, count_parameters(model), head)
@@ -313,9 +305,7 @@ def planned_parameters(model: nn.Module, plan: CompressionPlan) -> int:
                 widths[name] = width // k
             else:
                 dim = module.embedding_dim
-                after = (rule.rank or svd_rank_for_params(vocab, dim, round(rule.ratio * vocab * dim))) * (
-                    vocab + dim
-                )
+                after = (rule.rank or svd_rank_for_params(vocab, dim, round(rule.ratio * vocab * dim))) * (vocab + dim)
         else:
             weight, bias, _ = dense_weight(module)
             rows, cols = weight.shape
