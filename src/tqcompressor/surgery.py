@@ -106,19 +106,17 @@ def resolve(model: nn.Module, plan: CompressionPlan) -> list[tuple[Rule, str]]:
                 if width % rule.embedding_factor:
                     raise ValueError(f"{name}: width {width} is not divisible by {rule.embedding_factor}")
                 widths[name] = width // rule.embedding_factor
-            elif isinstance(module, nn.Embedding) and rule.method == "svd":
-                if rule.rank is None and rule.ratio is None:
-                    raise ValueError(f"{name}: an svd rule needs rank or ratio")
-            elif isinstance(module, LINEAR_TYPES):
-                weight, _, _ = dense_weight(module)
-                _linear_shape(rule, name, *weight.shape) if rule.method == "kronecker" else None
-                if rule.method == "svd" and rule.rank is None and rule.ratio is None:
-                    raise ValueError(f"{name}: an svd rule needs rank or ratio")
-            else:
+            elif not (isinstance(module, LINEAR_TYPES) or (isinstance(module, nn.Embedding) and rule.method == "svd")):
                 raise ValueError(
                     f"{name}: a {type(module).__name__} cannot be compressed by this rule "
                     "(supported: nn.Linear, Conv1D, nn.Embedding; embeddings need embedding_factor or method svd)"
                 )
+            elif rule.method == "svd":
+                if rule.rank is None and rule.ratio is None:
+                    raise ValueError(f"{name}: an svd rule needs rank or ratio")
+            else:
+                weight, _, _ = dense_weight(module)
+                _linear_shape(rule, name, *weight.shape)  # raises if the shapes do not fit
             steps.append((rule, name))
     return steps
 
