@@ -1,8 +1,12 @@
+import time
+
+import numpy as np
 import pytest
 import torch
 from conftest import planted_matrix
 
 from tqcompressor import KroneckerShape, nearest_kronecker, search_permutations
+from tqcompressor.permutation_search import _Problem
 
 
 @pytest.mark.parametrize(
@@ -80,6 +84,24 @@ def test_search_is_reproducible_for_a_seed_and_respects_the_time_budget():
     assert first.history == second.history
     quick = search_permutations(w, shape, restarts=50, iterations=50, time_budget=0.0)
     assert len(quick.trials) == 1
+
+
+def test_moves_stop_at_the_deadline_and_keep_the_order_valid():
+    # One move on vocab-long rows once overran its budget by minutes: each move must check the clock.
+    w = _structured(5)
+    shape = KroneckerShape(24, 16, 2, 4, 2)
+    scrambled = torch.randperm(48, generator=torch.Generator().manual_seed(0))
+    identity = torch.arange(64)
+    rng = np.random.default_rng(0)
+    unlimited = _Problem(w, shape)
+    expired = _Problem(w, shape, deadline=time.perf_counter() - 1.0)
+    assert not torch.equal(unlimited.swap(scrambled, identity, rng), scrambled)
+    assert torch.equal(expired.swap(scrambled, identity, rng), scrambled)
+    # ``slot`` re-seats at most one slot before it notices the deadline.
+    moved = expired.slot(scrambled, identity, rng).reshape(24, 2)
+    unchanged_slots = (moved == scrambled.reshape(24, 2)).all(0)
+    assert unchanged_slots.any()
+    assert torch.equal(moved.flatten().sort().values, torch.arange(48))
 
 
 def test_search_rejects_bad_options():

@@ -1,17 +1,22 @@
-"""Command line: ``tqcompressor compress | eval | inspect``. User mistakes end in one line, exit 2."""
+"""Command line: ``tqcompressor compress | eval | distill | inspect``. User mistakes end in one line, exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from .data import load_blocks
+from .distillation import DistillationLoss
 from .evaluation import DATASETS, assets_dir, evaluate, size_report
 from .plan import CompressionPlan
 from .presets import PRESETS, preset
+from .schedule import Schedule, run_schedule, step_dir
 from .serialization import is_compressed_dir, load, read_config, save
 from .surgery import CompressionReport, compress
+from .training import FINAL, TrainConfig, Trainer
 
 
 def house_teacher() -> Path | None:
@@ -84,6 +89,75 @@ def _inspect(args: argparse.Namespace) -> None:
     print(json.dumps(size_report(load(args.directory), args.directory), indent=2))
 
 
+def _distill(args: argparse.Namespace) -> None:
+    if args.student and (args.schedule or args.preset or args.one_shot):
+        raise ValueError("--student distils one saved model; it cannot be combined with --schedule/--preset/--one-shot")
+    if not (args.student or args.schedule or args.preset):
+        raise ValueError("give --schedule FILE, --preset NAME, or --student DIR")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise FileExistsError(f"{out} is not empty (pass --resume to continue the run there)")
+    teacher_name = args.teacher or house_teacher()
+    if teacher_name is None:
+        raise ValueError("--teacher is required (no ../shared/assets/house-teacher beside this checkout)")
+    teacher, tokenizer = load_model(str(teacher_name))
+    loss = DistillationLoss(args.alpha, args.beta, args.gamma, args.temperature, args.hidden_layers or [])
+    if args.student:
+        student, _ = load_model(args.student)
+        budgets = [args.tokens] if args.tokens else []
+    else:
+        search = {"time_budget": args.time_budget} if args.time_budget is not None else {}
+        if args.schedule:
+            schedule = Schedule.load(args.schedule)
+        else:
+            schedule = Schedule.from_preset(args.preset, teacher.config, tie_head=not args.dense_head, **search)
+        if args.one_shot:
+            schedule = schedule.one_shot()
+        schedule.check(teacher)
+        budgets = schedule.token_budgets(args.tokens)
+    if not budgets or not all(budgets):
+        raise ValueError("--tokens (the training token budget) is required")
+    data_tokens = args.data_tokens or math.ceil(sum(budgets) / (1 - args.heldout_fraction)) + 2 * args.block_size
+    data = load_blocks(args.data, tokenizer, args.block_size, data_tokens, args.heldout_fraction, args.seed)
+    config = TrainConfig(
+        tokens=budgets[0],
+        batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size,
+        lr=args.lr,
+        warmup_fraction=args.warmup,
+        grad_clip=args.grad_clip,
+        bf16=not args.no_bf16,
+        trainable=args.train,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        loss=loss,
+    )
+    evaluate_step = None
+    if args.eval_dataset:
+
+        def evaluate_step(model):
+            return {
+                name: evaluate(model, tokenizer, name, max_tokens=args.eval_max_tokens, max_length=args.block_size)
+                for name in args.eval_dataset
+            }
+
+    progress = not args.quiet
+    if args.student:
+        results = [Trainer(student, teacher, data, config, out, tokenizer, args.resume, progress).run()]
+    else:
+        results = run_schedule(
+            teacher, tokenizer, schedule, data, config, out, args.tokens, args.resume, progress, evaluate_step
+        )
+    for result in results:
+        print(json.dumps({k: v for k, v in result.items() if k != "compression"}))
+    if results and results[-1].get("finished"):
+        final = out if args.student else step_dir(out, len(schedule.steps), schedule.steps[-1])
+        print(f"distilled model: {final / FINAL}")
+    elif results:
+        print(f"stopped early; continue with the same command and --resume (checkpoint in {out})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tqcompressor", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +183,42 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the result to this file")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(run=_eval)
+
+    d = commands.add_parser("distill", help="compress step by step and distil from the teacher after each step")
+    d.add_argument("--teacher", help="HF name or directory (default: ../shared/assets/house-teacher if present)")
+    source = d.add_mutually_exclusive_group()
+    source.add_argument("--schedule", help="YAML/JSON schedule file (steps of rules and token budgets)")
+    source.add_argument("--preset", choices=PRESETS, help="a preset as a 3-step schedule")
+    source.add_argument("--student", help="a saved (compressed) model to distil as one stage")
+    d.add_argument("--one-shot", action="store_true", help="apply all steps at once, then distil once")
+    d.add_argument("--data", required=True, help="text file, folder, JSONL, or a Hub dataset name")
+    d.add_argument("--tokens", type=int, help="training tokens in total (shared equally by the steps)")
+    d.add_argument("--data-tokens", type=int, help="tokens to read from --data (default: enough for one pass)")
+    d.add_argument("--heldout-fraction", type=float, default=0.02)
+    d.add_argument("--out", required=True)
+    d.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    d.add_argument("--block-size", type=int, default=256)
+    d.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (global)")
+    d.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward pass per process")
+    d.add_argument("--lr", type=float, default=3e-4)
+    d.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
+    d.add_argument("--grad-clip", type=float, default=1.0)
+    d.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 autocast)")
+    d.add_argument("--train", choices=("all", "compressed"), default="all", help="which parameters to train")
+    d.add_argument("--alpha", type=float, default=1.0, help="weight of KL(teacher || student)")
+    d.add_argument("--beta", type=float, default=1.0, help="weight of next-token cross-entropy")
+    d.add_argument("--gamma", type=float, default=0.0, help="weight of the hidden-state MSE")
+    d.add_argument("--temperature", type=float, default=1.0)
+    d.add_argument("--hidden-layers", type=int, nargs="*", help="hidden states to match (0 = embeddings)")
+    d.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
+    d.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    d.add_argument("--eval-dataset", nargs="*", help="also evaluate each step's model on these (as in eval)")
+    d.add_argument("--eval-max-tokens", type=int, default=20_000)
+    d.add_argument("--dense-head", action="store_true", help="keep a separate dense LM head (preset only)")
+    d.add_argument("--time-budget", type=float, help="permutation search seconds per layer (preset only)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(run=_distill)
 
     i = commands.add_parser("inspect", help="per-layer report and sizes of a compressed directory")
     i.add_argument("directory")

@@ -61,10 +61,16 @@ class SearchResult:
 class _Problem:
     """One orientation of the search: rows of ``weight`` are permuted by ``p``, columns by ``q``."""
 
-    def __init__(self, weight: torch.Tensor, shape: KroneckerShape):
+    def __init__(self, weight: torch.Tensor, shape: KroneckerShape, deadline: float | None = None):
         self.weight = weight
         self.shape = shape
         self.total = float((weight.double() ** 2).sum())
+        # Moves stop early at the deadline (keeping what they improved so far), so that one move on
+        # vocab-long rows cannot overrun the caller's time budget by minutes.
+        self.deadline = deadline
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
 
     def fit(self, p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Factor subspace V (m2*n2 x r) and the relative error of the best fit."""
@@ -102,6 +108,8 @@ class _Problem:
             chosen = torch.as_tensor(chosen, device=p.device)
             seats[:, b] = candidates[chosen]
             sums = others + yb[chosen]
+            if self.out_of_time():
+                break
         return seats.reshape(-1)
 
     def swap(
@@ -121,6 +129,8 @@ class _Problem:
         # Small sides get every pair each round; large ones a random sample of pairs.
         all_pairs = torch.triu_indices(n, n, 1) if n * (n - 1) // 2 <= batch else None
         for _ in range(rounds):
+            if self.out_of_time():
+                break
             if all_pairs is not None:
                 i, j = all_pairs
             else:
@@ -231,13 +241,10 @@ def search_permutations(
     began = time.perf_counter()
     deadline = None if time_budget is None else began + time_budget
 
-    def out_of_time() -> bool:
-        return deadline is not None and time.perf_counter() > deadline
-
     rng = np.random.default_rng(seed)
     work = weight.detach().to("cpu", working_dtype(weight))
-    row_problem = _Problem(work, shape)
-    col_problem = _Problem(work.T, shape.transpose())
+    row_problem = _Problem(work, shape, deadline)
+    col_problem = _Problem(work.T, shape.transpose(), deadline)
     rows = rows and shape.m2 > 1
     cols = cols and shape.n2 > 1
     M, N = work.shape
@@ -251,7 +258,7 @@ def search_permutations(
     best = (plain_error, *identity)
     history = [plain_error]
     for name in all_starts:
-        if trials and out_of_time():
+        if trials and row_problem.out_of_time():
             break
         t0 = time.perf_counter()
         p = _start(name, row_problem, rows, M, rng)
@@ -273,11 +280,11 @@ def search_permutations(
                         trial.move_gains[move] = trial.move_gains.get(move, 0.0) + error - new_error
                         p, q, error = p_new, q_new, new_error
                         trial.history.append(error)
-                    if out_of_time():
+                    if row_problem.out_of_time():
                         break
-                if out_of_time():
+                if row_problem.out_of_time():
                     break
-            if round_start - error <= tolerance * max(round_start, 1e-30) or out_of_time():
+            if round_start - error <= tolerance * max(round_start, 1e-30) or row_problem.out_of_time():
                 break
         trial.seconds = time.perf_counter() - t0
         trials.append(trial)

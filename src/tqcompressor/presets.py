@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
+from torch import nn
 from transformers import PretrainedConfig
 
+from .layers import dense_weight
+from .params import count_parameters
 from .plan import CompressionPlan, Rule
+from .shapes import svd_rank_for_params
+from .surgery import EMBEDDING_TYPES, planned_parameters, resolve
 
 PRESETS = ("tqcompressedgpt2", "kngpt2")
 
@@ -62,4 +70,30 @@ def preset(name: str, config: PretrainedConfig, tie_head: bool = True, **search)
     )
     return CompressionPlan(
         [rule for step in steps for rule in step.rules], name=name, tie_head=tie_head, description=description
+    )
+
+
+def matching_svd_plan(model: nn.Module, plan: CompressionPlan) -> CompressionPlan:
+    """Truncated SVD of the modules ``plan`` compresses, each at about the parameter count the plan
+    leaves it: the low-rank baseline at equal size. Ranks round to the nearest integer."""
+    total = count_parameters(model)
+    rules = []
+    for name in dict.fromkeys(name for _, name in resolve(model, plan)):
+        own = [replace(rule, pattern=re.escape(name)) for rule in plan.rules if rule.matches(name)]
+        target = planned_parameters(model, CompressionPlan(own, tie_head=True)) - total
+        module = model.get_submodule(name)
+        target += count_parameters(module)
+        if isinstance(module, EMBEDDING_TYPES):
+            rows, cols = module.num_embeddings, module.embedding_dim
+        else:
+            weight, bias, _ = dense_weight(module)
+            rows, cols = weight.shape
+            target -= 0 if bias is None else bias.numel()
+        rank = svd_rank_for_params(rows, cols, target)
+        rules.append(Rule(re.escape(name), method="svd", rank=rank))
+    return CompressionPlan(
+        rules,
+        name=f"svd-matching-{plan.name}",
+        tie_head=plan.tie_head,
+        description=f"truncated SVD at the parameter count of {plan.name}",
     )

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,15 @@ def _placeholder(spec: dict[str, Any], modules: dict[str, nn.Module]) -> nn.Modu
     raise ValueError(f"unknown compressed module type {kind!r} in config")
 
 
-def save(model: nn.Module, directory: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write config.json, model.safetensors (and the tokenizer) atomically into ``directory``."""
+def save(
+    model: nn.Module,
+    directory: str | Path,
+    tokenizer=None,
+    overwrite: bool = False,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write config.json, model.safetensors (and the tokenizer) atomically into ``directory``.
+    ``write_extra(folder)`` adds files (a trainer's state) inside the same atomic write."""
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not overwrite)):
         raise FileExistsError(f"{directory} already exists and is not empty (pass overwrite=True / --overwrite)")
@@ -134,6 +142,8 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, overwrite: boo
         (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
+        if write_extra is not None:
+            write_extra(staging)
         if directory.exists():
             backup = directory.with_name(f".{directory.name}.old")
             os.replace(directory, backup)

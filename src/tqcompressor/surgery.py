@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .kronecker import nearest_kronecker
 from .layers import (
     KroneckerEmbedding,
     KroneckerLinear,
@@ -178,6 +179,11 @@ def _compress_linear(module: nn.Module, rule: Rule, name: str) -> tuple[nn.Modul
     return layer, report
 
 
+def _relative_error(embedding: nn.Module, dense: torch.Tensor) -> float:
+    reference = dense.double()
+    return float(torch.linalg.norm(embedding.weight.detach().double() - reference) / torch.linalg.norm(reference))
+
+
 def _compress_embedding(module: nn.Module, rule: Rule, name: str) -> tuple[nn.Module, LayerReport]:
     dense = module.weight.detach()
     t0 = time.perf_counter()
@@ -196,10 +202,11 @@ def _compress_embedding(module: nn.Module, rule: Rule, name: str) -> tuple[nn.Mo
         result = _search(target, shape, rule, False, rule.permute in (True, "cols"))
         layer = KroneckerEmbedding.from_factors(result.factors, inner_of=inner)
         desc, start = f"{vocab}x{width // k} ⊗ 1x{k}", result.best_trial.start
-        plain = result.plain_relative_error if inner is None else None
-    error = float(
-        torch.linalg.norm(layer.weight.detach().double() - dense.double()) / torch.linalg.norm(dense.double())
-    )
+        # Both errors against the embedding being replaced, so a second ÷k is reported like the first.
+        plain = _relative_error(
+            KroneckerEmbedding.from_factors(nearest_kronecker(target, shape), inner_of=inner), dense
+        )
+    error = _relative_error(layer, dense)
     report = LayerReport(
         name,
         type(layer).__name__,

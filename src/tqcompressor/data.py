@@ -1,0 +1,123 @@
+"""Training text → fixed-length token blocks: files, folders, JSONL or a streamed Hugging Face dataset."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TEXT_SUFFIXES = (".txt", ".raw", ".md")
+
+
+@dataclass
+class TokenBlocks:
+    """Packed training data: ``train`` and ``heldout`` are (blocks, block_size) token tensors."""
+
+    train: torch.Tensor
+    heldout: torch.Tensor
+    source: str
+
+    @property
+    def block_size(self) -> int:
+        return self.train.shape[1]
+
+
+def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number} is not valid JSON: {err}") from err
+            if not isinstance(row, dict) or field not in row:
+                raise ValueError(f"{path}:{number} has no {field!r} field")
+            yield str(row[field])
+
+
+def iter_texts(source: str | Path, seed: int = 0, field: str = "text") -> Iterator[str]:
+    """Documents of a text file, a folder of text/JSONL files (in a seeded order, so that a token cap
+    samples across the folder instead of reading its first files only), a JSONL file, or, for a name
+    that is no path (no suffix, no leading . or /), a Hub dataset ``name[:config]``, streamed."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (*TEXT_SUFFIXES, ".jsonl"))
+        if not files:
+            raise ValueError(f"{path} contains no .txt/.raw/.md/.jsonl files")
+        random.Random(seed).shuffle(files)
+        for file in files:
+            yield from iter_texts(file, seed, field)
+    elif path.is_file():
+        if path.suffix == ".jsonl":
+            yield from _jsonl_texts(path, field)
+        else:
+            yield path.read_text(encoding="utf-8", errors="replace")
+    elif path.suffix or str(source).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"training data {source} does not exist")
+    else:
+        yield from _hub_texts(str(source), field)
+
+
+def _hub_texts(name: str, field: str) -> Iterator[str]:
+    from datasets import load_dataset  # for users online; streaming keeps OpenWebText off the disk
+
+    dataset, _, config = name.partition(":")
+    for row in load_dataset(dataset, config or None, split="train", streaming=True):
+        yield row[field]
+
+
+def load_blocks(
+    source: str | Path,
+    tokenizer,
+    block_size: int,
+    max_tokens: int | None = None,
+    heldout_fraction: float = 0.02,
+    seed: int = 0,
+    field: str = "text",
+) -> TokenBlocks:
+    """Tokenise documents (each followed by the end-of-text token) until ``max_tokens``, pack them into
+    blocks of ``block_size``, shuffle the blocks with ``seed`` and split off a held-out slice."""
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2, got {block_size}")
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for text in iter_texts(source, seed, field):
+        # Long books are tokenised in pieces: fast tokenizers slow down on one multi-megabyte string.
+        for start in range(0, len(text), 1 << 20):
+            ids += tokenizer(text[start : start + (1 << 20)])["input_ids"]
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
+        ids += separator
+        if max_tokens is not None and len(ids) >= max_tokens:
+            ids = ids[:max_tokens]
+            break
+    count = len(ids) // block_size
+    if count < 2:
+        raise ValueError(
+            f"{source} gives {len(ids)} tokens: fewer than two blocks of {block_size} "
+            "(need a train and a held-out block)"
+        )
+    blocks = torch.tensor(ids[: count * block_size], dtype=torch.long).view(count, block_size)
+    blocks = blocks[torch.randperm(count, generator=torch.Generator().manual_seed(seed))]
+    held = max(1, round(count * heldout_fraction))
+    return TokenBlocks(train=blocks[held:], heldout=blocks[:held], source=str(source))
+
+
+def batch_indices(num_blocks: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Block indices of the global batch at optimizer step ``step``. Epochs are seeded permutations,
+    so any step's batch is known without replaying the ones before it (exact resume)."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = positions // num_blocks, positions % num_blocks
+    indices = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        in_epoch = epochs == epoch
+        indices[in_epoch] = order[offsets[in_epoch]]
+    return indices

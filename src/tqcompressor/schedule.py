@@ -1,0 +1,202 @@
+"""Multi-step compression: apply part of a plan, distil, save, evaluate; repeat.
+
+A schedule file (YAML or JSON)::
+
+    steps:
+      - name: embedding          # rules as in a plan file, or  plan: path/to/plan.yaml
+        rules: [{pattern: 'transformer\\.wte', embedding_factor: 2}]
+        tokens: 200000           # optional: otherwise the run's --tokens are shared equally
+      - name: mlp
+        plan: mlp-plan.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+from torch import nn
+
+from .data import TokenBlocks
+from .params import count_parameters
+from .plan import CompressionPlan
+from .presets import gpt2_steps
+from .serialization import load, save
+from .surgery import compress, resolve
+from .training import FINAL, METRICS, TrainConfig, Trainer, process_state
+
+COMPRESSED = "compressed"  # a step's model right after compression, before distillation
+
+
+@dataclass
+class ScheduleStep:
+    name: str
+    plan: CompressionPlan | None  # None: distil only
+    tokens: int | None = None
+
+
+@dataclass
+class Schedule:
+    steps: list[ScheduleStep]
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ValueError("a schedule needs at least one step")
+        names = [step.name for step in self.steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"schedule step names must be unique, got {names}")
+
+    @classmethod
+    def from_dict(cls, data: dict, base: Path = Path(".")) -> Schedule:
+        if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
+            raise ValueError("a schedule must be a mapping with a 'steps' list")
+        steps = []
+        for i, raw in enumerate(data["steps"], 1):
+            if not isinstance(raw, dict):
+                raise ValueError(f"schedule step {i} must be a mapping")
+            unknown = set(raw) - {"name", "rules", "plan", "tokens", "tie_head"}
+            if unknown:
+                raise ValueError(f"schedule step {i}: unknown keys {sorted(unknown)}")
+            if "rules" in raw and "plan" in raw:
+                raise ValueError(f"schedule step {i}: give either rules or plan, not both")
+            name = str(raw.get("name", f"step{i}"))
+            if "plan" in raw:
+                plan = CompressionPlan.load(base / raw["plan"])
+            elif raw.get("rules"):
+                plan = CompressionPlan.from_dict({"rules": raw["rules"], "name": name})
+            else:
+                plan = None
+            if plan is not None and "tie_head" in raw:
+                plan.tie_head = bool(raw["tie_head"])
+            tokens = raw.get("tokens")
+            if tokens is not None and (not isinstance(tokens, int) or tokens <= 0):
+                raise ValueError(f"schedule step {i}: tokens must be a positive integer, got {tokens!r}")
+            steps.append(ScheduleStep(name, plan, tokens))
+        return cls(steps)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Schedule:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"schedule file {path} does not exist")
+        try:
+            data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ValueError(f"cannot parse schedule file {path}: {err}") from err
+        return cls.from_dict(data, base=path.parent)
+
+    @classmethod
+    def from_preset(cls, name: str, config, tie_head: bool = True, **search) -> Schedule:
+        """``tqcompressedgpt2``/``kngpt2`` as the paper runs them: embedding ÷2, MLPs, embedding ÷2."""
+        if name not in ("tqcompressedgpt2", "kngpt2"):
+            raise ValueError(f"unknown preset {name!r}; choose tqcompressedgpt2 or kngpt2")
+        plans = gpt2_steps(config, permute=name == "tqcompressedgpt2", **search)
+        for plan in plans:
+            plan.tie_head = tie_head
+        return cls([ScheduleStep(re.sub(r"^[a-z0-9]+-", "", plan.name), plan) for plan in plans])
+
+    def one_shot(self) -> Schedule:
+        """Every step's rules applied at once, then one distillation with all the tokens."""
+        rules = [rule for step in self.steps if step.plan for rule in step.plan.rules]
+        tie = all(step.plan.tie_head for step in self.steps if step.plan)
+        tokens = sum(step.tokens for step in self.steps) if all(s.tokens for s in self.steps) else None
+        return Schedule([ScheduleStep("one-shot", CompressionPlan(rules, name="one-shot", tie_head=tie), tokens)])
+
+    def token_budgets(self, total: int | None) -> list[int]:
+        fixed = sum(step.tokens or 0 for step in self.steps)
+        shared = [step for step in self.steps if step.tokens is None]
+        if shared and total is None:
+            raise ValueError("give a total token budget (--tokens) or tokens for every schedule step")
+        remaining = (total or fixed) - fixed
+        if shared and remaining < len(shared):
+            raise ValueError(f"--tokens {total} leaves nothing for the steps without their own budget")
+        share = remaining // len(shared) if shared else 0
+        return [step.tokens if step.tokens is not None else share for step in self.steps]
+
+    def check(self, model: nn.Module) -> None:
+        """Raise before any work if a step names nothing or its shapes do not fit the model."""
+        for step in self.steps:
+            if step.plan is not None:
+                try:
+                    resolve(model, step.plan)
+                except ValueError as err:
+                    raise ValueError(f"schedule step {step.name!r}: {err}") from err
+        resolve(model, self.one_shot().steps[0].plan)  # widths as the earlier steps leave them
+
+
+def step_dir(out: Path, index: int, step: ScheduleStep) -> Path:
+    return out / f"{index:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', step.name)}"
+
+
+def run_schedule(
+    teacher: nn.Module,
+    tokenizer,
+    schedule: Schedule,
+    data: TokenBlocks,
+    config: TrainConfig,
+    out: str | Path,
+    total_tokens: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    evaluate=None,
+) -> list[dict]:
+    """Run every step; each leaves ``NN-name/{compressed,model}/``, its log and metrics in ``out``.
+    ``evaluate(model) -> dict`` adds metrics of each step's model before and after distillation.
+    With ``resume``, finished steps are loaded and skipped and an interrupted one continues."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"{out} is not empty (pass --resume to continue the run there)")
+    schedule.check(teacher)
+    budgets = schedule.token_budgets(total_tokens)
+    student, results = copy.deepcopy(teacher), []
+    for index, (step, tokens) in enumerate(zip(schedule.steps, budgets, strict=True), 1):
+        folder = step_dir(out, index, step)
+        if resume and (folder / METRICS).is_file():
+            student = load(folder / FINAL)
+            results.append(json.loads((folder / METRICS).read_text()))
+            continue
+        trainer_resumes = resume and (folder / "checkpoint").is_dir()
+        compression = None
+        if not trainer_resumes:
+            if folder.exists() and process_state().is_main_process:
+                shutil.rmtree(folder)  # a step that stopped before its first checkpoint starts over
+            student, compression = _compress_step(student, step, folder, tokenizer)
+        before = evaluate(student) if evaluate and not trainer_resumes else None
+        trainer = Trainer(
+            student, teacher, data, replace(config, tokens=tokens), folder, tokenizer, trainer_resumes, progress
+        )
+        metrics = trainer.run()
+        if not metrics["finished"]:
+            results.append({"step": step.name, **metrics})
+            break
+        student = trainer.student
+        metrics.update(step=step.name, params=count_parameters(student))
+        if compression is not None:
+            metrics["compression"] = compression
+        if evaluate:
+            metrics["eval_after"] = evaluate(student)
+            if before is not None:
+                metrics["eval_before"] = before
+        if trainer.accelerator.is_main_process:
+            (folder / METRICS).write_text(json.dumps(metrics, indent=2))
+        results.append(metrics)
+    return results
+
+
+def _compress_step(student: nn.Module, step: ScheduleStep, folder: Path, tokenizer) -> tuple[nn.Module, dict | None]:
+    """Compress on the main process only and load the result everywhere: the permutation search stops on
+    a clock, so separate processes could otherwise end with different students."""
+    if step.plan is None:
+        return student, None
+    state = process_state()
+    report = None
+    if state.is_main_process:
+        report = compress(student, step.plan, progress=False).to_dict()
+        save(student, folder / COMPRESSED, tokenizer, overwrite=True)
+    state.wait_for_everyone()
+    return load(folder / COMPRESSED), report
