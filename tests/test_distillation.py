@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_models import TINY, quick, tiny_model
 
 from tqcompressor.data import TokenBlocks, batch_indices, load_blocks
@@ -68,6 +69,36 @@ def test_loss_terms_match_a_hand_computation():
     assert float(terms["ce"]) == pytest.approx(ce, rel=1e-5)
     assert float(terms["hidden"]) == pytest.approx(hidden, rel=1e-5)
     assert float(terms["loss"]) == pytest.approx(0.3 * kl + 0.5 * ce + 2.0 * hidden, rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_loss_gradient_matches_autograd_of_the_plain_formula(temperature, monkeypatch):
+    from tqcompressor import distillation
+
+    monkeypatch.setattr(distillation._LogitLoss, "CHUNK_ELEMENTS", 3 * 7)  # several chunks, a ragged last one
+    torch.manual_seed(1)
+    ids = torch.randint(0, 7, (2, 6))
+    s_logits = torch.randn(2, 6, 7, dtype=torch.float64, requires_grad=True)
+    t_logits = torch.randn(2, 6, 7, dtype=torch.float64)
+    original = s_logits.detach().clone()
+    loss = DistillationLoss(alpha=0.7, beta=0.4, temperature=temperature)
+    fused = loss(SimpleNamespace(logits=s_logits), SimpleNamespace(logits=t_logits), ids)["loss"]
+    (fused * 3).backward()
+    assert torch.equal(s_logits.detach(), original)  # inputs are not modified in place
+
+    reference_logits = original.clone().requires_grad_(True)
+    s, t = reference_logits[:, :-1].reshape(-1, 7), t_logits[:, :-1].reshape(-1, 7)
+    ce = F.cross_entropy(s, ids[:, 1:].reshape(-1))
+    kl = (
+        F.kl_div(
+            (s / temperature).log_softmax(-1), (t / temperature).log_softmax(-1), log_target=True, reduction="batchmean"
+        )
+        * temperature**2
+    )
+    reference = 0.7 * kl + 0.4 * ce
+    (reference * 3).backward()
+    torch.testing.assert_close(fused.double(), reference, rtol=1e-6, atol=0)
+    torch.testing.assert_close(s_logits.grad, reference_logits.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_loss_rejects_bad_settings_and_vocab_mismatch():

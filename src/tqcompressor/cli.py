@@ -16,7 +16,7 @@ from .presets import PRESETS, preset
 from .schedule import Schedule, run_schedule, step_dir
 from .serialization import is_compressed_dir, load, read_config, save
 from .surgery import CompressionReport, compress
-from .training import FINAL, TrainConfig, Trainer
+from .training import FINAL, TrainConfig, Trainer, process_state
 
 
 def house_teacher() -> Path | None:
@@ -149,6 +149,8 @@ def _distill(args: argparse.Namespace) -> None:
         results = run_schedule(
             teacher, tokenizer, schedule, data, config, out, args.tokens, args.resume, progress, evaluate_step
         )
+    if not process_state().is_main_process:
+        return  # under torchrun / accelerate launch, one summary is enough
     for result in results:
         print(json.dumps({k: v for k, v in result.items() if k != "compression"}))
     if results and results[-1].get("finished"):

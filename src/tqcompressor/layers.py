@@ -234,7 +234,8 @@ class TiedEmbeddingHead(nn.Module):
     def __init__(self, embedding: KroneckerEmbedding | LowRankEmbedding, bias: torch.Tensor | None = None):
         super().__init__()
         self.__dict__["embedding"] = embedding
-        self.bias = _optional_bias(bias)
+        # A bias Parameter is kept as is: BERT shares its decoder bias with another module.
+        self.bias = bias if isinstance(bias, nn.Parameter) else _optional_bias(bias)
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -127,14 +127,18 @@ def save(
         "history": getattr(model, "tqcompressor_history", []),
     }
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    # Hugging Face-tied heads appear twice in state_dict; safetensors stores each tensor once.
+    # Shared tensors (tied heads, BERT's decoder bias) appear under several names; safetensors stores
+    # each once and config.json records the other names, so that load can share them again.
     seen: dict[tuple[int, int], str] = {}
+    aliases: dict[str, str] = {}
     for name in list(state):
         key = (state[name].data_ptr(), state[name].numel())
         if key in seen and state[name].numel():
             del state[name]
+            aliases[name] = seen[key]
         else:
             seen[key] = name
+    config["tqcompressor"]["shared"] = aliases
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -206,7 +210,11 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
         state = load_file(str(directory / WEIGHTS))
     except Exception as err:  # safetensors raises its own error types for truncated or garbled files
         raise ValueError(f"cannot read {directory / WEIGHTS}: {err}") from err
+    for alias, original in section.get("shared", {}).items():
+        if original in state:
+            state.setdefault(alias, state[original])
     _load_state(model, state, directory)
+    _share_again(model, section.get("shared", {}))
     model.tqcompressor_history = section.get("history", [])
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
@@ -242,6 +250,15 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], directory: Pat
     model.load_state_dict(state, strict=True)
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def _share_again(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make every alias the very Parameter it was saved as a copy of (so training keeps them tied)."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    for alias, original in aliases.items():
+        if alias in parameters and original in parameters and parameters[alias] is not parameters[original]:
+            module_name, _, attribute = alias.rpartition(".")
+            setattr(model.get_submodule(module_name), attribute, parameters[original])
 
 
 def materialize(model: nn.Module) -> nn.Module:

@@ -1,0 +1,82 @@
+"""Plans apply to any Hugging Face model built from nn.Linear / Conv1D / nn.Embedding, not only GPT-2."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from tqcompressor.layers import KroneckerLinear, TiedEmbeddingHead
+from tqcompressor.params import count_parameters
+from tqcompressor.plan import CompressionPlan, Rule
+from tqcompressor.serialization import load, materialize, save
+from tqcompressor.surgery import compress, planned_parameters
+
+QUICK = dict(iterations=1, time_budget=1.0)
+
+
+def bert():
+    config = BertConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    return BertForMaskedLM(config), [
+        Rule(r"bert\.embeddings\.word_embeddings", embedding_factor=2, **QUICK),
+        Rule(r"bert\.encoder\.layer\.\d+\.intermediate\.dense", ratio=0.5, **QUICK),
+        Rule(r"bert\.encoder\.layer\.1\.attention\.self\.query", method="svd", rank=4),
+    ]
+
+
+def llama():
+    config = LlamaConfig(
+        vocab_size=120,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config), [
+        Rule(r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj", ratio=0.5, **QUICK),
+        Rule(r"model\.layers\.0\.self_attn\.q_proj", shape=(16, 8, 2, 4), rank=2, **QUICK),
+    ]
+
+
+def opt():
+    config = OPTConfig(
+        vocab_size=120,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    )
+    return OPTForCausalLM(config), [
+        Rule(r"model\.decoder\.embed_tokens", embedding_factor=4, **QUICK),
+        Rule(r"model\.decoder\.layers\.\d+\.fc[12]", ratio=0.25, **QUICK),
+    ]
+
+
+@pytest.mark.parametrize("build", [bert, llama, opt])
+def test_plan_compresses_saves_loads_and_materializes_other_architectures(build, tmp_path):
+    torch.manual_seed(0)
+    model, rules = build()
+    model.eval()
+    plan = CompressionPlan(rules, name=build.__name__)
+    expected = planned_parameters(model, plan)
+    before = count_parameters(model)
+    report = compress(model, plan, progress=False)
+    assert report.params_after == expected == count_parameters(model) < before
+    assert any(isinstance(m, KroneckerLinear) for m in model.modules())
+    embedding_compressed = any(r.embedding_factor for r in rules)
+    assert isinstance(model.get_output_embeddings(), TiedEmbeddingHead) == embedding_compressed
+
+    ids = torch.randint(0, 120, (2, 10))
+    logits = model(ids).logits
+    save(model, tmp_path / "m")
+    loaded = load(tmp_path / "m")
+    assert type(loaded) is type(model)
+    assert count_parameters(loaded) == count_parameters(model)  # shared tensors are shared again
+    torch.testing.assert_close(loaded(ids).logits, logits, rtol=0, atol=0)
+    dense = materialize(loaded)
+    assert not any(isinstance(m, KroneckerLinear) for m in dense.modules())
+    torch.testing.assert_close(dense(ids).logits, logits, rtol=1e-4, atol=1e-5)
