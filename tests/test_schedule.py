@@ -169,3 +169,21 @@ def test_cli_distill_preset_student_and_user_errors(tmp_path, capsys):
     assert err.count("tqcompressor: error:") == 4 and "Traceback" not in err
     assert "vocabulary" in err and "does not exist" in err
     assert not any((tmp_path / name).exists() for name in ("x1", "x2", "x3"))
+
+
+def test_a_step_without_rules_only_distils(tmp_path):
+    schedule = Schedule.from_dict(
+        {
+            "steps": [
+                {"name": "mlp", "rules": [{"pattern": r"transformer\.h\.1\.mlp\.c_fc", "ratio": 0.5, "iterations": 1}]},
+                {"name": "polish"},
+            ]
+        }
+    )
+    results = run_schedule(
+        tiny_model(), None, schedule, pattern_blocks(), config(), tmp_path, 24 * 8 * 4, progress=False
+    )
+    assert [r["step"] for r in results] == ["mlp", "polish"]
+    assert results[0]["params"] == results[1]["params"] < count_parameters(tiny_model())
+    assert (tmp_path / "01-mlp" / "compressed").is_dir() and not (tmp_path / "02-polish" / "compressed").exists()
+    assert (tmp_path / "02-polish" / FINAL / "model.safetensors").is_file()

@@ -163,9 +163,7 @@ def run_schedule(
         trainer_resumes = resume and (folder / "checkpoint").is_dir()
         compression = None
         if not trainer_resumes:
-            if folder.exists() and process_state().is_main_process:
-                shutil.rmtree(folder)  # a step that stopped before its first checkpoint starts over
-            student, compression = _compress_step(student, step, folder, tokenizer)
+            student, compression = _start_step(student, step, folder, tokenizer)
         before = evaluate(student) if evaluate and not trainer_resumes else None
         trainer = Trainer(
             student, teacher, data, replace(config, tokens=tokens), folder, tokenizer, trainer_resumes, progress
@@ -188,15 +186,19 @@ def run_schedule(
     return results
 
 
-def _compress_step(student: nn.Module, step: ScheduleStep, folder: Path, tokenizer) -> tuple[nn.Module, dict | None]:
-    """Compress on the main process only and load the result everywhere: the permutation search stops on
-    a clock, so separate processes could otherwise end with different students."""
-    if step.plan is None:
-        return student, None
+def _start_step(student: nn.Module, step: ScheduleStep, folder: Path, tokenizer) -> tuple[nn.Module, dict | None]:
+    """Start a step afresh (a step that stopped before its first checkpoint starts over) and apply its plan.
+    Only the main process compresses, and every process loads the result: the permutation search stops
+    on a clock, so separate processes could otherwise end with different students."""
     state = process_state()
     report = None
     if state.is_main_process:
-        report = compress(student, step.plan, progress=False).to_dict()
-        save(student, folder / COMPRESSED, tokenizer, overwrite=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        if step.plan is not None:
+            report = compress(student, step.plan, progress=False).to_dict()
+            save(student, folder / COMPRESSED, tokenizer, overwrite=True)
     state.wait_for_everyone()
+    if step.plan is None:
+        return student, None
     return load(folder / COMPRESSED), report
