@@ -112,8 +112,10 @@ def main() -> None:
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
     window = 512
     texts = {
-        "heldout": tokenizer(read_text(assets_dir() / "corpus/gutenberg/heldout"))["input_ids"][: args.eval_tokens + 1],
-        "wikitext2": tokenizer(read_text("wikitext2"))["input_ids"][: args.eval_tokens + 1],
+        "heldout": tokenizer(read_text(assets_dir() / "corpus/gutenberg/heldout"), verbose=False)["input_ids"][
+            : args.eval_tokens + 1
+        ],
+        "wikitext2": tokenizer(read_text("wikitext2"), verbose=False)["input_ids"][: args.eval_tokens + 1],
     }
     heldout_fraction = 0.02
     data = load_blocks(

@@ -54,8 +54,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
     texts = {
-        "wikitext2": tokenizer(read_text("wikitext2"))["input_ids"][: args.max_tokens + 1],
-        "heldout": tokenizer(read_text(assets_dir() / "corpus/gutenberg/heldout"))["input_ids"][: args.max_tokens + 1],
+        "wikitext2": tokenizer(read_text("wikitext2"), verbose=False)["input_ids"][: args.max_tokens + 1],
+        "heldout": tokenizer(read_text(assets_dir() / "corpus/gutenberg/heldout"), verbose=False)["input_ids"][
+            : args.max_tokens + 1
+        ],
     }
     passages = lambada_passages()[: args.lambada_passages]
 

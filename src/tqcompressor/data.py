@@ -91,7 +91,7 @@ def load_blocks(
     for text in iter_texts(source, seed, field):
         # Long books are tokenised in pieces: fast tokenizers slow down on one multi-megabyte string.
         for start in range(0, len(text), 1 << 20):
-            ids += tokenizer(text[start : start + (1 << 20)])["input_ids"]
+            ids += tokenizer(text[start : start + (1 << 20)], verbose=False)["input_ids"]
             if max_tokens is not None and len(ids) >= max_tokens:
                 break
         ids += separator

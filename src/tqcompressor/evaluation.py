@@ -183,7 +183,7 @@ def evaluate(
             "dataset": str(dataset),
             **lambada(model, tokenizer, lambada_passages(dataset), max_tokens, progress),
         }
-    ids = tokenizer(read_text(dataset), return_tensors=None)["input_ids"]
+    ids = tokenizer(read_text(dataset), verbose=False)["input_ids"]  # windows come later
     return {"dataset": str(dataset), **perplexity(model, ids, max_length, stride, max_tokens, progress)}
 
 
