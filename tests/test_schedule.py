@@ -84,17 +84,12 @@ def test_multi_step_run_saves_every_step_and_resumes_after_the_last_finished_one
         evaluations.append(count_parameters(model))
         return {"params": count_parameters(model)}
 
-    results = run_schedule(
-        teacher,
-        None,
-        quick_preset(),
-        pattern_blocks(),
-        config(),
-        tmp_path,
-        24 * 8 * 6,
-        progress=False,
-        evaluate=evaluate,
-    )
+    def run(resume: bool = False):
+        return run_schedule(
+            teacher, None, quick_preset(), pattern_blocks(), config(), tmp_path, 24 * 8 * 6, resume, False, evaluate
+        )
+
+    results = run()
     assert [r["step"] for r in results] == ["step1-embedding", "step2-mlp", "step3-embedding"]
     params = [r["params"] for r in results]
     assert params[0] > params[1] > params[2] and params[0] < count_parameters(teacher)
@@ -110,18 +105,7 @@ def test_multi_step_run_saves_every_step_and_resumes_after_the_last_finished_one
     # Resume: drop the last step's result and continue; the finished steps are loaded, not recomputed.
     (tmp_path / folders[-1] / METRICS).unlink()
     evaluations.clear()
-    again = run_schedule(
-        teacher,
-        None,
-        quick_preset(),
-        pattern_blocks(),
-        config(),
-        tmp_path,
-        24 * 8 * 6,
-        resume=True,
-        progress=False,
-        evaluate=evaluate,
-    )
+    again = run(resume=True)
     assert [r["params"] for r in again] == params
     assert evaluations == [params[2], params[2]]  # only step 3 ran (before and after its distillation)
     with pytest.raises(FileExistsError, match="resume"):

@@ -19,9 +19,14 @@ from .surgery import CompressionReport, compress
 from .training import FINAL, TrainConfig, Trainer, process_state
 
 
-def house_teacher() -> Path | None:
+def model_or_house_teacher(name: str | None, flag: str) -> str:
+    """``name``, or the house teacher in ../shared/assets when it exists beside this checkout."""
+    if name is not None:
+        return name
     path = assets_dir() / "house-teacher"
-    return path if path.is_dir() else None
+    if not path.is_dir():
+        raise ValueError(f"{flag} is required (no ../shared/assets/house-teacher beside this checkout)")
+    return str(path)
 
 
 def load_model(name_or_path: str):
@@ -37,12 +42,7 @@ def load_model(name_or_path: str):
 
 
 def _compress(args: argparse.Namespace) -> None:
-    model_name = args.model
-    if model_name is None:
-        teacher = house_teacher()
-        if teacher is None:
-            raise ValueError("--model is required (no ../shared/assets/house-teacher beside this checkout)")
-        model_name = str(teacher)
+    model_name = model_or_house_teacher(args.model, "--model")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} already exists and is not empty (use --overwrite)")
@@ -97,10 +97,7 @@ def _distill(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"{out} is not empty (pass --resume to continue the run there)")
-    teacher_name = args.teacher or house_teacher()
-    if teacher_name is None:
-        raise ValueError("--teacher is required (no ../shared/assets/house-teacher beside this checkout)")
-    teacher, tokenizer = load_model(str(teacher_name))
+    teacher, tokenizer = load_model(model_or_house_teacher(args.teacher, "--teacher"))
     loss = DistillationLoss(args.alpha, args.beta, args.gamma, args.temperature, args.hidden_layers or [])
     if args.student:
         student, _ = load_model(args.student)

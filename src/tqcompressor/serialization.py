@@ -210,31 +210,18 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
         state = load_file(str(directory / WEIGHTS))
     except Exception as err:  # safetensors raises its own error types for truncated or garbled files
         raise ValueError(f"cannot read {directory / WEIGHTS}: {err}") from err
-    for alias, original in section.get("shared", {}).items():
-        if original in state:
-            state.setdefault(alias, state[original])
-    _load_state(model, state, directory)
-    _share_again(model, section.get("shared", {}))
+    _load_state(model, state, section.get("shared", {}), directory)
     model.tqcompressor_history = section.get("history", [])
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str], directory: Path) -> None:
     expected = model.state_dict()
-    # Names Hugging Face ties to another tensor are stored once; fill them from their twin.
-    for name, tensor in expected.items():
-        if name not in state:
-            twin = next(
-                (
-                    other
-                    for other, t in expected.items()
-                    if other in state and t.data_ptr() == tensor.data_ptr() and t.numel()
-                ),
-                None,
-            )
-            if twin is not None:
-                state[name] = state[twin]
+    # Shared tensors were stored once; their other names come from the saved alias table.
+    for alias, original in aliases.items():
+        if original in state:
+            state.setdefault(alias, state[original])
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -248,8 +235,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], directory: Pat
                 f"config expects {tuple(expected[name].shape)}"
             )
     model.load_state_dict(state, strict=True)
-    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
-        model.tie_weights()
+    _share_again(model, aliases)
 
 
 def _share_again(model: nn.Module, aliases: dict[str, str]) -> None:

@@ -172,6 +172,10 @@ class Trainer:
         self.stop_requested = False
         self.local_sequences = 0  # this process's share since start or resume (global = all processes)
 
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.batch_size * self.data.block_size  # global: the same for any number of processes
+
     def _choose_trainable(self) -> None:
         if self.config.trainable == "all":
             self.student.requires_grad_(True)
@@ -280,8 +284,8 @@ class Trainer:
         step, writes a checkpoint and returns; a second Ctrl-C aborts at once."""
         config = self.config
         last = min(self.total_steps, until_step if until_step is not None else self.total_steps)
-        tokens_per_step = config.batch_size * self.data.block_size
-        if self.step == 0 and not self.history:
+        tokens_per_step = self.tokens_per_step
+        if not self.history:
             self._log({"step": 0, "tokens": 0, **self.evaluate()})
         previous = signal.getsignal(signal.SIGINT)
 
@@ -318,12 +322,12 @@ class Trainer:
 
     def _finish(self, seconds: float, tokens: int) -> dict:
         final = self.evaluate()
-        self._log({"step": self.step, "tokens": self.step * self.config.batch_size * self.data.block_size, **final})
+        self._log({"step": self.step, "tokens": self.step * self.tokens_per_step, **final})
         evals = [r for r in self.history if "heldout_loss" in r]
         metrics = {
             "finished": True,
             "steps": self.step,
-            "tokens": self.step * self.config.batch_size * self.data.block_size,
+            "tokens": self.step * self.tokens_per_step,
             "heldout_ppl_before": evals[0]["heldout_ppl"],
             "heldout_ppl_after": final["heldout_ppl"],
             "tokens_per_s": tokens / max(seconds, 1e-9),
