@@ -57,6 +57,7 @@ def test_compress_save_load_round_trip_gives_identical_logits(tmp_path, tie_head
     before = model(ids).logits
     save(model, tmp_path / "m")
     loaded = load(tmp_path / "m")
+    assert same_layouts(loaded, model)
     torch.testing.assert_close(loaded(ids).logits, before, rtol=0, atol=0)
     assert count_parameters(loaded) == count_parameters(model)
     generated = loaded.generate(ids[:, :3], max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -82,7 +83,26 @@ def test_svd_plan_and_plan_files(tmp_path):
     report = compress(model, plan, progress=False)
     assert report.params_after == count_parameters(model) < report.params_before
     save(model, tmp_path / "svd")
-    torch.testing.assert_close(load(tmp_path / "svd")(ids).logits, model(ids).logits, rtol=0, atol=0)
+    loaded = load(tmp_path / "svd")
+    # Bit-exact logits are a fair test only when both models run the same kernels: same memory layouts.
+    assert same_layouts(loaded, model)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def same_layouts(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    strides = [{name: t.stride() for name, t in m.state_dict(keep_vars=True).items()} for m in (a, b)]
+    return strides[0] == strides[1]
+
+
+def test_compressed_parameters_are_row_major_as_a_reload_gives_them():
+    # SVD factors come out of LAPACK column-major; kept that way, a reloaded (row-major) model takes
+    # other GEMM kernels and its logits differ in the last bits on some CPUs.
+    model = tiny_model()
+    plan = CompressionPlan(
+        [Rule(r"transformer\.wte", method="svd", rank=4), Rule(r"transformer\.h\.1\.mlp\.c_fc", shape=(16, 32, 2, 4))]
+    )
+    compress(model, plan, progress=False)
+    assert all(t.is_contiguous() for t in model.state_dict().values())
 
 
 def test_bad_plans_fail_before_touching_the_model():

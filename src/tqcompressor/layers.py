@@ -39,8 +39,14 @@ def _dense_module(weight_io: torch.Tensor, bias: torch.Tensor | None, layout: La
     return module.to(weight_io.device, weight_io.dtype)
 
 
+def _parameter(tensor: torch.Tensor) -> nn.Parameter:
+    # Always row-major: SVD factors come out column-major, and a saved model loads row-major. Equal
+    # layouts make a reloaded model take the same GEMM kernels, so its logits are bit-identical.
+    return nn.Parameter(tensor.detach().clone(memory_format=torch.contiguous_format))
+
+
 def _optional_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
-    return None if bias is None else nn.Parameter(bias.detach().clone())
+    return None if bias is None else _parameter(bias)
 
 
 class KroneckerLinear(nn.Module):
@@ -52,8 +58,8 @@ class KroneckerLinear(nn.Module):
         self.m1, self.n1, self.m2, self.n2, self.rank = shape.m1, shape.n1, shape.m2, shape.n2, shape.rank
         self.in_features, self.out_features = shape.in_features, shape.out_features
         self.layout = layout
-        self.a = nn.Parameter(factors.a.detach().clone())
-        self.b = nn.Parameter(factors.b.detach().clone())
+        self.a = _parameter(factors.a)
+        self.b = _parameter(factors.b)
         self.bias = _optional_bias(bias)
         self.register_buffer("input_index", factors.row_perm.detach().clone().long())
         self.register_buffer("output_index", torch.argsort(factors.col_perm.detach()).long())
@@ -110,8 +116,8 @@ class LowRankLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = factors.u.shape[0], factors.v.shape[1]
         self.layout = layout
-        self.u = nn.Parameter(factors.u.detach().clone())
-        self.v = nn.Parameter(factors.v.detach().clone())
+        self.u = _parameter(factors.u)
+        self.v = _parameter(factors.v)
         self.bias = _optional_bias(bias)
 
     @classmethod
@@ -146,8 +152,8 @@ class KroneckerEmbedding(nn.Module):
         super().__init__()
         if len(scales) != len(indices) or not scales:
             raise ValueError("a KroneckerEmbedding needs one index per scale and at least one stage")
-        self.base = nn.Parameter(base.detach().clone())
-        self.scales = nn.ParameterList([nn.Parameter(s.detach().clone().reshape(-1)) for s in scales])
+        self.base = _parameter(base)
+        self.scales = nn.ParameterList([_parameter(s.reshape(-1)) for s in scales])
         for i, index in enumerate(indices):
             self.register_buffer(f"index_{i}", index.detach().clone().long())
         self.num_embeddings = base.shape[0]
@@ -205,8 +211,8 @@ class LowRankEmbedding(nn.Module):
 
     def __init__(self, factors: LowRankFactors):
         super().__init__()
-        self.u = nn.Parameter(factors.u.detach().clone())
-        self.v = nn.Parameter(factors.v.detach().clone())
+        self.u = _parameter(factors.u)
+        self.v = _parameter(factors.v)
         self.num_embeddings, self.embedding_dim = self.u.shape[0], self.v.shape[1]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
