@@ -26,9 +26,9 @@ from tqcompressor import (
     nearest_kronecker,
     propose_kronecker_shape,
     search_permutations,
-    svd_rank_for_params,
     truncated_svd,
 )
+from tqcompressor.methods.lowrank import rank_for_params
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT.parent / "shared/assets/gpt2-attention/gpt2-small-partial.fp16.safetensors"
@@ -59,7 +59,7 @@ def measure_quality(matrices: dict[str, torch.Tensor], search_options: dict) -> 
             plain = nearest_kronecker(weight, shape)
             plain_seconds = time.perf_counter() - t0
             result = search_permutations(weight, shape, **search_options)
-            rank = svd_rank_for_params(rows, cols, shape.num_params)
+            rank = rank_for_params(rows, cols, shape.num_params)
             t0 = time.perf_counter()
             svd = truncated_svd(weight, rank)
             svd_seconds = time.perf_counter() - t0

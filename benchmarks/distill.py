@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import shutil
 import time
@@ -36,19 +37,24 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tqcompressor import count_parameters
 from tqcompressor.data import load_blocks
 from tqcompressor.distillation import DistillationLoss
-from tqcompressor.evaluation import assets_dir, perplexity, read_text
+from tqcompressor.evaluation import perplexity, read_text
 from tqcompressor.schedule import Schedule, run_schedule, step_dir
 from tqcompressor.serialization import load
-from tqcompressor.surgery import compress
+from tqcompressor.surgery import compress_
 from tqcompressor.training import FINAL, TrainConfig
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+os.environ.setdefault("TQCOMPRESSOR_ASSETS", str(ASSETS))  # named eval sets read their local copies
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("multi-step", "one-shot", "no-permutations")
 
 
 def schedule_for(variant: str, config, time_budget: float) -> Schedule:
-    name = "kngpt2" if variant == "no-permutations" else "tqcompressedgpt2"
-    schedule = Schedule.from_preset(name, config, time_budget=time_budget)
+    if variant == "no-permutations":
+        schedule = Schedule.from_preset("kngpt2", config)  # nothing to search
+    else:
+        schedule = Schedule.from_preset("tqcompressedgpt2", config, time_budget=time_budget)
     return schedule.one_shot() if variant == "one-shot" else schedule
 
 
@@ -89,8 +95,8 @@ def loss_speed(vocab: int, rows: int = 2040, repeats: int = 3) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--teacher", default=str(assets_dir() / "house-teacher"))
-    parser.add_argument("--data", default=str(assets_dir() / "corpus/gutenberg/train"))
+    parser.add_argument("--teacher", default=str(ASSETS / "house-teacher"))
+    parser.add_argument("--data", default=str(ASSETS / "corpus/gutenberg/train"))
     parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per variant")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--block-size", type=int, default=256)
@@ -112,7 +118,7 @@ def main() -> None:
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
     window = 512
     texts = {
-        "heldout": tokenizer(read_text(assets_dir() / "corpus/gutenberg/heldout"), verbose=False)["input_ids"][
+        "heldout": tokenizer(read_text(ASSETS / "corpus/gutenberg/heldout"), verbose=False)["input_ids"][
             : args.eval_tokens + 1
         ],
         "wikitext2": tokenizer(read_text("wikitext2"), verbose=False)["input_ids"][: args.eval_tokens + 1],
@@ -142,7 +148,7 @@ def main() -> None:
         permuted = variant != "no-permutations"
         if permuted not in zero_shot:  # the full compression before any distillation, the "before" column
             model = copy.deepcopy(teacher)
-            compress(model, schedule.one_shot().steps[0].plan, progress=False)
+            compress_(model, schedule.one_shot().steps[0].plan, progress=False)
             zero_shot[permuted] = perplexities(model, texts, window)
         work = args.work / variant
         if work.exists():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -22,9 +23,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tqcompressor import count_parameters
-from tqcompressor.evaluation import assets_dir, lambada, lambada_passages, perplexity, read_text
+from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_text
 from tqcompressor.presets import matching_svd_plan, preset
-from tqcompressor.surgery import compress
+from tqcompressor.surgery import compress_
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+os.environ.setdefault("TQCOMPRESSOR_ASSETS", str(ASSETS))  # named eval sets read their local copies
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +46,7 @@ def evaluate_all(model, tokenizer, texts: dict[str, list[int]], passages: list[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--teacher", default=str(assets_dir() / "house-teacher"))
+    parser.add_argument("--teacher", default=str(ASSETS / "house-teacher"))
     parser.add_argument("--max-tokens", type=int, default=20_000, help="tokens scored per perplexity set")
     parser.add_argument("--max-length", type=int, default=512, help="perplexity window")
     parser.add_argument("--lambada-passages", type=int, default=1000)
@@ -55,7 +59,7 @@ def main() -> None:
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
     texts = {
         "wikitext2": tokenizer(read_text("wikitext2"), verbose=False)["input_ids"][: args.max_tokens + 1],
-        "heldout": tokenizer(read_text(assets_dir() / "corpus/gutenberg/heldout"), verbose=False)["input_ids"][
+        "heldout": tokenizer(read_text(ASSETS / "corpus/gutenberg/heldout"), verbose=False)["input_ids"][
             : args.max_tokens + 1
         ],
     }
@@ -73,7 +77,7 @@ def main() -> None:
         started = time.perf_counter()
         layers = []
         if plan is not None:
-            report = compress(model, plan, progress=False)
+            report = compress_(model, plan, progress=False)
             layers = [
                 {"name": layer.name, "error_plain": layer.error_plain, "error": layer.error, "seconds": layer.seconds}
                 for layer in report.layers

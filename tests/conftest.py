@@ -1,6 +1,12 @@
+import os
+from pathlib import Path
+
 import torch
 
-from tqcompressor.shapes import KroneckerShape
+from tqcompressor.methods.kronecker import KroneckerShape
+
+# Tests read the local copies of models and data the way users point the tool at theirs.
+os.environ.setdefault("TQCOMPRESSOR_ASSETS", str(Path(__file__).resolve().parents[2] / "shared" / "assets"))
 
 
 def planted_matrix(shape: KroneckerShape, seed: int, rows: bool = True, cols: bool = True):

@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from tqcompressor.layers import KroneckerLinear, TiedEmbeddingHead
+from tqcompressor import KroneckerConfig, KroneckerLinear, LowRankConfig, TiedEmbeddingHead
 from tqcompressor.params import count_parameters
 from tqcompressor.plan import CompressionPlan, Rule
 from tqcompressor.serialization import load, materialize, save
-from tqcompressor.surgery import compress, planned_parameters
+from tqcompressor.surgery import compress_, planned_parameters
 
 QUICK = dict(iterations=1, time_budget=1.0)
 
@@ -18,9 +18,9 @@ def bert():
         vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
     )
     return BertForMaskedLM(config), [
-        Rule(r"bert\.embeddings\.word_embeddings", embedding_factor=2, **QUICK),
-        Rule(r"bert\.encoder\.layer\.\d+\.intermediate\.dense", ratio=0.5, **QUICK),
-        Rule(r"bert\.encoder\.layer\.1\.attention\.self\.query", method="svd", rank=4),
+        Rule(r"bert\.embeddings\.word_embeddings", KroneckerConfig(embedding_factor=2, **QUICK)),
+        Rule(r"bert\.encoder\.layer\.\d+\.intermediate\.dense", KroneckerConfig(ratio=0.5, **QUICK)),
+        Rule(r"bert\.encoder\.layer\.1\.attention\.self\.query", LowRankConfig(rank=4)),
     ]
 
 
@@ -35,8 +35,8 @@ def llama():
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config), [
-        Rule(r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj", ratio=0.5, **QUICK),
-        Rule(r"model\.layers\.0\.self_attn\.q_proj", shape=(16, 8, 2, 4), rank=2, **QUICK),
+        Rule(r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj", KroneckerConfig(ratio=0.5, **QUICK)),
+        Rule(r"model\.layers\.0\.self_attn\.q_proj", KroneckerConfig(shape=(16, 8, 2, 4), rank=2, **QUICK)),
     ]
 
 
@@ -51,8 +51,8 @@ def opt():
         max_position_embeddings=64,
     )
     return OPTForCausalLM(config), [
-        Rule(r"model\.decoder\.embed_tokens", embedding_factor=4, **QUICK),
-        Rule(r"model\.decoder\.layers\.\d+\.fc[12]", ratio=0.25, **QUICK),
+        Rule(r"model\.decoder\.embed_tokens", KroneckerConfig(embedding_factor=4, **QUICK)),
+        Rule(r"model\.decoder\.layers\.\d+\.fc[12]", KroneckerConfig(ratio=0.25, **QUICK)),
     ]
 
 
@@ -64,10 +64,10 @@ def test_plan_compresses_saves_loads_and_materializes_other_architectures(build,
     plan = CompressionPlan(rules, name=build.__name__)
     expected = planned_parameters(model, plan)
     before = count_parameters(model)
-    report = compress(model, plan, progress=False)
+    report = compress_(model, plan, progress=False)
     assert report.params_after == expected == count_parameters(model) < before
     assert any(isinstance(m, KroneckerLinear) for m in model.modules())
-    embedding_compressed = any(r.embedding_factor for r in rules)
+    embedding_compressed = any(getattr(r.config, "embedding_factor", None) for r in rules)
     assert isinstance(model.get_output_embeddings(), TiedEmbeddingHead) == embedding_compressed
 
     ids = torch.randint(0, 120, (2, 10))

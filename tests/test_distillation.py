@@ -12,7 +12,7 @@ from test_models import TINY, quick, tiny_model
 from tqcompressor.data import TokenBlocks, batch_indices, load_blocks
 from tqcompressor.distillation import DistillationLoss
 from tqcompressor.serialization import load
-from tqcompressor.surgery import compress
+from tqcompressor.surgery import compress_
 from tqcompressor.training import CHECKPOINT, FINAL, LOG, TrainConfig, Trainer
 
 
@@ -26,7 +26,7 @@ def pattern_blocks(count: int = 120, length: int = 24, seed: int = 0) -> TokenBl
 def compressed_pair(seed: int = 0):
     teacher = tiny_model(seed)
     student = copy.deepcopy(teacher)
-    compress(student, quick("tqcompressedgpt2", student.config), progress=False)
+    compress_(student, quick("tqcompressedgpt2", student.config), progress=False)
     return teacher, student
 
 
@@ -212,7 +212,7 @@ def test_batches_cover_every_block_once_per_epoch_and_depend_only_on_the_step():
 def test_load_blocks_packs_folders_and_jsonl_with_a_disjoint_held_out_slice(tmp_path):
     from transformers import GPT2TokenizerFast
 
-    from tqcompressor.evaluation import assets_dir
+    from tqcompressor.assets import assets_dir
 
     folder = assets_dir() / "gpt2-tokenizer"
     tokenizer = GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))

@@ -7,11 +7,11 @@ from tqcompressor import (
     fit_factors,
     nearest_kronecker,
     propose_kronecker_shape,
-    svd_rank_for_params,
     truncated_svd,
     valid_factorizations,
 )
-from tqcompressor.kronecker import rearrange
+from tqcompressor.methods.kronecker import rearrange
+from tqcompressor.methods.lowrank import rank_for_params
 
 
 def test_rearrangement_maps_a_kronecker_product_to_a_rank_one_matrix():
@@ -78,7 +78,7 @@ def test_proposed_shape_follows_the_papers_gpt2_mlp_choice():
 def test_proposed_shape_lands_near_the_budget(ratio):
     shape = propose_kronecker_shape(768, 768, ratio)
     assert abs(shape.num_params / (768 * 768) - ratio) / ratio < 0.1
-    rank = svd_rank_for_params(768, 768, shape.num_params)
+    rank = rank_for_params(768, 768, shape.num_params)
     assert abs(rank * 1536 - shape.num_params) <= 768
 
 

@@ -16,7 +16,7 @@ from tqcompressor import (
     tied_parameters,
     truncated_svd,
 )
-from tqcompressor.layers import dense_weight
+from tqcompressor.methods.targets import dense_weight
 
 
 def _permuted_factors(weight_io: torch.Tensor, shape: KroneckerShape):

@@ -6,13 +6,14 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from tqcompressor import KroneckerConfig, LowRankConfig
 from tqcompressor.cli import main
 from tqcompressor.evaluation import lambada, perplexity, size_report
 from tqcompressor.params import count_parameters
 from tqcompressor.plan import CompressionPlan, Rule
 from tqcompressor.presets import preset
 from tqcompressor.serialization import load, materialize, save
-from tqcompressor.surgery import compress, planned_parameters
+from tqcompressor.surgery import compress_, planned_parameters
 
 TINY = dict(n_embd=32, n_layer=2, n_head=2, vocab_size=300, n_positions=64, bos_token_id=0, eos_token_id=0)
 
@@ -23,7 +24,8 @@ def tiny_model(seed: int = 0) -> GPT2LMHeadModel:
 
 
 def quick(name: str, config, **kwargs):
-    return preset(name, config, iterations=1, time_budget=1.0, **kwargs)
+    search = {"iterations": 1, "time_budget": 1.0} if name == "tqcompressedgpt2" else {}  # kngpt2 has no search
+    return preset(name, config, **search, **kwargs)
 
 
 def test_gpt2_small_preset_arithmetic_without_weights():
@@ -42,7 +44,7 @@ def test_planned_parameters_match_a_real_compression():
     model = tiny_model()
     plan = quick("tqcompressedgpt2", model.config)
     expected = planned_parameters(model, plan)
-    report = compress(model, plan, progress=False)
+    report = compress_(model, plan, progress=False)
     assert report.params_after == expected == count_parameters(model)
     assert report.head.startswith("tied to the compressed")
     assert [r.name for r in report.layers].count("transformer.wte") == 2
@@ -52,7 +54,7 @@ def test_planned_parameters_match_a_real_compression():
 @pytest.mark.parametrize("tie_head", [True, False])
 def test_compress_save_load_round_trip_gives_identical_logits(tmp_path, tie_head):
     model = tiny_model()
-    compress(model, quick("tqcompressedgpt2", model.config, tie_head=tie_head), progress=False)
+    compress_(model, quick("tqcompressedgpt2", model.config, tie_head=tie_head), progress=False)
     ids = torch.randint(0, 300, (2, 12))
     before = model(ids).logits
     save(model, tmp_path / "m")
@@ -70,8 +72,8 @@ def test_compress_save_load_round_trip_gives_identical_logits(tmp_path, tie_head
 def test_svd_plan_and_plan_files(tmp_path):
     plan = CompressionPlan(
         [
-            Rule(r"transformer\.wte", method="svd", rank=4),
-            Rule(r"transformer\.h\.\d+\.mlp\.c_fc", method="svd", ratio=0.5),
+            Rule(r"transformer\.wte", LowRankConfig(rank=4)),
+            Rule(r"transformer\.h\.\d+\.mlp\.c_fc", LowRankConfig(ratio=0.5)),
         ],
         name="svd",
     )
@@ -80,7 +82,7 @@ def test_svd_plan_and_plan_files(tmp_path):
         assert CompressionPlan.load(tmp_path / f"plan{suffix}").to_dict() == plan.to_dict()
     model = tiny_model()
     ids = torch.randint(0, 300, (1, 10))
-    report = compress(model, plan, progress=False)
+    report = compress_(model, plan, progress=False)
     assert report.params_after == count_parameters(model) < report.params_before
     save(model, tmp_path / "svd")
     loaded = load(tmp_path / "svd")
@@ -99,35 +101,52 @@ def test_compressed_parameters_are_row_major_as_a_reload_gives_them():
     # other GEMM kernels and its logits differ in the last bits on some CPUs.
     model = tiny_model()
     plan = CompressionPlan(
-        [Rule(r"transformer\.wte", method="svd", rank=4), Rule(r"transformer\.h\.1\.mlp\.c_fc", shape=(16, 32, 2, 4))]
+        [
+            Rule(r"transformer\.wte", LowRankConfig(rank=4)),
+            Rule(r"transformer\.h\.1\.mlp\.c_fc", KroneckerConfig(shape=(16, 32, 2, 4))),
+        ]
     )
-    compress(model, plan, progress=False)
+    compress_(model, plan, progress=False)
     assert all(t.is_contiguous() for t in model.state_dict().values())
 
 
 def test_bad_plans_fail_before_touching_the_model():
     model = tiny_model()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="matches no module"):
-        compress(model, CompressionPlan([Rule(r"transformer\.nothing")]), progress=False)
-    with pytest.raises(ValueError, match="32x128"):
-        compress(model, CompressionPlan([Rule(r"transformer\.h\.0\.mlp\.c_fc", shape=(5, 5, 2, 2))]), progress=False)
-    with pytest.raises(ValueError, match="cannot be compressed"):
-        compress(model, CompressionPlan([Rule(r"transformer\.ln_f", ratio=0.5)]), progress=False)
-    with pytest.raises(ValueError, match="not divisible"):
-        compress(model, CompressionPlan([Rule(r"transformer\.wte", embedding_factor=3)]), progress=False)
-    with pytest.raises(ValueError, match="unknown method"):
-        Rule("x", method="magic")
-    with pytest.raises(ValueError, match="unknown plan keys"):
-        CompressionPlan.from_dict({"rules": [], "rulez": 1})
+
+    def fails(match: str, *rules: Rule) -> None:
+        with pytest.raises(ValueError, match=match):
+            compress_(model, CompressionPlan(list(rules)), progress=False)
+
+    kron = KroneckerConfig
+    fails("matches no module", Rule(r"transformer\.nothing", kron(ratio=0.5)))
+    fails(r"c_fc: .*32x128", Rule(r"transformer\.h\.0\.mlp\.c_fc", kron(shape=(5, 5, 2, 2))))
+    fails(r"ln_f: a LayerNorm cannot be compressed", Rule(r"transformer\.ln_f", kron(ratio=0.5)))
+    fails("not divisible", Rule(r"transformer\.wte", kron(embedding_factor=3)))
+    fails(
+        r"rule 'transformer\\.wte' on transformer\.wte: an embedding needs field 'embedding_factor'",
+        Rule(r"transformer\.wte", kron(ratio=0.5)),
+    )
+    fails("'embedding_factor' applies to embeddings", Rule(r"transformer\.h\.0\.mlp\.c_fc", kron(embedding_factor=2)))
+    # The second rule fails on the width the first leaves (32 -> 16 -> 8 -> 8/3): nothing runs.
+    fails(
+        "width 8 is not divisible by embedding_factor 3",
+        *[Rule(r"transformer\.wte", kron(embedding_factor=k)) for k in (2, 2, 3)],
+    )
+    fails(
+        "cannot be compressed by method 'lowrank'",
+        Rule(r"transformer\.wte", kron(embedding_factor=2)),
+        Rule(r"transformer\.wte", LowRankConfig(rank=2)),
+    )
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match="GPT-2 model"):
-        preset("tqcompressedgpt2", type("C", (), {"model_type": "llama"})())
+    assert not hasattr(model, "tqcompressor_history")
+    with pytest.raises(ValueError, match="model types gpt2, llama"):
+        preset("tqcompressedgpt2", type("C", (), {"model_type": "bert"})())
 
 
 def test_save_refuses_to_clobber_and_load_reports_damage(tmp_path):
     model = tiny_model()
-    compress(model, quick("kngpt2", model.config), progress=False)
+    compress_(model, quick("kngpt2", model.config), progress=False)
     out = save(model, tmp_path / "m")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
@@ -201,7 +220,7 @@ def test_size_report_splits_components_and_counts_the_tied_head_once():
     assert before["total"] == count_parameters(model)
     assert sum(before["by_component"].values()) == before["total"]
     assert before["by_component"]["head"] == 0 and "tied" in before["head"]
-    compress(model, quick("tqcompressedgpt2", model.config), progress=False)
+    compress_(model, quick("tqcompressedgpt2", model.config), progress=False)
     after = size_report(model)
     assert sum(after["by_component"].values()) == after["total"] == count_parameters(model)
     assert after["by_component"]["attention"] == before["by_component"]["attention"]
@@ -211,7 +230,7 @@ def test_size_report_splits_components_and_counts_the_tied_head_once():
 def test_cli_compress_eval_inspect_and_errors(tmp_path, capsys):
     from transformers import GPT2TokenizerFast
 
-    from tqcompressor.evaluation import assets_dir
+    from tqcompressor.assets import assets_dir
 
     tokenizer_dir = assets_dir() / "gpt2-tokenizer"
     tokenizer = GPT2TokenizerFast(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"))

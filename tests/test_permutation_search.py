@@ -6,7 +6,7 @@ import torch
 from conftest import planted_matrix
 
 from tqcompressor import KroneckerShape, nearest_kronecker, search_permutations
-from tqcompressor.permutation_search import _Problem
+from tqcompressor.methods.kronecker.search import _Problem
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ from tqcompressor.training import FINAL, METRICS
 
 
 def quick_preset(name: str = "tqcompressedgpt2") -> Schedule:
-    return Schedule.from_preset(name, tiny_model().config, iterations=1, time_budget=1.0)
+    search = {"iterations": 1, "time_budget": 1.0} if name == "tqcompressedgpt2" else {}  # kngpt2 has no search
+    return Schedule.from_preset(name, tiny_model().config, **search)
 
 
 def test_preset_schedule_has_the_papers_three_steps_and_a_one_shot_form():
@@ -26,7 +27,7 @@ def test_preset_schedule_has_the_papers_three_steps_and_a_one_shot_form():
     assert [r.pattern for r in merged.steps[0].plan.rules] == [
         r.pattern for step in schedule.steps for r in step.plan.rules
     ]
-    assert all(not r.permute for step in quick_preset("kngpt2").steps for r in step.plan.rules)
+    assert all(not r.config.permute for step in quick_preset("kngpt2").steps for r in step.plan.rules)
 
 
 def test_schedule_file_with_rules_plan_files_and_own_budgets(tmp_path):
@@ -59,7 +60,7 @@ def test_schedule_file_with_rules_plan_files_and_own_budgets(tmp_path):
         ({"steps": [{"name": "a", "colour": 1}]}, "unknown keys"),
         ({"steps": [{"name": "a"}, {"name": "a"}]}, "unique"),
         ({"steps": [{"tokens": -3}]}, "positive integer"),
-        ({"steps": [{"rules": [{"pattern": "x", "method": "magic"}]}]}, "unknown method"),
+        ({"steps": [{"rules": [{"pattern": "x", "method": "magic"}]}]}, "unknown compression method"),
     ],
 )
 def test_bad_schedules_are_rejected(data, message):
@@ -68,7 +69,9 @@ def test_bad_schedules_are_rejected(data, message):
 
 
 def test_a_step_that_names_nothing_fails_before_any_work(tmp_path):
-    schedule = Schedule.from_dict({"steps": [{"name": "ghost", "rules": [{"pattern": "decoder\\.layers\\.0"}]}]})
+    schedule = Schedule.from_dict(
+        {"steps": [{"name": "ghost", "rules": [{"pattern": "decoder\\.layers\\.0", "ratio": 0.5}]}]}
+    )
     with pytest.raises(ValueError, match=r"ghost.*matches no module"):
         run_schedule(tiny_model(), None, schedule, pattern_blocks(), config(), tmp_path / "out", 100)
     assert not (tmp_path / "out").exists()
@@ -115,7 +118,7 @@ def test_multi_step_run_saves_every_step_and_resumes_after_the_last_finished_one
 def test_cli_distill_preset_student_and_user_errors(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-    from tqcompressor.evaluation import assets_dir
+    from tqcompressor.assets import assets_dir
 
     folder = assets_dir() / "gpt2-tokenizer"
     tokenizer = GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
@@ -127,7 +130,7 @@ def test_cli_distill_preset_student_and_user_errors(tmp_path, capsys):
     (tmp_path / "books").mkdir()
     (tmp_path / "books" / "a.txt").write_text("It was the best of times, it was the worst of times. " * 60)
     common = ["--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "books"), "--quiet"]
-    small = ["--block-size", "32", "--batch-size", "4", "--micro-batch-size", "2", "--time-budget", "1"]
+    small = ["--block-size", "32", "--batch-size", "4", "--micro-batch-size", "2"]
     out = tmp_path / "run"
     assert main(["distill", *common, *small, "--preset", "kngpt2", "--tokens", "768", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -149,10 +152,45 @@ def test_cli_distill_preset_student_and_user_errors(tmp_path, capsys):
     assert main([*missing, "--preset", "kngpt2", "--tokens", "64", "--out", str(tmp_path / "x2")]) == 2
     assert main(["distill", *common, "--preset", "kngpt2", "--tokens", "64", "--out", str(out)]) == 2  # exists
     assert main(["distill", *common, "--tokens", "64", "--out", str(tmp_path / "x3")]) == 2  # nothing to do
+    # Flags that only shape a preset are refused where they would be ignored or overridden.
+    assert (
+        main(
+            [
+                "distill",
+                *common,
+                "--preset",
+                "kngpt2",
+                "--time-budget",
+                "1",
+                "--tokens",
+                "64",
+                "--out",
+                str(tmp_path / "x4"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "distill",
+                *common,
+                "--student",
+                str(student),
+                "--dense-head",
+                "--tokens",
+                "64",
+                "--out",
+                str(tmp_path / "x5"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert err.count("tqcompressor: error:") == 4 and "Traceback" not in err
+    assert err.count("tqcompressor: error:") == 6 and "Traceback" not in err
     assert "vocabulary" in err and "does not exist" in err
-    assert not any((tmp_path / name).exists() for name in ("x1", "x2", "x3"))
+    assert "'time_budget' tunes the permutation search" in err and "--dense-head apply to presets only" in err
+    assert not any((tmp_path / name).exists() for name in ("x1", "x2", "x3", "x4", "x5"))
 
 
 def test_a_step_without_rules_only_distils(tmp_path):

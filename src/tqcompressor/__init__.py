@@ -1,28 +1,67 @@
-"""tqcompressor: permutation-enhanced Kronecker compression of transformer language models."""
+"""tqcompressor: permutation-enhanced Kronecker compression of transformer language models.
 
-from .kronecker import KroneckerFactors, fit_factors, nearest_kronecker
-from .layers import KroneckerEmbedding, KroneckerLinear, LowRankEmbedding, LowRankLinear, TiedEmbeddingHead
-from .lowrank import LowRankFactors, truncated_svd
+import tqcompressor as tq
+report = tq.compress_(model, "tqcompressedgpt2")        # or a CompressionPlan, or Path("plan.yaml")
+tq.save(model, "out", tokenizer); model = tq.load("out")
+"""
+
+from .methods import CompressedModule, CompressionMethod, FitReport, MethodConfig, get_method, method_names, register
+from .methods.kronecker import (
+    KroneckerConfig,
+    KroneckerEmbedding,
+    KroneckerFactors,
+    KroneckerLinear,
+    KroneckerShape,
+    SearchResult,
+    fit_factors,
+    nearest_kronecker,
+    propose_kronecker_shape,
+    search_permutations,
+    valid_factorizations,
+)
+from .methods.lowrank import LowRankConfig, LowRankEmbedding, LowRankFactors, LowRankLinear, truncated_svd
 from .params import count_parameters, tied_parameters
-from .permutation_search import SearchResult, search_permutations
-from .shapes import KroneckerShape, propose_kronecker_shape, svd_rank_for_params, valid_factorizations
+from .plan import CompressionPlan, Rule
+from .presets import preset
+from .report import CompressionReport, LayerReport
+from .serialization import load, materialize, save
+from .surgery import compress_, planned_parameters
+from .tied_head import TiedEmbeddingHead
 
 __all__ = [
+    "CompressedModule",
+    "CompressionMethod",
+    "CompressionPlan",
+    "CompressionReport",
+    "FitReport",
+    "KroneckerConfig",
     "KroneckerEmbedding",
     "KroneckerFactors",
     "KroneckerLinear",
     "KroneckerShape",
+    "LayerReport",
+    "LowRankConfig",
     "LowRankEmbedding",
     "LowRankFactors",
     "LowRankLinear",
+    "MethodConfig",
+    "Rule",
     "SearchResult",
     "TiedEmbeddingHead",
+    "compress_",
     "count_parameters",
     "fit_factors",
+    "get_method",
+    "load",
+    "materialize",
+    "method_names",
     "nearest_kronecker",
+    "planned_parameters",
+    "preset",
     "propose_kronecker_shape",
+    "register",
+    "save",
     "search_permutations",
-    "svd_rank_for_params",
     "tied_parameters",
     "truncated_svd",
     "valid_factorizations",

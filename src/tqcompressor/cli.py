@@ -8,25 +8,16 @@ import math
 import sys
 from pathlib import Path
 
+from .assets import default_model
 from .data import load_blocks
 from .distillation import DistillationLoss
-from .evaluation import DATASETS, assets_dir, evaluate, size_report
-from .plan import CompressionPlan
-from .presets import PRESETS, preset
+from .evaluation import DATASETS, evaluate, size_report
+from .presets import PRESETS
+from .report import CompressionReport
 from .schedule import Schedule, run_schedule, step_dir
 from .serialization import is_compressed_dir, load, read_config, save
-from .surgery import CompressionReport, compress
+from .surgery import compress_
 from .training import FINAL, TrainConfig, Trainer, process_state
-
-
-def model_or_house_teacher(name: str | None, flag: str) -> str:
-    """``name``, or the house teacher in ../shared/assets when it exists beside this checkout."""
-    if name is not None:
-        return name
-    path = assets_dir() / "house-teacher"
-    if not path.is_dir():
-        raise ValueError(f"{flag} is required (no ../shared/assets/house-teacher beside this checkout)")
-    return str(path)
 
 
 def load_model(name_or_path: str):
@@ -41,20 +32,30 @@ def load_model(name_or_path: str):
     return model, AutoTokenizer.from_pretrained(name_or_path)
 
 
+def _refuse_preset_flags(args: argparse.Namespace, source: str) -> None:
+    """--dense-head and --time-budget shape a preset; a file or saved model already says both."""
+    given = [
+        flag
+        for flag, value in (("--dense-head", args.dense_head), ("--time-budget", args.time_budget is not None))
+        if value
+    ]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to presets only; {source} sets tie_head / time_budget itself")
+
+
 def _compress(args: argparse.Namespace) -> None:
-    model_name = model_or_house_teacher(args.model, "--model")
+    model_name = args.model or default_model("--model")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} already exists and is not empty (use --overwrite)")
-    model, tokenizer = load_model(model_name)
-    search = {"time_budget": args.time_budget} if args.time_budget is not None else {}
     if args.plan:
-        plan = CompressionPlan.load(args.plan)
-        if args.dense_head:
-            plan.tie_head = False
+        _refuse_preset_flags(args, "the plan file")
+    model, tokenizer = load_model(model_name)
+    if args.plan:
+        report = compress_(model, Path(args.plan), progress=not args.quiet)
     else:
-        plan = preset(args.preset, model.config, tie_head=not args.dense_head, **search)
-    report = compress(model, plan, progress=not args.quiet)
+        search = {"time_budget": args.time_budget} if args.time_budget is not None else {}
+        report = compress_(model, args.preset, progress=not args.quiet, tie_head=not args.dense_head, **search)
     save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report.table())
     print(f"saved to {out}")
@@ -94,10 +95,12 @@ def _distill(args: argparse.Namespace) -> None:
         raise ValueError("--student distils one saved model; it cannot be combined with --schedule/--preset/--one-shot")
     if not (args.student or args.schedule or args.preset):
         raise ValueError("give --schedule FILE, --preset NAME, or --student DIR")
+    if not args.preset:
+        _refuse_preset_flags(args, "--student" if args.student else "the schedule file")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"{out} is not empty (pass --resume to continue the run there)")
-    teacher, tokenizer = load_model(model_or_house_teacher(args.teacher, "--teacher"))
+    teacher, tokenizer = load_model(args.teacher or default_model("--teacher"))
     loss = DistillationLoss(args.alpha, args.beta, args.gamma, args.temperature, args.hidden_layers or [])
     if args.student:
         student, _ = load_model(args.student)

@@ -13,24 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .layers import KroneckerEmbedding, LowRankEmbedding, TiedEmbeddingHead
+from .assets import local_asset
+from .methods import is_embedding
 from .params import count_parameters
+from .tied_head import TiedEmbeddingHead
 
-ASSETS = Path(__file__).resolve().parents[3] / "shared" / "assets"
 LOCAL_FILES = {
     "wikitext2": "eval/wikitext-2-raw/wiki.test.raw",
     "ptb": "eval/ptb/ptb.test.txt",
     "lambada": "eval/lambada/lambada_test.jsonl",
 }
 DATASETS = tuple(LOCAL_FILES)
-
-
-def assets_dir() -> Path:
-    """``../shared/assets`` beside the checkout, or beside the working directory."""
-    for candidate in (ASSETS, Path.cwd().parent / "shared" / "assets"):
-        if candidate.is_dir():
-            return candidate
-    return ASSETS
 
 
 def _hub_text(name: str) -> str:
@@ -51,10 +44,10 @@ def _hub_lambada() -> list[str]:
 
 
 def read_text(source: str | Path) -> str:
-    """Text of a named dataset (local copy first, then the Hub) or of a file or folder of .txt files."""
+    """Text of a named dataset (the copy in $TQCOMPRESSOR_ASSETS, else the Hub) or of a file or folder of .txt files."""
     if str(source) in ("wikitext2", "ptb"):
-        local = assets_dir() / LOCAL_FILES[str(source)]
-        return local.read_text(encoding="utf-8") if local.is_file() else _hub_text(str(source))
+        local = local_asset(LOCAL_FILES[str(source)])
+        return local.read_text(encoding="utf-8") if local is not None else _hub_text(str(source))
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".raw", ".md"))
@@ -67,8 +60,8 @@ def read_text(source: str | Path) -> str:
 
 
 def lambada_passages(source: str | Path = "lambada") -> list[str]:
-    path = assets_dir() / LOCAL_FILES["lambada"] if str(source) == "lambada" else Path(source)
-    if str(source) == "lambada" and not path.is_file():
+    path = local_asset(LOCAL_FILES["lambada"]) if str(source) == "lambada" else Path(source)
+    if path is None:
         return _hub_lambada()
     return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -198,7 +191,7 @@ def _component(name: str) -> str:
 
 def size_report(model: nn.Module, directory: str | Path | None = None) -> dict:
     """Parameters by component (embedding, attention, MLP, head, other), each tensor counted once."""
-    embeddings = {id(m) for m in model.modules() if isinstance(m, (nn.Embedding, KroneckerEmbedding, LowRankEmbedding))}
+    embeddings = {id(m) for m in model.modules() if is_embedding(m)}
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if getter is not None else None
     parts = {"embedding": 0, "attention": 0, "mlp": 0, "head": 0, "other": 0}

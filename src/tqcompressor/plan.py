@@ -1,70 +1,61 @@
-"""Compression plans: which modules to compress, and how. Rules apply in order, so a rule that names
-an already-compressed embedding compresses it again (the paper's ÷2 then ÷2)."""
+"""Compression plans: which modules to compress, and with which method's config. Rules apply in order,
+so a rule that names an already-compressed embedding compresses it again (the paper's ÷2 then ÷2).
+
+In a plan file a rule is ``{pattern: REGEX, method: NAME, ...that method's fields}`` (``method``
+defaults to ``kronecker``); in Python it is ``Rule(pattern, KroneckerConfig(...))``."""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
-Method = Literal["kronecker", "svd"]
-METHODS = ("kronecker", "svd")
+from .methods import CompressionMethod, MethodConfig, get_method
+
+DEFAULT_METHOD = "kronecker"
 
 
 @dataclass
 class Rule:
-    """Compress every module whose full name matches ``pattern`` (a regular expression, full match).
-
-    Linear/Conv1D weights: ``shape`` = [m1, n1, m2, n2] with ``rank`` terms, or a target ``ratio``
-    (factor shapes proposed from it). Embeddings: ``embedding_factor`` k divides the width
-    (vocab x d -> vocab x d/k ⊗ 1 x k). ``method: svd`` uses truncated SVD (``rank`` or ``ratio``).
-    ``permute``: search permutations (both sides), or "rows"/"cols"/False.
-    """
+    """Compress every module whose full name matches ``pattern`` (a regular expression, full match)."""
 
     pattern: str
-    method: Method = "kronecker"
-    shape: tuple[int, int, int, int] | None = None
-    rank: int | None = None
-    ratio: float | None = None
-    embedding_factor: int | None = None
-    permute: bool | Literal["rows", "cols"] = True
-    iterations: int = 6
-    restarts: int = 0
-    seed: int = 0
-    time_budget: float | None = 60.0
+    config: MethodConfig
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"rule {self.pattern!r}: unknown method {self.method!r}; use one of {METHODS}")
         try:
             re.compile(self.pattern)
         except re.error as err:
-            raise ValueError(f"rule pattern {self.pattern!r} is not a valid regular expression: {err}") from err
-        if self.shape is not None:
-            if len(self.shape) != 4:
-                raise ValueError(f"rule {self.pattern!r}: shape must be [m1, n1, m2, n2], got {self.shape}")
-            self.shape = tuple(int(x) for x in self.shape)  # type: ignore[assignment]
-        if self.ratio is not None and not 0 < self.ratio <= 1:
-            raise ValueError(f"rule {self.pattern!r}: ratio must be in (0, 1], got {self.ratio}")
-        if self.embedding_factor is not None and self.embedding_factor < 2:
-            raise ValueError(f"rule {self.pattern!r}: embedding_factor must be at least 2")
-        if self.permute not in (True, False, "rows", "cols"):
-            raise ValueError(f"rule {self.pattern!r}: permute must be true, false, 'rows' or 'cols'")
+            raise ValueError(f"rule pattern '{self.pattern}' is not a valid regular expression: {err}") from err
+        if not isinstance(self.config, MethodConfig):
+            raise TypeError(f"rule '{self.pattern}': config must be a method config, got {type(self.config).__name__}")
+
+    @property
+    def method(self) -> CompressionMethod:
+        return get_method(self.config.method)
 
     def matches(self, name: str) -> bool:
         return re.fullmatch(self.pattern, name) is not None
 
-    @property
-    def search_rows(self) -> bool:
-        return self.permute in (True, "rows")
+    def to_dict(self) -> dict[str, Any]:
+        return {"pattern": self.pattern, "method": self.config.method, **self.config.to_dict()}
 
-    @property
-    def search_cols(self) -> bool:
-        return self.permute in (True, "cols")
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rule:
+        if not isinstance(data, dict) or "pattern" not in data:
+            raise ValueError(f"a plan rule must be a mapping with a 'pattern', got {data!r}")
+        options = dict(data)
+        pattern = options.pop("pattern")
+        try:
+            method = get_method(options.pop("method", DEFAULT_METHOD))
+            config = method.config_class.from_dict(options)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"plan rule '{pattern}': {err}") from err
+        return cls(pattern, config)
 
 
 @dataclass
@@ -78,16 +69,18 @@ class CompressionPlan:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.rules = [rule if isinstance(rule, Rule) else Rule(**rule) for rule in self.rules]
+        self.rules = [rule if isinstance(rule, Rule) else Rule.from_dict(rule) for rule in self.rules]
         if not self.rules:
             raise ValueError("a compression plan needs at least one rule")
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for rule in data["rules"]:
-            if rule["shape"] is not None:
-                rule["shape"] = list(rule["shape"])
-        return data
+        return {
+            "name": self.name,
+            "tie_head": self.tie_head,
+            "description": self.description,
+            "extra": self.extra,
+            "rules": [rule.to_dict() for rule in self.rules],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionPlan:
@@ -97,13 +90,7 @@ class CompressionPlan:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown plan keys {sorted(unknown)}; expected {sorted(known)}")
-        rules = []
-        for i, rule in enumerate(data["rules"]):
-            try:
-                rules.append(Rule(**rule))
-            except TypeError as err:
-                raise ValueError(f"plan rule {i}: {err}") from err
-        return cls(**{**data, "rules": rules})
+        return cls(**{**data, "rules": [Rule.from_dict(rule) for rule in data["rules"]]})
 
     @classmethod
     def load(cls, path: str | Path) -> CompressionPlan:
@@ -120,4 +107,4 @@ class CompressionPlan:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         data = self.to_dict()
-        path.write_text(json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data))
+        path.write_text(json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False))

@@ -1,57 +1,79 @@
-"""Named plans derived from a model's config (never hard-coded for GPT-2 small's 768 width)."""
+"""Named plans, derived from the model's config: module names from ``config.model_type``, factor shapes
+from its widths (never hard-coded for GPT-2 small's 768)."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass
 
 from torch import nn
 from transformers import PretrainedConfig
 
-from .layers import dense_weight
+from .methods import is_embedding
+from .methods.kronecker import KroneckerConfig
+from .methods.lowrank import LowRankConfig, rank_for_params
+from .methods.targets import dense_weight
 from .params import count_parameters
 from .plan import CompressionPlan, Rule
-from .shapes import svd_rank_for_params
-from .surgery import EMBEDDING_TYPES, planned_parameters, resolve
+from .surgery import planned_parameters, resolve
 
 PRESETS = ("tqcompressedgpt2", "kngpt2")
 
 
-def _gpt2_dims(config: PretrainedConfig) -> tuple[int, int, int]:
-    if getattr(config, "model_type", None) != "gpt2":
+@dataclass(frozen=True)
+class Architecture:
+    """Where the paper's recipe acts in one model family (module-name regular expressions)."""
+
+    embedding: str
+    layer: str  # with {layers}: an alternation of layer indices
+    mlp_in: tuple[str, ...]  # in x out = width x inner
+    mlp_out: tuple[str, ...]  # in x out = inner x width
+    width: str  # config attribute names
+    inner: str
+    layers: str
+
+
+GPT2 = Architecture(
+    r"transformer\.wte", r"transformer\.h\.({layers})\.mlp\.", ("c_fc",), ("c_proj",), "n_embd", "n_inner", "n_layer"
+)
+LLAMA = Architecture(
+    r"model\.embed_tokens",
+    r"model\.layers\.({layers})\.mlp\.",
+    ("gate_proj", "up_proj"),
+    ("down_proj",),
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+)
+ARCHITECTURES = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA}
+
+
+def architecture(config: PretrainedConfig) -> tuple[Architecture, int, int, int]:
+    """(module names, width, MLP inner width, layers) of a supported model family."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
         raise ValueError(
-            f"the GPT-2 presets need a GPT-2 model (model_type 'gpt2'), got {getattr(config, 'model_type', None)!r}; "
-            "write a plan file for other architectures"
+            f"the presets know model types {', '.join(ARCHITECTURES)}, not {model_type!r}; write a plan file for it"
         )
-    width, layers = config.n_embd, config.n_layer
-    inner = config.n_inner or 4 * width
+    arch = ARCHITECTURES[model_type]
+    width, layers = getattr(config, arch.width), getattr(config, arch.layers)
+    inner = getattr(config, arch.inner, None) or 4 * width  # GPT-2's n_inner may be None
     if width % 4 or inner % 4:
-        raise ValueError(f"GPT-2 presets need n_embd and n_inner divisible by 4, got {width} and {inner}")
-    return width, inner, layers
+        raise ValueError(f"the presets need the model and MLP widths divisible by 4, got {width} and {inner}")
+    return arch, width, inner, layers
 
 
-def gpt2_steps(config: PretrainedConfig, permute: bool = True, **search) -> list[CompressionPlan]:
+def paper_steps(config: PretrainedConfig, permute: bool = True, **search) -> list[CompressionPlan]:
     """The paper's recipe as steps: token embedding ÷2, odd-layer MLPs 2x (r=4), token embedding ÷2."""
-    width, inner, layers = _gpt2_dims(config)
+    arch, width, inner, layers = architecture(config)
     odd = "|".join(str(i) for i in range(1, layers, 2))
-    embedding = Rule(r"transformer\.wte", embedding_factor=2, permute=permute, **search)
-    mlp = [
-        # A carries almost all parameters; B is 2x4 (c_fc) or 4x2 (c_proj); 4 terms halve the matrix.
-        Rule(
-            rf"transformer\.h\.({odd})\.mlp\.c_fc",
-            shape=(width // 2, inner // 4, 2, 4),
-            rank=4,
-            permute=permute,
-            **search,
-        ),
-        Rule(
-            rf"transformer\.h\.({odd})\.mlp\.c_proj",
-            shape=(inner // 4, width // 2, 4, 2),
-            rank=4,
-            permute=permute,
-            **search,
-        ),
-    ]
+    prefix = arch.layer.format(layers=odd)
+    embedding = Rule(arch.embedding, KroneckerConfig(embedding_factor=2, permute=permute, **search))
+    # A carries almost all parameters; B is 2x4 (into the MLP) or 4x2 (out of it); 4 terms halve the matrix.
+    grow = KroneckerConfig(shape=(width // 2, inner // 4, 2, 4), rank=4, permute=permute, **search)
+    shrink = KroneckerConfig(shape=(inner // 4, width // 2, 4, 2), rank=4, permute=permute, **search)
+    mlp = [Rule(prefix + re.escape(name), grow) for name in arch.mlp_in]
+    mlp += [Rule(prefix + re.escape(name), shrink) for name in arch.mlp_out]
     name = "tqcompressedgpt2" if permute else "kngpt2"
     return [
         CompressionPlan([embedding], name=f"{name}-step1-embedding"),
@@ -60,12 +82,26 @@ def gpt2_steps(config: PretrainedConfig, permute: bool = True, **search) -> list
     ]
 
 
-def preset(name: str, config: PretrainedConfig, tie_head: bool = True, **search) -> CompressionPlan:
+def preset_steps(name: str, config: PretrainedConfig, tie_head: bool = True, **search) -> list[CompressionPlan]:
+    """``tqcompressedgpt2`` (permutations searched) or ``kngpt2`` (none): the paper's GPT-2 recipe,
+    mapped onto the model's family, as its three steps. ``search``: the Kronecker search fields
+    (``time_budget``, ``iterations``, ...)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    steps = gpt2_steps(config, permute=name == "tqcompressedgpt2", **search)
+    try:
+        steps = paper_steps(config, permute=name == "tqcompressedgpt2", **search)
+    except ValueError as err:
+        raise ValueError(f"preset {name}: {err}") from err
+    for step in steps:
+        step.tie_head = tie_head
+    return steps
+
+
+def preset(name: str, config: PretrainedConfig, tie_head: bool = True, **search) -> CompressionPlan:
+    """The preset's steps as one plan."""
+    steps = preset_steps(name, config, tie_head, **search)
     description = (
-        "token embedding width /2 then /2 again, odd-layer MLP c_fc/c_proj 2x with r=4, attention untouched, "
+        "token embedding width /2 then /2 again, odd-layer MLP projections 2x with r=4, attention untouched, "
         + ("permutations searched" if name == "tqcompressedgpt2" else "no permutations (KnGPT-2 baseline)")
     )
     return CompressionPlan(
@@ -79,18 +115,16 @@ def matching_svd_plan(model: nn.Module, plan: CompressionPlan) -> CompressionPla
     total = count_parameters(model)
     rules = []
     for name in dict.fromkeys(name for _, name in resolve(model, plan)):
-        own = [replace(rule, pattern=re.escape(name)) for rule in plan.rules if rule.matches(name)]
-        target = planned_parameters(model, CompressionPlan(own, tie_head=True)) - total
+        own = [Rule(re.escape(name), rule.config) for rule in plan.rules if rule.matches(name)]
         module = model.get_submodule(name)
-        target += count_parameters(module)
-        if isinstance(module, EMBEDDING_TYPES):
-            rows, cols = module.num_embeddings, module.embedding_dim
+        target = planned_parameters(model, CompressionPlan(own, tie_head=True)) - total + count_parameters(module)
+        if is_embedding(module):
+            rows, cols = module.weight.shape
         else:
             weight, bias, _ = dense_weight(module)
             rows, cols = weight.shape
             target -= 0 if bias is None else bias.numel()
-        rank = svd_rank_for_params(rows, cols, target)
-        rules.append(Rule(re.escape(name), method="svd", rank=rank))
+        rules.append(Rule(re.escape(name), LowRankConfig(rank=rank_for_params(rows, cols, target))))
     return CompressionPlan(
         rules,
         name=f"svd-matching-{plan.name}",

@@ -25,9 +25,9 @@ from torch import nn
 from .data import TokenBlocks
 from .params import count_parameters
 from .plan import CompressionPlan
-from .presets import gpt2_steps
+from .presets import preset_steps
 from .serialization import load, save
-from .surgery import compress, resolve
+from .surgery import compress_, resolve
 from .training import FINAL, METRICS, TrainConfig, Trainer, process_state
 
 COMPRESSED = "compressed"  # a step's model right after compression, before distillation
@@ -93,11 +93,7 @@ class Schedule:
     @classmethod
     def from_preset(cls, name: str, config, tie_head: bool = True, **search) -> Schedule:
         """``tqcompressedgpt2``/``kngpt2`` as the paper runs them: embedding ÷2, MLPs, embedding ÷2."""
-        if name not in ("tqcompressedgpt2", "kngpt2"):
-            raise ValueError(f"unknown preset {name!r}; choose tqcompressedgpt2 or kngpt2")
-        plans = gpt2_steps(config, permute=name == "tqcompressedgpt2", **search)
-        for plan in plans:
-            plan.tie_head = tie_head
+        plans = preset_steps(name, config, tie_head, **search)
         return cls([ScheduleStep(re.sub(r"^[a-z0-9]+-", "", plan.name), plan) for plan in plans])
 
     def one_shot(self) -> Schedule:
@@ -196,7 +192,7 @@ def _start_step(student: nn.Module, step: ScheduleStep, folder: Path, tokenizer)
         if folder.exists():
             shutil.rmtree(folder)
         if step.plan is not None:
-            report = compress(student, step.plan, progress=False).to_dict()
+            report = compress_(student, step.plan, progress=False).to_dict()
             save(student, folder / COMPRESSED, tokenizer, overwrite=True)
     state.wait_for_everyone()
     if step.plan is None:

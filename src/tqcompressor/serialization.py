@@ -21,90 +21,35 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .kronecker import KroneckerFactors
-from .layers import KroneckerEmbedding, KroneckerLinear, LowRankEmbedding, LowRankLinear, TiedEmbeddingHead
-from .lowrank import LowRankFactors
-from .surgery import _set_untied_config, set_submodule
+from .methods import is_compressed, module_class
+from .surgery import set_submodule, set_untied_config
+from .tied_head import TiedEmbeddingHead
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-def _module_spec(module: nn.Module, names: dict[int, str]) -> dict[str, Any] | None:
-    if isinstance(module, KroneckerLinear):
-        return {
-            "type": "kronecker_linear",
-            "shape": [module.m1, module.n1, module.m2, module.n2, module.rank],
-            "layout": module.layout,
-            "bias": module.bias is not None,
-        }
-    if isinstance(module, LowRankLinear):
-        return {
-            "type": "lowrank_linear",
-            "in": module.in_features,
-            "out": module.out_features,
-            "rank": module.u.shape[1],
-            "layout": module.layout,
-            "bias": module.bias is not None,
-        }
-    if isinstance(module, KroneckerEmbedding):
-        return {
-            "type": "kronecker_embedding",
-            "vocab": module.num_embeddings,
-            "base_dim": module.base.shape[1],
-            "factors": [s.numel() for s in module.scales],
-        }
-    if isinstance(module, LowRankEmbedding):
-        return {
-            "type": "lowrank_embedding",
-            "vocab": module.num_embeddings,
-            "dim": module.embedding_dim,
-            "rank": module.u.shape[1],
-        }
-    if isinstance(module, TiedEmbeddingHead):
-        return {
-            "type": "tied_embedding_head",
-            "embedding": names[id(module.embedding)],
-            "bias": module.bias is not None,
-        }
-    return None
+TIED_HEAD = "tied_embedding_head"
 
 
 def compressed_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The ``type`` and structure of every replaced module, by name. A separate dense head needs no
+    entry: the saved config has tie_word_embeddings off, so the base architecture has its own head."""
     names = {id(module): name for name, module in model.named_modules()}
-    specs = {name: _module_spec(module, names) for name, module in model.named_modules()}
-    # A separate dense head needs no entry: the saved config has tie_word_embeddings off, so the
-    # base architecture is rebuilt with its own head.
-    return {name: spec for name, spec in specs.items() if spec is not None}
+    specs = {}
+    for name, module in model.named_modules():
+        if is_compressed(module):
+            specs[name] = {"type": module.spec_type, **module.to_spec()}
+        elif isinstance(module, TiedEmbeddingHead):
+            specs[name] = {"type": TIED_HEAD, "embedding": names[id(module.embedding)], "bias": module.bias is not None}
+    return specs
 
 
 def _placeholder(spec: dict[str, Any], modules: dict[str, nn.Module]) -> nn.Module:
-    kind = spec["type"]
-    if kind == "kronecker_linear":
-        m1, n1, m2, n2, r = spec["shape"]
-        factors = KroneckerFactors(
-            torch.zeros(r, m1, n1), torch.zeros(r, m2, n2), torch.arange(m1 * m2), torch.arange(n1 * n2)
-        )
-        return KroneckerLinear(factors, torch.zeros(n1 * n2) if spec["bias"] else None, spec["layout"])
-    if kind == "lowrank_linear":
-        factors = LowRankFactors(torch.zeros(spec["in"], spec["rank"]), torch.zeros(spec["rank"], spec["out"]))
-        return LowRankLinear(factors, torch.zeros(spec["out"]) if spec["bias"] else None, spec["layout"])
-    if kind == "kronecker_embedding":
-        width, scales, indices = spec["base_dim"], [], []
-        for k in spec["factors"]:
-            width *= k
-            scales.append(torch.zeros(k))
-            indices.append(torch.arange(width))
-        return KroneckerEmbedding(torch.zeros(spec["vocab"], spec["base_dim"]), scales, indices)
-    if kind == "lowrank_embedding":
-        return LowRankEmbedding(
-            LowRankFactors(torch.zeros(spec["vocab"], spec["rank"]), torch.zeros(spec["rank"], spec["dim"]))
-        )
-    if kind == "tied_embedding_head":
+    if spec["type"] == TIED_HEAD:
         embedding = modules[spec["embedding"]]
         return TiedEmbeddingHead(embedding, torch.zeros(embedding.num_embeddings) if spec["bias"] else None)
-    raise ValueError(f"unknown compressed module type {kind!r} in config")
+    structure = {key: value for key, value in spec.items() if key != "type"}
+    return module_class(spec["type"]).from_spec(structure)
 
 
 def save(
@@ -200,12 +145,12 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     model = model_class(config)
     modules = dict(model.named_modules())
     # Embeddings first, so that tied heads can reference their rebuilt embedding.
-    for name, spec in sorted(section["modules"].items(), key=lambda kv: kv[1]["type"] == "tied_embedding_head"):
+    for name, spec in sorted(section["modules"].items(), key=lambda kv: kv[1]["type"] == TIED_HEAD):
         replacement = _placeholder(spec, modules)
         set_submodule(model, name, replacement)
         modules[name] = replacement
     if section["modules"]:
-        _set_untied_config(model)
+        set_untied_config(model)
     try:
         state = load_file(str(directory / WEIGHTS))
     except Exception as err:  # safetensors raises its own error types for truncated or garbled files
@@ -250,14 +195,14 @@ def _share_again(model: nn.Module, aliases: dict[str, str]) -> None:
 def materialize(model: nn.Module) -> nn.Module:
     """Replace every compressed module by its dense equivalent, in place (original architecture)."""
     modules = list(model.named_modules())
-    tied_heads = [(name, m) for name, m in modules if isinstance(m, TiedEmbeddingHead)]
     dense_of: dict[int, nn.Module] = {}
     for name, module in modules:
-        if isinstance(module, (KroneckerLinear, LowRankLinear, KroneckerEmbedding, LowRankEmbedding)):
-            dense = module.to_dense()
-            dense_of[id(module)] = dense
-            set_submodule(model, name, dense)
-    for name, head in tied_heads:
+        if is_compressed(module):
+            dense_of[id(module)] = module.to_dense()
+            set_submodule(model, name, dense_of[id(module)])
+    for name, head in modules:
+        if not isinstance(head, TiedEmbeddingHead):
+            continue
         embedding = dense_of[id(head.embedding)]
         linear = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
         linear.weight = embedding.weight  # keep the tie, as the original architecture has it

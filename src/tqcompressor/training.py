@@ -26,10 +26,9 @@ from tqdm.auto import tqdm
 
 from .data import TokenBlocks, batch_indices
 from .distillation import DistillationLoss
-from .layers import KroneckerEmbedding, KroneckerLinear, LowRankEmbedding, LowRankLinear
+from .methods import is_compressed
 from .serialization import load, save
 
-COMPRESSED_TYPES = (KroneckerLinear, KroneckerEmbedding, LowRankLinear, LowRankEmbedding)
 CHECKPOINT, FINAL, LOG, METRICS = "checkpoint", "model", "log.jsonl", "metrics.json"
 OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
 # Settings that may change between a run and its resume without changing the trajectory.
@@ -181,7 +180,7 @@ class Trainer:
             self.student.requires_grad_(True)
             return
         self.student.requires_grad_(False)
-        compressed = [m for m in self.student.modules() if isinstance(m, COMPRESSED_TYPES)]
+        compressed = [m for m in self.student.modules() if is_compressed(m)]
         if not compressed:
             raise ValueError("trainable='compressed' but the student has no compressed layers")
         for module in compressed:

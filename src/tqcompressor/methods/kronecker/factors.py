@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .shapes import KroneckerShape, check_weight, working_dtype
+from ...linalg import check_weight, working_dtype
+from .shapes import KroneckerShape
 
 
 @dataclass

@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .kronecker import KroneckerFactors, _top_singular, fit_factors, rearrange
-from .shapes import KroneckerShape, check_weight, working_dtype
+from ...linalg import check_weight, working_dtype
+from .factors import KroneckerFactors, _top_singular, fit_factors, rearrange
+from .shapes import KroneckerShape
 
 STRUCTURED_STARTS = ("identity", "spectral", "cluster")
 

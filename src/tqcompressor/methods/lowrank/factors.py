@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .shapes import check_weight, working_dtype
+from ...linalg import check_weight, working_dtype
 
 
 @dataclass
@@ -38,3 +38,9 @@ def truncated_svd(weight: torch.Tensor, rank: int) -> LowRankFactors:
     u, s, vh = torch.linalg.svd(weight.to(working_dtype(weight)), full_matrices=False)
     root = s[:rank].sqrt()
     return LowRankFactors((u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype))
+
+
+def rank_for_params(in_features: int, out_features: int, num_params: int) -> int:
+    """Rank of a truncated SVD (U: in x k, V: k x out) with about ``num_params`` parameters."""
+    rank = max(1, round(num_params / (in_features + out_features)))
+    return min(rank, in_features, out_features)

@@ -1,4 +1,4 @@
-"""Factor shapes for Kronecker and low-rank approximations, and input validation.
+"""Factor shapes of Kronecker approximations: valid factorisations and a proposal from a target ratio.
 
 Conventions used across the package: a weight matrix is W with shape (in_features, out_features),
 approximated by ``sum_i A_i ⊗ B_i`` with A_i of shape (m1, n1) and B_i of shape (m2, n2), so that
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass(frozen=True)
@@ -111,24 +109,3 @@ def propose_kronecker_shape(
         f"no Kronecker factorisation of a {in_features}x{out_features} matrix with rank <= {max_rank} "
         f"comes within {tolerance:.0%} of ratio {ratio}"
     )
-
-
-def svd_rank_for_params(in_features: int, out_features: int, num_params: int) -> int:
-    """Rank of a truncated SVD (U: in x k, V: k x out) with about ``num_params`` parameters."""
-    rank = max(1, round(num_params / (in_features + out_features)))
-    return min(rank, in_features, out_features)
-
-
-def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
-    if weight.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(weight.shape)}")
-    if not weight.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {weight.dtype}")
-    if not torch.isfinite(weight).all():
-        bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(f"{name} contains {bad} NaN or infinite values; cannot decompose it")
-
-
-def working_dtype(weight: torch.Tensor) -> torch.dtype:
-    """float64 where it is affordable (exactness in tests), float32 for large matrices."""
-    return torch.float64 if weight.numel() <= 1 << 22 else torch.float32

@@ -1,0 +1,114 @@
+"""What a compression method is: a config, a fit, a parameter formula and the modules it builds.
+
+Surgery, serialization, training and evaluation talk to methods only through these classes and the
+registry, so adding a method touches its own folder and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+
+class CompressedModule(nn.Module):
+    """A module a method installs. ``spec_type`` names it in a saved ``config.json``; ``kind`` says
+    whether it stands in for a linear layer or an embedding table (embeddings also provide ``attend``,
+    the logits path of a head tied to them)."""
+
+    spec_type: ClassVar[str]
+    kind: ClassVar[Literal["linear", "embedding"]]
+
+    def to_spec(self) -> dict[str, Any]:
+        """The structure ``from_spec`` needs to rebuild an empty module of the same shapes (JSON)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> CompressedModule:
+        """An empty module of the structure ``spec`` records; ``load`` fills its weights."""
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Module:
+        """The equivalent module of the original architecture (``nn.Linear``, ``Conv1D``, ``nn.Embedding``)."""
+        raise NotImplementedError
+
+    def attend(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden @ E.T`` through the factors (embeddings only)."""
+        raise NotImplementedError(f"{type(self).__name__} is not an embedding")
+
+    @staticmethod
+    def parameter(tensor: torch.Tensor) -> nn.Parameter:
+        # Always row-major: SVD factors come out column-major, and a saved model loads row-major. Equal
+        # layouts make a reloaded model take the same GEMM kernels, so its logits are bit-identical.
+        return nn.Parameter(tensor.detach().clone(memory_format=torch.contiguous_format))
+
+
+@dataclass
+class MethodConfig:
+    """A method's settings for one plan rule. Fields left ``None`` are unset: ``to_dict`` omits them,
+    so a plan file round-trips exactly and a field that does not apply can be told from a default."""
+
+    method: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError naming the field when fields conflict or are out of range."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) is not None
+        }
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> MethodConfig:
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in known:
+                raise ValueError(
+                    f"field {key!r} does not apply to method {cls.method!r} (its fields: {', '.join(known)})"
+                )
+        return cls(**options)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass
+class FitReport:
+    """What a fit measured, against the weight being replaced."""
+
+    shape: list[int]  # the dense weight: in x out for linear layers, vocab x width for embeddings
+    factors: str  # human-readable structure, e.g. "r=4 A 384x768 B 2x4" or "rank 64"
+    error: float  # relative Frobenius error of the installed module
+    error_plain: float | None = None  # the same without the method's refinements (e.g. permutations)
+    best_start: str = ""
+
+
+class CompressionMethod(ABC):
+    """One registered method. ``plan`` and ``parameters`` work from shapes alone; ``fit`` computes."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+    modules: ClassVar[tuple[type[CompressedModule], ...]]
+
+    @abstractmethod
+    def plan(self, module: nn.Module, config: MethodConfig) -> CompressedModule:
+        """An empty module of the structure ``fit(module, config)`` will return. Called under the meta
+        device, on the original module or on what earlier rules planned for it; raises ValueError when
+        the config does not apply to this module."""
+
+    @abstractmethod
+    def fit(self, module: nn.Module, config: MethodConfig, stats: Any = None) -> tuple[CompressedModule, FitReport]:
+        """The compressed replacement of ``module``. ``stats`` will carry calibration statistics; the
+        built-in methods do not use it yet."""
+
+    @abstractmethod
+    def parameters(self, config: MethodConfig, rows: int, cols: int) -> int:
+        """Parameters that compressing a ``rows x cols`` matrix (no bias) with ``config`` keeps."""

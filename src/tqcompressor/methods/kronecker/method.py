@@ -1,0 +1,195 @@
+"""The ``kronecker`` method: W ≈ P (Σ Aᵢ ⊗ Bᵢ) Q with the permutations P, Q searched, for linear layers
+and (as kron(E', b)[:, p]) for embedding tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..base import CompressionMethod, FitReport, MethodConfig
+from ..registry import register
+from ..targets import LINEAR_TYPES, dense_weight, relative_error
+from .factors import nearest_kronecker
+from .modules import KroneckerEmbedding, KroneckerLinear
+from .search import search_permutations
+from .shapes import KroneckerShape, propose_kronecker_shape
+
+SEARCH_DEFAULTS = {"iterations": 6, "restarts": 0, "seed": 0, "time_budget": 60.0}
+
+
+@dataclass
+class KroneckerConfig(MethodConfig):
+    """Linear layers: ``shape`` [m1, n1, m2, n2] with ``rank`` Kronecker terms (default 1), or a target
+    ``ratio`` of the dense parameters (factor shapes proposed, with at most ``max_rank`` terms, default 4).
+    Embeddings: ``embedding_factor`` k, vocab x d -> (vocab x d/k ⊗ 1 x k)[:, p]; on an already
+    compressed embedding it divides the inner width again (the paper's ÷2 then ÷2).
+    ``permute``: search permutations of both sides (true), "rows", "cols" or none (false); embeddings
+    permute their columns only. ``iterations``, ``restarts``, ``seed``, ``time_budget`` (seconds per
+    layer) tune the search, default 6, 0, 0, 60."""
+
+    method = "kronecker"
+    shape: tuple[int, int, int, int] | None = None
+    rank: int | None = None
+    ratio: float | None = None
+    max_rank: int | None = None
+    embedding_factor: int | None = None
+    permute: bool | Literal["rows", "cols"] = True
+    iterations: int | None = None
+    restarts: int | None = None
+    seed: int | None = None
+    time_budget: float | None = None
+
+    def check(self) -> None:
+        if self.shape is not None:
+            if len(self.shape) != 4:
+                raise ValueError(f"field 'shape' must be [m1, n1, m2, n2], got {self.shape}")
+            self.shape = tuple(int(x) for x in self.shape)  # type: ignore[assignment]
+        forms = [name for name in ("shape", "ratio", "embedding_factor") if getattr(self, name) is not None]
+        if len(forms) != 1:
+            given = f"got {' and '.join(forms)}" if forms else "got none"
+            raise ValueError(f"give exactly one of 'shape', 'ratio' or 'embedding_factor' ({given})")
+        if self.rank is not None and self.shape is None:
+            raise ValueError(
+                "field 'rank' (the number of Kronecker terms) applies with 'shape'; with 'ratio' use 'max_rank'"
+            )
+        if self.max_rank is not None and self.ratio is None:
+            raise ValueError("field 'max_rank' applies with 'ratio' only")
+        for name in ("rank", "max_rank", "iterations"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"field {name!r} must be a positive integer, got {value!r}")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise ValueError(f"field 'ratio' must be in (0, 1], got {self.ratio}")
+        if self.embedding_factor is not None and (
+            not isinstance(self.embedding_factor, int) or self.embedding_factor < 2
+        ):
+            raise ValueError(
+                f"field 'embedding_factor' must be an integer of at least 2, got {self.embedding_factor!r}"
+            )
+        if self.permute not in (True, False, "rows", "cols"):
+            raise ValueError(f"field 'permute' must be true, false, 'rows' or 'cols', got {self.permute!r}")
+        if self.permute is False:
+            for name in SEARCH_DEFAULTS:
+                if getattr(self, name) is not None:
+                    raise ValueError(f"field {name!r} tunes the permutation search, which 'permute: false' turns off")
+
+    def search_settings(self) -> dict[str, Any]:
+        return {
+            name: default if getattr(self, name) is None else getattr(self, name)
+            for name, default in SEARCH_DEFAULTS.items()
+        }
+
+    def linear_shape(self, rows: int, cols: int) -> KroneckerShape:
+        """Factor shapes for a rows x cols weight: the given ``shape`` (checked) or one proposed from ``ratio``."""
+        if self.embedding_factor is not None:
+            raise ValueError("field 'embedding_factor' applies to embeddings, not to linear layers")
+        if self.shape is None:
+            return propose_kronecker_shape(rows, cols, self.ratio, max_rank=self.max_rank or 4)
+        shape = KroneckerShape(*self.shape, rank=self.rank or 1)
+        shape.check_matrix(rows, cols)
+        return shape
+
+    def embedding_width(self, width: int) -> int:
+        """The inner width after dividing a table of ``width`` columns by ``embedding_factor``."""
+        if self.embedding_factor is None:
+            raise ValueError("an embedding needs field 'embedding_factor' ('shape' and 'ratio' apply to linear layers)")
+        if self.permute == "rows":
+            raise ValueError("field 'permute': an embedding's rows are tokens and are never permuted; use 'cols'")
+        if width % self.embedding_factor:
+            raise ValueError(f"embedding width {width} is not divisible by embedding_factor {self.embedding_factor}")
+        return width // self.embedding_factor
+
+
+def _embedding_target(module: nn.Module) -> tuple[torch.Tensor, KroneckerEmbedding | None]:
+    """(the table to factor, the compressed embedding it is the base of, if any)."""
+    if isinstance(module, KroneckerEmbedding):
+        return module.base, module
+    if isinstance(module, nn.Embedding):
+        return module.weight, None
+    raise ValueError(f"a {type(module).__name__} cannot be compressed by method 'kronecker'")
+
+
+class KroneckerMethod(CompressionMethod):
+    name = "kronecker"
+    config_class = KroneckerConfig
+    modules = (KroneckerLinear, KroneckerEmbedding)
+
+    def plan(self, module: nn.Module, config: KroneckerConfig) -> KroneckerLinear | KroneckerEmbedding:
+        if isinstance(module, LINEAR_TYPES):
+            weight, bias, layout = dense_weight(module)
+            s = config.linear_shape(*weight.shape)
+            return KroneckerLinear.from_spec(
+                {"shape": [s.m1, s.n1, s.m2, s.n2, s.rank], "layout": layout, "bias": bias is not None}
+            )
+        if isinstance(module, (nn.Embedding, KroneckerEmbedding)):
+            table, inner_of = _embedding_target(module)
+            vocab, width = table.shape
+            outer = [] if inner_of is None else [s.numel() for s in inner_of.scales]
+            spec = {
+                "vocab": vocab,
+                "base_dim": config.embedding_width(width),
+                "factors": [config.embedding_factor, *outer],
+            }
+            return KroneckerEmbedding.from_spec(spec)
+        raise ValueError(
+            f"a {type(module).__name__} cannot be compressed by method 'kronecker' "
+            "(it takes nn.Linear, Conv1D, nn.Embedding and its own KroneckerEmbedding)"
+        )
+
+    def parameters(self, config: KroneckerConfig, rows: int, cols: int) -> int:
+        if config.embedding_factor is not None:
+            return rows * config.embedding_width(cols) + config.embedding_factor
+        return config.linear_shape(rows, cols).num_params
+
+    def fit(self, module: nn.Module, config: KroneckerConfig, stats: Any = None):
+        if isinstance(module, LINEAR_TYPES):
+            return self._fit_linear(module, config)
+        return self._fit_embedding(module, config)
+
+    def _fit_linear(self, module: nn.Module, config: KroneckerConfig) -> tuple[KroneckerLinear, FitReport]:
+        weight, bias, layout = dense_weight(module)
+        shape = config.linear_shape(*weight.shape)
+        result = search_permutations(
+            weight,
+            shape,
+            rows=config.permute in (True, "rows"),
+            cols=config.permute in (True, "cols"),
+            **config.search_settings(),
+        )
+        layer = KroneckerLinear(result.factors, bias, layout)
+        report = FitReport(
+            list(weight.shape),
+            shape.describe(),
+            result.relative_error,
+            result.plain_relative_error,
+            result.best_trial.start,
+        )
+        return layer, report
+
+    def _fit_embedding(self, module: nn.Module, config: KroneckerConfig) -> tuple[KroneckerEmbedding, FitReport]:
+        dense = module.weight.detach()
+        table, inner_of = _embedding_target(module)
+        target = table.detach()
+        vocab, width = target.shape
+        k = config.embedding_factor
+        shape = KroneckerShape(vocab, config.embedding_width(width), 1, k, 1)
+        result = search_permutations(
+            target, shape, rows=False, cols=config.permute in (True, "cols"), **config.search_settings()
+        )
+        layer = KroneckerEmbedding.from_factors(result.factors, inner_of=inner_of).to(dense.device)
+        # Both errors against the embedding being replaced, so a second ÷k is reported like the first.
+        plain = KroneckerEmbedding.from_factors(nearest_kronecker(target, shape), inner_of=inner_of)
+        report = FitReport(
+            list(dense.shape),
+            f"{vocab}x{width // k} ⊗ 1x{k}",
+            relative_error(layer.weight, dense),
+            relative_error(plain.weight, dense),
+            result.best_trial.start,
+        )
+        return layer, report
+
+
+register(KroneckerMethod())
