@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
-ASSETS=../shared/assets
+export TQCOMPRESSOR_ASSETS="$(cd .. && pwd)/shared/assets"  # the local models and data sets
+ASSETS="$TQCOMPRESSOR_ASSETS"
 OUT=runs/house-teacher-tq
 tqcompressor distill --preset tqcompressedgpt2 --data "$ASSETS/corpus/gutenberg/train" --tokens 300000 \
     --time-budget 10 --out "$OUT" --resume "$@"

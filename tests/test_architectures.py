@@ -7,6 +7,7 @@ from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausa
 from tqcompressor import KroneckerConfig, KroneckerLinear, LowRankConfig, TiedEmbeddingHead
 from tqcompressor.params import count_parameters
 from tqcompressor.plan import CompressionPlan, Rule
+from tqcompressor.presets import preset
 from tqcompressor.serialization import load, materialize, save
 from tqcompressor.surgery import compress_, planned_parameters
 
@@ -80,3 +81,34 @@ def test_plan_compresses_saves_loads_and_materializes_other_architectures(build,
     dense = materialize(loaded)
     assert not any(isinstance(m, KroneckerLinear) for m in dense.modules())
     torch.testing.assert_close(dense(ids).logits, logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_paper_preset_maps_onto_llama_module_names(tied, tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    model = LlamaForCausalLM(config).eval()
+    plan = preset("tqcompressedgpt2", config, **QUICK)
+    expected = planned_parameters(model, plan)
+    report = compress_(model, plan, progress=False)
+    assert report.params_after == expected == count_parameters(model)
+    names = [layer.name for layer in report.layers]
+    assert names.count("model.embed_tokens") == 2
+    assert {n for n in names if ".mlp." in n} == {
+        f"model.layers.{i}.mlp.{p}_proj" for i in (1, 3) for p in ("gate", "up", "down")
+    }
+    assert model.model.embed_tokens.base.shape == (96, 8)
+    # A tied head follows the compressed embedding; an untied one stays a dense nn.Linear.
+    assert isinstance(model.get_output_embeddings(), TiedEmbeddingHead) == tied
+    ids = torch.randint(0, 96, (2, 7))
+    logits = model(ids).logits
+    save(model, tmp_path / "m")
+    torch.testing.assert_close(load(tmp_path / "m")(ids).logits, logits, rtol=0, atol=0)

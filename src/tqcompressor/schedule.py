@@ -28,7 +28,7 @@ from .plan import CompressionPlan
 from .presets import preset_steps
 from .serialization import load, save
 from .surgery import compress_, resolve
-from .training import FINAL, METRICS, TrainConfig, Trainer, process_state
+from .training import CHECKPOINT, FINAL, METRICS, TrainConfig, Trainer, process_state
 
 COMPRESSED = "compressed"  # a step's model right after compression, before distillation
 
@@ -156,29 +156,30 @@ def run_schedule(
             student = load(folder / FINAL)
             results.append(json.loads((folder / METRICS).read_text()))
             continue
-        trainer_resumes = resume and (folder / "checkpoint").is_dir()
+        trainer_resumes = resume and (folder / CHECKPOINT).is_dir()
         compression = None
         if not trainer_resumes:
             student, compression = _start_step(student, step, folder, tokenizer)
         before = evaluate(student) if evaluate and not trainer_resumes else None
+
+        def describe(trained: nn.Module, name=step.name, compression=compression, before=before) -> dict:
+            extra = {"step": name, "params": count_parameters(trained)}
+            if compression is not None:
+                extra["compression"] = compression
+            if evaluate:
+                extra["eval_after"] = evaluate(trained)
+                if before is not None:
+                    extra["eval_before"] = before
+            return extra
+
         trainer = Trainer(
             student, teacher, data, replace(config, tokens=tokens), folder, tokenizer, trainer_resumes, progress
         )
-        metrics = trainer.run()
+        metrics = trainer.run(describe=describe)
+        results.append(metrics if metrics["finished"] else {"step": step.name, **metrics})
         if not metrics["finished"]:
-            results.append({"step": step.name, **metrics})
             break
         student = trainer.student
-        metrics.update(step=step.name, params=count_parameters(student))
-        if compression is not None:
-            metrics["compression"] = compression
-        if evaluate:
-            metrics["eval_after"] = evaluate(student)
-            if before is not None:
-                metrics["eval_before"] = before
-        if trainer.accelerator.is_main_process:
-            (folder / METRICS).write_text(json.dumps(metrics, indent=2))
-        results.append(metrics)
     return results
 
 

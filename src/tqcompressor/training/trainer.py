@@ -1,102 +1,33 @@
 """Distil a (compressed) student from a frozen teacher: AdamW, warm-up + cosine, gradient accumulation,
 bf16 autocast, data parallel through ``accelerate``, atomic checkpoints and exact resume.
 
-Exact resume needs no stored random state: each step's batch comes from ``batch_indices`` (a function of
-the step) and dropout is reseeded from (seed, step, rank) before every step. A checkpoint holds the model
-in the save/load format plus ``optimizer.safetensors`` and ``trainer_state.json`` (no pickles).
-"""
+The parts live beside this file: ``config`` (settings, learning rate), ``step`` (one optimisation
+step), ``evaluation`` (held-out loss), ``checkpoint`` (write and read back); ``Trainer`` runs them."""
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import signal
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import torch
 from accelerate import Accelerator, PartialState
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import TokenBlocks, batch_indices
-from .distillation import DistillationLoss
-from .methods import is_compressed
-from .serialization import load, save
+from ..data import TokenBlocks
+from ..methods import is_compressed
+from ..serialization import save
+from .checkpoint import CHECKPOINT, read_checkpoint, restore_optimizer, write_checkpoint
+from .config import TrainConfig
+from .evaluation import heldout_loss
+from .step import optimization_step
 
-CHECKPOINT, FINAL, LOG, METRICS = "checkpoint", "model", "log.jsonl", "metrics.json"
-OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
-# Settings that may change between a run and its resume without changing the trajectory.
-CADENCE = {"eval_every", "eval_blocks", "checkpoint_every", "log_every"}
-
-
-@dataclass
-class TrainConfig:
-    tokens: int  # training tokens; steps = ceil(tokens / (batch_size * block_size))
-    batch_size: int = 16  # sequences per optimizer step, over all processes and accumulation steps
-    micro_batch_size: int = 4  # sequences per forward pass on one process
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_fraction: float = 0.05
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    bf16: bool = True
-    trainable: Literal["all", "compressed"] = "all"
-    eval_every: int = 50
-    eval_blocks: int = 16
-    checkpoint_every: int = 100
-    log_every: int = 10
-    seed: int = 0
-    loss: DistillationLoss = field(default_factory=DistillationLoss)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.loss, dict):
-            self.loss = DistillationLoss(**self.loss)
-        if self.tokens <= 0:
-            raise ValueError(f"tokens must be positive, got {self.tokens}")
-        if self.batch_size <= 0 or self.micro_batch_size <= 0 or self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"batch_size ({self.batch_size}) must be a positive multiple of micro_batch_size "
-                f"({self.micro_batch_size})"
-            )
-        if self.trainable not in ("all", "compressed"):
-            raise ValueError(f"trainable must be 'all' or 'compressed', got {self.trainable!r}")
-        if not 0 <= self.warmup_fraction < 1 or self.lr <= 0:
-            raise ValueError("need lr > 0 and 0 <= warmup_fraction < 1")
-
-    def steps(self, block_size: int) -> int:
-        return max(1, math.ceil(self.tokens / (self.batch_size * block_size)))
-
-    def lr_at(self, step: int, total: int) -> float:
-        warmup = round(self.warmup_fraction * total)
-        if step < warmup:
-            return self.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    state = optimizer.state_dict()
-    tensors = {
-        f"{index}.{key}": value.detach().cpu().contiguous()
-        for index, entries in state["state"].items()
-        for key, value in entries.items()
-    }
-    return tensors, {"param_groups": state["param_groups"]}
-
-
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: dict) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups["param_groups"]})
+FINAL, LOG, METRICS = "model", "log.jsonl", "metrics.json"
 
 
 def on_cpu_only() -> bool:
@@ -143,14 +74,12 @@ class Trainer:
         if teacher is not None:
             _check_compatible(student, teacher)
         self.step, self.history = 0, []
-        checkpoint = self.out / CHECKPOINT
         state = None
-        if resume and checkpoint.is_dir():
-            state = json.loads((checkpoint / STATE_FILE).read_text())
-            _check_same_run(state["config"], config)
-            student = load(checkpoint)
+        if resume and (self.out / CHECKPOINT).is_dir():
+            student, state = read_checkpoint(self.out)
+            config.check_resumes(state["config"])
             self.step, self.history = state["step"], state["history"]
-        elif (self.out / FINAL).exists() or checkpoint.exists():
+        elif (self.out / FINAL).exists() or (self.out / CHECKPOINT).exists():
             raise FileExistsError(f"{self.out} already holds a run (pass resume=True / --resume to continue it)")
 
         device = self.accelerator.device
@@ -165,7 +94,7 @@ class Trainer:
             betas=(0.9, 0.95),
         )
         if state is not None:
-            _restore_optimizer(self.optimizer, load_file(str(checkpoint / OPTIMIZER_FILE)), state["optimizer"])
+            restore_optimizer(self.optimizer, self.out, state)
         self.model = self.accelerator.prepare_model(self.student)
         self.bf16 = config.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
         self.stop_requested = False
@@ -186,66 +115,25 @@ class Trainer:
         for module in compressed:
             module.requires_grad_(True)
 
-    def _autocast(self):
-        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-
-    def _losses(self, input_ids: torch.Tensor, model: nn.Module) -> dict[str, torch.Tensor]:
-        loss = self.config.loss
-        with self._autocast():
-            teacher_out = None
-            if self.teacher is not None and loss.needs_teacher:
-                with torch.no_grad():
-                    teacher_out = self.teacher(input_ids, output_hidden_states=loss.needs_hidden_states)
-            student_out = model(input_ids, output_hidden_states=loss.needs_hidden_states)
-        return loss(student_out, teacher_out, input_ids)
-
     def train_step(self) -> dict[str, float]:
-        """One optimizer step on the global batch of ``self.step``; this process takes its share."""
-        config, accelerator = self.config, self.accelerator
-        rank, world = accelerator.process_index, accelerator.num_processes
-        torch.manual_seed(config.seed * 1_000_003 + self.step * 1009 + rank)  # dropout, reproducible per step
-        indices = batch_indices(len(self.data.train), config.batch_size, self.step, config.seed)
-        share = indices.view(world, -1)[rank].split(config.micro_batch_size)
-        lr = config.lr_at(self.step, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        sums: dict[str, float] = {}
-        for i, micro in enumerate(share):
-            self.local_sequences += len(micro)
-            input_ids = self.data.train[micro].to(accelerator.device)
-            # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-            sync = nullcontext() if i == len(share) - 1 else accelerator.no_sync(self.model)
-            with sync:
-                terms = self._losses(input_ids, self.model)
-                accelerator.backward(terms["loss"] / len(share))
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) / len(share)
-        if config.grad_clip > 0:
-            sums["grad_norm"] = float(accelerator.clip_grad_norm_(self.model.parameters(), config.grad_clip))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        metrics, sequences = optimization_step(
+            self.accelerator,
+            self.model,
+            self.teacher,
+            self.optimizer,
+            self.data,
+            self.config,
+            self.step,
+            self.total_steps,
+            self.bf16,
+        )
         self.step += 1
-        if world > 1:  # report the global mean of each term, not rank 0's share
-            reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
-            sums = dict(zip(sums, reduced.tolist(), strict=True))
-        return {**sums, "lr": lr}
+        self.local_sequences += sequences
+        return metrics
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out next-token loss and perplexity of the student (every process computes the same)."""
-        self.student.eval()
         blocks = self.data.heldout[: self.config.eval_blocks]
-        total = 0.0
-        for batch in blocks.split(self.config.micro_batch_size):
-            input_ids = batch.to(self.accelerator.device)
-            with self._autocast():
-                logits = self.student(input_ids).logits[:, :-1].float()
-            total += float(
-                nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
-            ) * len(batch)
-        loss = total / len(blocks)
-        return {"heldout_loss": loss, "heldout_ppl": math.exp(min(loss, 700.0))}
+        return heldout_loss(self.student, blocks, self.config.micro_batch_size, self.accelerator.device, self.bf16)
 
     def _log(self, record: dict) -> None:
         self.history.append(record)
@@ -256,20 +144,13 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.accelerator.is_main_process:
-            tensors, groups = _optimizer_tensors(self.optimizer)
             state = {
                 "step": self.step,
                 "total_steps": self.total_steps,
                 "config": asdict(self.config),
-                "optimizer": groups,
                 "history": self.history,
             }
-
-            def write_state(folder: Path) -> None:
-                save_file(tensors, str(folder / OPTIMIZER_FILE))
-                (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
-
-            save(self.student, self.out / CHECKPOINT, self.tokenizer, overwrite=True, write_extra=write_state)
+            write_checkpoint(self.out, self.student, self.optimizer, state, self.tokenizer)
         self.accelerator.wait_for_everyone()
 
     def _stop_everywhere(self) -> bool:
@@ -278,9 +159,10 @@ class Trainer:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag)
 
-    def run(self, until_step: int | None = None) -> dict:
+    def run(self, until_step: int | None = None, describe: Callable[[nn.Module], dict] | None = None) -> dict:
         """Train to the end (or to ``until_step``, leaving a checkpoint). Ctrl-C finishes the current
-        step, writes a checkpoint and returns; a second Ctrl-C aborts at once."""
+        step, writes a checkpoint and returns; a second Ctrl-C aborts at once. ``describe(student)``
+        adds entries to the final metrics (written once, to ``metrics.json``)."""
         config = self.config
         last = min(self.total_steps, until_step if until_step is not None else self.total_steps)
         tokens_per_step = self.tokens_per_step
@@ -317,9 +199,9 @@ class Trainer:
         if self.step < self.total_steps:
             self.save_checkpoint()
             return {"finished": False, "step": self.step, "interrupted": self.stop_requested}
-        return self._finish(seconds, (self.step - start_step) * tokens_per_step)
+        return self._finish(seconds, (self.step - start_step) * tokens_per_step, describe)
 
-    def _finish(self, seconds: float, tokens: int) -> dict:
+    def _finish(self, seconds: float, tokens: int, describe: Callable[[nn.Module], dict] | None) -> dict:
         final = self.evaluate()
         self._log({"step": self.step, "tokens": self.step * self.tokens_per_step, **final})
         evals = [r for r in self.history if "heldout_loss" in r]
@@ -333,6 +215,8 @@ class Trainer:
             "processes": self.accelerator.num_processes,
             "local_sequences": self.local_sequences,
         }
+        if describe is not None:
+            metrics.update(describe(self.student))
         if self.accelerator.is_main_process:
             save(self.student, self.out / FINAL, self.tokenizer, overwrite=True)
             (self.out / METRICS).write_text(json.dumps(metrics, indent=2))
@@ -353,11 +237,3 @@ def _check_compatible(student: nn.Module, teacher: nn.Module) -> None:
     s, t = _vocab_size(student), _vocab_size(teacher)
     if s is not None and t is not None and s != t:
         raise ValueError(f"teacher vocabulary ({t}) and student vocabulary ({s}) differ: they cannot be distilled")
-
-
-def _check_same_run(saved: dict, config: TrainConfig) -> None:
-    current = asdict(config)
-    changed = sorted(k for k in current if k not in CADENCE and saved.get(k) != current[k])
-    if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)} -> {current[k]}" for k in changed)
-        raise ValueError(f"cannot resume: the checkpoint was trained with different settings ({detail})")

@@ -1,0 +1,72 @@
+"""One optimisation step on one global batch; each process takes its share of the sequences.
+
+Exact resume needs no stored random state: the batch is a function of the step (``batch_indices``)
+and dropout is reseeded from (seed, step, rank) before the step."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ..data import TokenBlocks, batch_indices
+from .config import TrainConfig
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def losses(
+    model: nn.Module, teacher: nn.Module | None, input_ids: torch.Tensor, config: TrainConfig, bf16: bool
+) -> dict[str, torch.Tensor]:
+    loss = config.loss
+    with autocast(input_ids.device, bf16):
+        teacher_out = None
+        if teacher is not None and loss.needs_teacher:
+            with torch.no_grad():
+                teacher_out = teacher(input_ids, output_hidden_states=loss.needs_hidden_states)
+        student_out = model(input_ids, output_hidden_states=loss.needs_hidden_states)
+    return loss(student_out, teacher_out, input_ids)
+
+
+def optimization_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    teacher: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    data: TokenBlocks,
+    config: TrainConfig,
+    step: int,
+    total_steps: int,
+    bf16: bool,
+) -> tuple[dict[str, float], int]:
+    """(the global mean of each loss term, grad norm and lr; the sequences this process saw)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)  # dropout, reproducible per step
+    indices = batch_indices(len(data.train), config.batch_size, step, config.seed)
+    share = indices.view(world, -1)[rank].split(config.micro_batch_size)
+    lr = config.lr_at(step, total_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    sums: dict[str, float] = {}
+    for i, micro in enumerate(share):
+        input_ids = data.train[micro].to(accelerator.device)
+        # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+        sync = nullcontext() if i == len(share) - 1 else accelerator.no_sync(model)
+        with sync:
+            terms = losses(model, teacher, input_ids, config, bf16)
+            accelerator.backward(terms["loss"] / len(share))
+        for key, value in terms.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach()) / len(share)
+    if config.grad_clip > 0:
+        sums["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), config.grad_clip))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:  # report the global mean of each term, not rank 0's share
+        reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
+        sums = dict(zip(sums, reduced.tolist(), strict=True))
+    return {**sums, "lr": lr}, sum(len(micro) for micro in share)
