@@ -25,16 +25,13 @@ def bert():
     ]
 
 
+def llama_config(**overrides) -> LlamaConfig:
+    settings = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    return LlamaConfig(**{**settings, "num_attention_heads": 4, "num_key_value_heads": 2, **overrides})
+
+
 def llama():
-    config = LlamaConfig(
-        vocab_size=120,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    config = llama_config(tie_word_embeddings=False)
     return LlamaForCausalLM(config), [
         Rule(r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj", KroneckerConfig(ratio=0.5, **QUICK)),
         Rule(r"model\.layers\.0\.self_attn\.q_proj", KroneckerConfig(shape=(16, 8, 2, 4), rank=2, **QUICK)),
@@ -86,15 +83,7 @@ def test_plan_compresses_saves_loads_and_materializes_other_architectures(build,
 @pytest.mark.parametrize("tied", [True, False])
 def test_the_paper_preset_maps_onto_llama_module_names(tied, tmp_path):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
+    config = llama_config(vocab_size=96, num_hidden_layers=4, tie_word_embeddings=tied)
     model = LlamaForCausalLM(config).eval()
     plan = preset("tqcompressedgpt2", config, **QUICK)
     expected = planned_parameters(model, plan)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import CompressedModule, CompressionMethod, MethodConfig
+from .base import CompressedModule, CompressionMethod
 
 _METHODS: dict[str, CompressionMethod] = {}
 _ALIASES: dict[str, str] = {}
@@ -42,10 +42,6 @@ def get_method(name: str) -> CompressionMethod:
 
 def method_names() -> list[str]:
     return sorted(_METHODS)
-
-
-def method_for_config(config: MethodConfig) -> CompressionMethod:
-    return get_method(config.method)
 
 
 def module_class(spec_type: str) -> type[CompressedModule]:
