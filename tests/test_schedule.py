@@ -142,6 +142,15 @@ def test_cli_distill_preset_student_and_user_errors(tmp_path, capsys):
     more = tmp_path / "more"
     assert main(["distill", *common, *small, "--student", str(student), "--tokens", "256", "--out", str(more)]) == 0
     assert (more / FINAL / "model.safetensors").is_file()
+    # Resuming a finished run says so and succeeds, touching nothing.
+    stamp = (more / FINAL / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert (
+        main(["distill", *common, *small, "--student", str(student), "--tokens", "256", "--out", str(more), "--resume"])
+        == 0
+    )
+    assert "finished run" in capsys.readouterr().out
+    assert (more / FINAL / "model.safetensors").stat().st_mtime_ns == stamp
     capsys.readouterr()
     other = GPT2LMHeadModel(GPT2Config(**{**gpt2_vocab, "vocab_size": 50300}))
     other.save_pretrained(tmp_path / "other")

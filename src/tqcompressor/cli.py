@@ -17,7 +17,7 @@ from .report import CompressionReport
 from .schedule import Schedule, run_schedule, step_dir
 from .serialization import is_compressed_dir, load, read_config, save
 from .surgery import compress_
-from .training import FINAL, TrainConfig, Trainer, process_state
+from .training import FINAL, METRICS, TrainConfig, Trainer, process_state
 
 
 def load_model(name_or_path: str):
@@ -100,6 +100,9 @@ def _distill(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"{out} is not empty (pass --resume to continue the run there)")
+    if args.student and args.resume and (out / METRICS).is_file():
+        print(f"{out} holds a finished run; nothing to resume. distilled model: {out / FINAL}")
+        return
     teacher, tokenizer = load_model(args.teacher or default_model("--teacher"))
     loss = DistillationLoss(args.alpha, args.beta, args.gamma, args.temperature, args.hidden_layers or [])
     if args.student:
