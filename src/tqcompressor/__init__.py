@@ -5,6 +5,7 @@ report = tq.compress_(model, "tqcompressedgpt2")        # or a CompressionPlan, 
 tq.save(model, "out", tokenizer); model = tq.load("out")
 """
 
+from .calibration import CalibrationStats, calibrate
 from .methods import CompressedModule, CompressionMethod, FitReport, MethodConfig, get_method, method_names, register
 from .methods.kronecker import (
     KroneckerConfig,
@@ -29,6 +30,7 @@ from .surgery import compress_, planned_parameters
 from .tied_head import TiedEmbeddingHead
 
 __all__ = [
+    "CalibrationStats",
     "CompressedModule",
     "CompressionMethod",
     "CompressionPlan",
@@ -48,6 +50,7 @@ __all__ = [
     "Rule",
     "SearchResult",
     "TiedEmbeddingHead",
+    "calibrate",
     "compress_",
     "count_parameters",
     "fit_factors",

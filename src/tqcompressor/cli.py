@@ -8,16 +8,22 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+
 from .assets import default_model
+from .calibration import CalibrationStats, calibrate
 from .data import load_blocks
 from .distillation import DistillationLoss
 from .evaluation import DATASETS, evaluate, size_report
-from .presets import PRESETS
+from .plan import CompressionPlan
+from .presets import PRESETS, preset
 from .report import CompressionReport
 from .schedule import Schedule, run_schedule, step_dir
 from .serialization import is_compressed_dir, load, read_config, save
 from .surgery import compress_
 from .training import FINAL, METRICS, TrainConfig, Trainer, process_state
+
+DEFAULT_CALIBRATION_TOKENS = 262_144
 
 
 def load_model(name_or_path: str):
@@ -50,15 +56,47 @@ def _compress(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{out} already exists and is not empty (use --overwrite)")
     if args.plan:
         _refuse_preset_flags(args, "the plan file")
+    _check_calibration_flags(args)
     model, tokenizer = load_model(model_name)
     if args.plan:
-        report = compress_(model, Path(args.plan), progress=not args.quiet)
+        plan = CompressionPlan.load(args.plan)
     else:
         search = {"time_budget": args.time_budget} if args.time_budget is not None else {}
-        report = compress_(model, args.preset, progress=not args.quiet, tie_head=not args.dense_head, **search)
+        plan = preset(args.preset, model.config, tie_head=not args.dense_head, **search)
+    calibration = _calibration(args, model, tokenizer, plan)
+    report = compress_(model, plan, calibration=calibration, progress=not args.quiet)
     save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report.table())
     print(f"saved to {out}")
+
+
+def _check_calibration_flags(args: argparse.Namespace) -> None:
+    if args.calibration and args.calibration_stats:
+        raise ValueError(
+            "give --calibration DATA (collect statistics) or --calibration-stats FILE (reuse them), not both"
+        )
+    if not args.calibration and (args.calibration_tokens is not None or args.save_calibration):
+        raise ValueError("--calibration-tokens and --save-calibration apply to --calibration DATA only")
+
+
+def _calibration(args: argparse.Namespace, model, tokenizer, plan: CompressionPlan) -> CalibrationStats | None:
+    """Statistics of the modules ``plan`` targets: loaded, collected from --calibration, or none."""
+    if args.calibration_stats:
+        return CalibrationStats.load(args.calibration_stats)
+    if not args.calibration:
+        return None
+    tokens = args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
+    text = load_blocks(args.calibration, tokenizer, min(512, limit), tokens, seed=0)
+    blocks = torch.cat([text.train, text.heldout])  # calibration holds nothing out
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(blocks.max()) >= vocab:
+        raise ValueError(f"the tokenizer produces ids up to {int(blocks.max())}, beyond the model's {vocab} embeddings")
+    stats = calibrate(model, plan, blocks, progress=not args.quiet)
+    print(f"calibration: {json.dumps(stats.summary())}", file=sys.stderr)
+    if args.save_calibration:
+        stats.save(args.save_calibration)
+    return stats
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -176,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--dense-head", action="store_true", help="keep a separate dense LM head (counted in full)")
     c.add_argument("--time-budget", type=float, help="permutation search seconds per layer (preset only)")
+    c.add_argument("--calibration", help="text (file, folder, JSONL or Hub name) to fit every layer to its real inputs")
+    c.add_argument(
+        "--calibration-tokens", type=int, help=f"tokens read from it (default {DEFAULT_CALIBRATION_TOKENS:,})"
+    )
+    c.add_argument("--calibration-stats", help="statistics saved earlier with --save-calibration")
+    c.add_argument("--save-calibration", help="write the collected statistics here (safetensors)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(run=_compress)
 

@@ -18,3 +18,32 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
 def working_dtype(weight: torch.Tensor) -> torch.dtype:
     """float64 where it is affordable (exactness in tests), float32 for large matrices."""
     return torch.float64 if weight.numel() <= 1 << 22 else torch.float32
+
+
+def whitening_factor(second_moment: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular S with S Sᵀ = C (+ the smallest ridge λ·mean(diag C)·I that makes C positive
+    definite: too few or collinear calibration inputs leave C singular)."""
+    c = second_moment.double()
+    scale = float(c.diagonal().mean()) or 1.0
+    ridge = 0.0
+    for attempt in range(12):
+        factor, info = torch.linalg.cholesky_ex(c + ridge * scale * torch.eye(len(c), dtype=c.dtype, device=c.device))
+        if int(info) == 0:
+            return factor
+        ridge = 1e-10 * 10**attempt
+    raise ValueError("the calibration second moment is not positive definite even with a ridge")
+
+
+def weighted_error(weight: torch.Tensor, approximation: torch.Tensor, row_weights: torch.Tensor) -> float:
+    """(Σ_v w_v ‖W_v − Ŵ_v‖² / Σ_v w_v ‖W_v‖²)^½: rows weighted, e.g. embedding rows by token frequency."""
+    w, weight = row_weights.double()[:, None], weight.detach().double()
+    delta = weight - approximation.detach().double()
+    return float(((w * delta**2).sum() / (w * weight**2).sum()).sqrt())
+
+
+def calibrated_error(weight: torch.Tensor, approximation: torch.Tensor, second_moment: torch.Tensor) -> float:
+    """‖X (W − Ŵ)‖ / ‖X W‖ over the calibration inputs X, from C = XᵀX alone (W: in x out)."""
+    c = second_moment.double()
+    w = weight.detach().double()
+    delta = w - approximation.detach().double()
+    return float(((delta * (c @ delta)).sum() / (w * (c @ w)).sum()).clamp_min(0).sqrt())

@@ -18,6 +18,8 @@ class LayerReport:
     seconds: float
     best_start: str = ""
     method: str = ""  # empty in reports saved before methods were named
+    objective: str = "frobenius"  # what the errors measure: "frobenius", or "calibrated" (on real inputs)
+    details: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -40,13 +42,13 @@ class CompressionReport:
         lines = [
             f"plan: {self.plan}",
             f"{'module':42} {'kind':20} {'shape':>12} {'factors':24} {'before':>10} {'after':>10} "
-            f"{'err plain':>9} {'err':>7} {'s':>6}",
+            f"{'err plain':>9} {'err':>7} {'s':>6} objective",
         ]
         for r in self.layers:
             shape = "x".join(map(str, r.weight_shape))
             lines.append(
                 f"{r.name:42} {r.kind:20} {shape:>12} {r.factors:24} {r.params_before:>10,} {r.params_after:>10,} "
-                f"{r.error_plain:>9.4f} {r.error:>7.4f} {r.seconds:>6.1f}"
+                f"{r.error_plain:>9.4f} {r.error:>7.4f} {r.seconds:>6.1f} {r.objective}"
             )
         lines.append(
             f"parameters: {self.params_before:,} -> {self.params_after:,} "

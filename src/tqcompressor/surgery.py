@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from .params import count_parameters
 from .plan import CompressionPlan, Rule
 from .report import CompressionReport, LayerReport
 from .tied_head import TiedEmbeddingHead
+
+if TYPE_CHECKING:
+    from .calibration import CalibrationStats
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -108,13 +112,12 @@ def set_untied_config(model: nn.Module) -> None:
             config.get_text_config().tie_word_embeddings = False
 
 
-def _fit(rule: Rule, name: str, module: nn.Module) -> tuple[nn.Module, LayerReport]:
+def _fit(rule: Rule, name: str, module: nn.Module, stats) -> tuple[nn.Module, LayerReport]:
     started = time.perf_counter()
     with torch.no_grad():
-        layer, fit = rule.method.fit(module, rule.config)
+        layer, fit = rule.method.fit(module, rule.config, stats)
     report = LayerReport(
         name=name,
-        method=rule.method.name,
         kind=type(layer).__name__,
         weight_shape=fit.shape,
         factors=fit.factors,
@@ -124,17 +127,26 @@ def _fit(rule: Rule, name: str, module: nn.Module) -> tuple[nn.Module, LayerRepo
         error=fit.error,
         seconds=time.perf_counter() - started,
         best_start=fit.best_start,
+        method=rule.method.name,
+        objective=fit.objective,
+        details=fit.details,
     )
     return layer, report
 
 
 def compress_(
-    model: nn.Module, plan: CompressionPlan | str | Path, *, progress: bool = True, **preset_options
+    model: nn.Module,
+    plan: CompressionPlan | str | Path,
+    *,
+    calibration: CalibrationStats | None = None,
+    progress: bool = True,
+    **preset_options,
 ) -> CompressionReport:
     """Replace the modules ``plan`` names with compressed ones, in place, and report per layer.
 
     ``plan``: a ``CompressionPlan``, a preset name (``preset_options`` such as ``tie_head`` or
-    ``time_budget`` go to the preset), or the ``Path`` of a plan file."""
+    ``time_budget`` go to the preset), or the ``Path`` of a plan file. ``calibration``: statistics
+    from ``calibrate(model, plan, blocks)``; every layer is then fitted to its real inputs."""
     if isinstance(plan, str):
         from .presets import preset  # presets plan with this module's resolve
 
@@ -144,11 +156,21 @@ def compress_(
     elif isinstance(plan, Path):
         plan = CompressionPlan.load(plan)
     steps = resolve(model, plan)
+    if calibration is None:
+        for rule, _ in steps:
+            if rule.config.calibration_fields():
+                raise ValueError(
+                    f"plan rule '{rule.pattern}': field {rule.config.calibration_fields()[0]!r} needs calibration "
+                    "statistics (--calibration)"
+                )
+    else:
+        calibration.check(model, list(dict.fromkeys(name for _, name in steps)))
     before = count_parameters(model)
     reports, head = [], "unchanged"
     for rule, name in tqdm(steps, desc=f"compress ({plan.name})", disable=not progress, unit="layer"):
         module = model.get_submodule(name)
-        layer, report = _fit(rule, name, module)
+        stats = None if calibration is None else calibration.for_module(name)
+        layer, report = _fit(rule, name, module, stats)
         set_submodule(model, name, layer)
         head = _rewire_head(model, name, module, layer, plan.tie_head) or head
         reports.append(report)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -60,6 +60,10 @@ class MethodConfig:
     def check(self) -> None:
         """Raise ValueError naming the field when fields conflict or are out of range."""
 
+    def calibration_fields(self) -> list[str]:
+        """The fields set here that only mean something with calibration statistics."""
+        return []
+
     def to_dict(self) -> dict[str, Any]:
         return {
             f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) is not None
@@ -89,6 +93,8 @@ class FitReport:
     error: float  # relative Frobenius error of the installed module
     error_plain: float | None = None  # the same without the method's refinements (e.g. permutations)
     best_start: str = ""
+    objective: str = "frobenius"  # what ``error`` measures: "frobenius" ‖W − Ŵ‖, or "calibrated" ‖X (W − Ŵ)‖
+    details: dict[str, float] = field(default_factory=dict)  # further errors a method measured
 
 
 class CompressionMethod(ABC):
@@ -106,8 +112,8 @@ class CompressionMethod(ABC):
 
     @abstractmethod
     def fit(self, module: nn.Module, config: MethodConfig, stats: Any = None) -> tuple[CompressedModule, FitReport]:
-        """The compressed replacement of ``module``. ``stats`` will carry calibration statistics; the
-        built-in methods do not use it yet."""
+        """The compressed replacement of ``module``. ``stats``: calibration statistics of its inputs
+        (``InputStats`` for linear layers, ``TokenStats`` for embeddings), or None for a data-free fit."""
 
     @abstractmethod
     def parameters(self, config: MethodConfig, rows: int, cols: int) -> int:

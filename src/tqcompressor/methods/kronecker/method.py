@@ -9,9 +9,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ...linalg import calibrated_error, weighted_error
+from ...statistics import InputStats, TokenStats
 from ..base import CompressionMethod, FitReport, MethodConfig
 from ..registry import register
 from ..targets import LINEAR_TYPES, dense_weight, relative_error
+from .calibrated import calibrated_factors, kronecker_whitened
 from .factors import nearest_kronecker
 from .modules import KroneckerEmbedding, KroneckerLinear
 from .search import search_permutations
@@ -144,21 +147,26 @@ class KroneckerMethod(CompressionMethod):
             return rows * config.embedding_width(cols) + config.embedding_factor
         return config.linear_shape(rows, cols).num_params
 
-    def fit(self, module: nn.Module, config: KroneckerConfig, stats: Any = None):
+    def fit(self, module: nn.Module, config: KroneckerConfig, stats: InputStats | TokenStats | None = None):
         if isinstance(module, LINEAR_TYPES):
-            return self._fit_linear(module, config)
-        return self._fit_embedding(module, config)
+            if stats is None:
+                return self._fit_linear(module, config)
+            return self._fit_linear_calibrated(module, config, stats)
+        return self._fit_embedding(module, config, stats)
+
+    def _search(self, weight: torch.Tensor, shape: KroneckerShape, config: KroneckerConfig, rows: bool = True):
+        return search_permutations(
+            weight,
+            shape,
+            rows=rows and config.permute in (True, "rows"),
+            cols=config.permute in (True, "cols"),
+            **config.search_settings(),
+        )
 
     def _fit_linear(self, module: nn.Module, config: KroneckerConfig) -> tuple[KroneckerLinear, FitReport]:
         weight, bias, layout = dense_weight(module)
         shape = config.linear_shape(*weight.shape)
-        result = search_permutations(
-            weight,
-            shape,
-            rows=config.permute in (True, "rows"),
-            cols=config.permute in (True, "cols"),
-            **config.search_settings(),
-        )
+        result = self._search(weight, shape, config)
         layer = KroneckerLinear(result.factors, bias, layout)
         report = FitReport(
             list(weight.shape),
@@ -169,25 +177,75 @@ class KroneckerMethod(CompressionMethod):
         )
         return layer, report
 
-    def _fit_embedding(self, module: nn.Module, config: KroneckerConfig) -> tuple[KroneckerEmbedding, FitReport]:
+    def _fit_linear_calibrated(
+        self, module: nn.Module, config: KroneckerConfig, stats: InputStats
+    ) -> tuple[KroneckerLinear, FitReport]:
+        """Fit on the calibration objective from each candidate order and keep the best: identity, the
+        order the Frobenius search finds, and a column order searched on the Kronecker-whitened W."""
+        weight, bias, layout = dense_weight(module)
+        shape = config.linear_shape(*weight.shape)
+        c = stats.second_moment
+        fitted = {"identity": calibrated_factors(weight, shape, c)}
+        details = {"frobenius_fit": calibrated_error(weight, nearest_kronecker(weight, shape).reconstruct(), c)}
+        if config.permute is not False:
+            frobenius = self._search(weight, shape, config)
+            details["frobenius_fit_permuted"] = calibrated_error(weight, frobenius.factors.reconstruct(), c)
+            order = frobenius.factors
+            fitted["frobenius-search"] = calibrated_factors(weight, shape, c, order.row_perm, order.col_perm)
+            if config.permute in (True, "cols"):
+                whitened, _, _ = kronecker_whitened(weight, c, shape.m1, shape.m2)
+                columns = self._search(whitened, shape, config, rows=False).factors.col_perm
+                fitted["whitened-columns"] = calibrated_factors(weight, shape, c, None, columns)
+        errors = {name: calibrated_error(weight, f.reconstruct(), c) for name, (f, _) in fitted.items()}
+        best = min(errors, key=errors.get)
+        factors, history = fitted[best]
+        details.update(closed_form=fitted["identity"][1][0], sweeps=float(len(history) - 1))
+        details.update({f"order_{name}": error for name, error in errors.items()})
+        report = FitReport(
+            list(weight.shape),
+            shape.describe(),
+            errors[best],
+            errors["identity"],
+            best,
+            objective="calibrated",
+            details=details,
+        )
+        return KroneckerLinear(factors, bias, layout), report
+
+    def _fit_embedding(
+        self, module: nn.Module, config: KroneckerConfig, stats: TokenStats | None
+    ) -> tuple[KroneckerEmbedding, FitReport]:
         dense = module.weight.detach()
         table, inner_of = _embedding_target(module)
         target = table.detach()
         vocab, width = target.shape
         k = config.embedding_factor
         shape = KroneckerShape(vocab, config.embedding_width(width), 1, k, 1)
-        result = search_permutations(
-            target, shape, rows=False, cols=config.permute in (True, "cols"), **config.search_settings()
-        )
+        # Token-frequency weights scale rows; a row scale keeps kron(E', b) structure and column orders.
+        scale = None if stats is None else stats.weights().sqrt().to(target)[:, None]
+        weighted = target if scale is None else scale * target
+        result = self._search(weighted, shape, config, rows=False)
+        plain = nearest_kronecker(weighted, shape)
+        if scale is not None:
+            for factors in (result.factors, plain):
+                factors.a = factors.a / scale
         layer = KroneckerEmbedding.from_factors(result.factors, inner_of=inner_of).to(dense.device)
         # Both errors against the embedding being replaced, so a second ÷k is reported like the first.
-        plain = KroneckerEmbedding.from_factors(nearest_kronecker(target, shape), inner_of=inner_of)
+        plain_layer = KroneckerEmbedding.from_factors(plain, inner_of=inner_of)
+        if stats is None:
+            errors = relative_error(layer.weight, dense), relative_error(plain_layer.weight, dense)
+            objective, details = "frobenius", {}
+        else:
+            weights = stats.weights()
+            errors = weighted_error(dense, layer.weight, weights), weighted_error(dense, plain_layer.weight, weights)
+            objective, details = "calibrated", {"frobenius": relative_error(layer.weight, dense)}
         report = FitReport(
             list(dense.shape),
             f"{vocab}x{width // k} ⊗ 1x{k}",
-            relative_error(layer.weight, dense),
-            relative_error(plain.weight, dense),
+            *errors,
             result.best_trial.start,
+            objective=objective,
+            details=details,
         )
         return layer, report
 

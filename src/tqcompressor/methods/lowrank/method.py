@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
+import torch
 from torch import nn
 
+from ...linalg import calibrated_error, weighted_error
+from ...statistics import InputStats, TokenStats
 from ..base import CompressionMethod, FitReport, MethodConfig
 from ..registry import register
 from ..targets import LINEAR_TYPES, dense_weight
-from .factors import rank_for_params, truncated_svd
+from .factors import rank_for_params, scaled_svd, truncated_svd, whitened_svd
 from .modules import LowRankEmbedding, LowRankLinear
 
 
@@ -22,6 +26,7 @@ class LowRankConfig(MethodConfig):
     method = "lowrank"
     rank: int | None = None
     ratio: float | None = None
+    whitening: Literal["cholesky", "diagonal"] | None = None  # with calibration; default cholesky
 
     def check(self) -> None:
         if (self.rank is None) == (self.ratio is None):
@@ -30,6 +35,11 @@ class LowRankConfig(MethodConfig):
             raise ValueError(f"field 'rank' must be a positive integer, got {self.rank!r}")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise ValueError(f"field 'ratio' must be in (0, 1], got {self.ratio}")
+        if self.whitening not in (None, "cholesky", "diagonal"):
+            raise ValueError(f"field 'whitening' must be 'cholesky' or 'diagonal', got {self.whitening!r}")
+
+    def calibration_fields(self) -> list[str]:
+        return ["whitening"] if self.whitening is not None else []
 
     def rank_for(self, rows: int, cols: int) -> int:
         rank = self.rank if self.rank is not None else rank_for_params(rows, cols, round(self.ratio * rows * cols))
@@ -60,18 +70,42 @@ class LowRankMethod(CompressionMethod):
     def parameters(self, config: LowRankConfig, rows: int, cols: int) -> int:
         return config.rank_for(rows, cols) * (rows + cols)
 
-    def fit(self, module: nn.Module, config: LowRankConfig, stats: Any = None):
-        if isinstance(module, nn.Embedding):
-            weight = module.weight.detach()
-            rank = config.rank_for(*weight.shape)
-            factors = truncated_svd(weight, rank)
-            layer = LowRankEmbedding(factors)
+    def fit(self, module: nn.Module, config: LowRankConfig, stats: InputStats | TokenStats | None = None):
+        embedding = isinstance(module, nn.Embedding)
+        weight, bias, layout = (module.weight.detach(), None, None) if embedding else dense_weight(module)
+        rank = config.rank_for(*weight.shape)
+        plain = truncated_svd(weight, rank)
+        if stats is None:
+            factors, report = plain, FitReport(list(weight.shape), f"rank {rank}", plain.relative_error(weight))
+        elif isinstance(stats, TokenStats):
+            # Each token's row weighs as often as it occurs (smoothed); the tied head's logits inherit it.
+            weights = stats.weights()
+            factors = scaled_svd(weight, rank, weights.sqrt())
+            report = _calibrated_report(
+                weight, rank, factors, plain, lambda w: weighted_error(weight, w, weights), "frequency"
+            )
         else:
-            weight, bias, layout = dense_weight(module)
-            rank = config.rank_for(*weight.shape)
-            factors = truncated_svd(weight, rank)
-            layer = LowRankLinear(factors, bias, layout)
-        return layer, FitReport(list(weight.shape), f"rank {rank}", factors.relative_error(weight))
+            c = stats.second_moment
+            if config.whitening == "diagonal":
+                factors = scaled_svd(weight, rank, c.diagonal().clamp_min(0).sqrt())
+            else:
+                factors = whitened_svd(weight, rank, c)
+            measure = lambda w: calibrated_error(weight, w, c)  # noqa: E731
+            report = _calibrated_report(weight, rank, factors, plain, measure, config.whitening or "cholesky")
+        layer = LowRankEmbedding(factors) if embedding else LowRankLinear(factors, bias, layout)
+        return layer, report
+
+
+def _calibrated_report(weight, rank, factors, plain, measure: Callable[[torch.Tensor], float], how: str) -> FitReport:
+    """Errors on the calibration objective: of the fit installed, and of the data-free SVD (plain)."""
+    return FitReport(
+        list(weight.shape),
+        f"rank {rank} ({how})",
+        measure(factors.reconstruct()),
+        measure(plain.reconstruct()),
+        objective="calibrated",
+        details={"frobenius": factors.relative_error(weight), "frobenius_plain": plain.relative_error(weight)},
+    )
 
 
 register(LowRankMethod(), aliases=("svd",))

@@ -1,0 +1,229 @@
+"""Calibration: run the original model once over real text and keep, for every module a plan targets,
+what its inputs look like (``statistics``): Σ x xᵀ in float64 for linear layers, token counts for
+embeddings. Activations are never stored; modules that receive the very same input tensor (GPT-2's
+q/k/v inside ``c_attn`` are one module; LLaMA's ``q/k/v_proj`` and ``gate/up_proj`` are not) share one
+accumulator. Statistics save to safetensors + JSON metadata and are checked against the model on load.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .methods import is_embedding
+from .methods.targets import LINEAR_TYPES, dense_weight
+from .statistics import InputStats, TokenStats
+
+FORMAT = "tqcompressor-calibration-1"
+
+
+def _weight_digest(module: nn.Module) -> list[float]:
+    """Sum and norm of a module's weight: tells statistics of another model (or of compressed weights)."""
+    weight = module.weight.detach().double()
+    return [float(weight.sum()), float(weight.norm())]
+
+
+@dataclass
+class CalibrationStats:
+    """``owner[module]`` names the accumulator a module reads; ``inputs``/``tokens`` hold them."""
+
+    owner: dict[str, str]
+    inputs: dict[str, InputStats] = field(default_factory=dict)
+    tokens: dict[str, TokenStats] = field(default_factory=dict)
+    digests: dict[str, list[float]] = field(default_factory=dict)
+    model_type: str | None = None
+    seconds: float = 0.0
+
+    def for_module(self, name: str) -> InputStats | TokenStats | None:
+        key = self.owner.get(name)
+        if key is None:
+            return None
+        return self.inputs.get(key) or self.tokens.get(key)
+
+    def summary(self) -> dict:
+        widths = [s.second_moment.shape[0] for s in self.inputs.values()]
+        return {
+            "modules": len(self.owner),
+            "accumulators": len(self.inputs) + len(self.tokens),
+            "tokens": max(
+                [s.tokens for s in self.inputs.values()] + [int(t.counts.sum()) for t in self.tokens.values()]
+            ),
+            "float64_bytes": sum(w * w * 8 for w in widths),
+            "seconds": round(self.seconds, 2),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tensors = {f"{key}.second_moment": s.second_moment.contiguous() for key, s in self.inputs.items()}
+        tensors.update({f"{key}.counts": s.counts.contiguous() for key, s in self.tokens.items()})
+        meta = {
+            "owner": self.owner,
+            "input_tokens": {key: s.tokens for key, s in self.inputs.items()},
+            "embeddings": list(self.tokens),
+            "digests": self.digests,
+            "model_type": self.model_type,
+            "seconds": self.seconds,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"format": FORMAT, "meta": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationStats:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration statistics {path} do not exist")
+        try:
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata() or {}
+                if metadata.get("format") != FORMAT:
+                    raise ValueError(f"{path} is not a tqcompressor calibration file")
+                meta = json.loads(metadata["meta"])
+                inputs = {
+                    key: InputStats(handle.get_tensor(f"{key}.second_moment"), tokens)
+                    for key, tokens in meta["input_tokens"].items()
+                }
+                tokens = {key: TokenStats(handle.get_tensor(f"{key}.counts")) for key in meta["embeddings"]}
+        except (OSError, KeyError, json.JSONDecodeError, Exception) as err:
+            if isinstance(err, ValueError):
+                raise
+            raise ValueError(f"cannot read calibration statistics {path}: {err}") from err
+        return cls(meta["owner"], inputs, tokens, meta["digests"], meta["model_type"], meta["seconds"])
+
+    def check(self, model: nn.Module, names: list[str]) -> None:
+        """Raise before any module changes if these statistics do not describe ``model``'s ``names``."""
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if self.model_type != model_type:
+            raise ValueError(f"calibration statistics are of a {self.model_type!r} model, not {model_type!r}")
+        for name in names:
+            if name not in self.owner:
+                raise ValueError(f"calibration statistics have nothing for {name}: collect them with this plan")
+            module = model.get_submodule(name)
+            stats = self.for_module(name)
+            if isinstance(stats, InputStats):
+                width = dense_weight(module)[0].shape[0]
+                if stats.second_moment.shape != (width, width):
+                    raise ValueError(
+                        f"calibration statistics for {name} are {tuple(stats.second_moment.shape)}, "
+                        f"its input is {width} wide: they come from another model"
+                    )
+            elif stats.counts.shape[0] != module.num_embeddings:
+                raise ValueError(
+                    f"calibration token counts for {name} cover {stats.counts.shape[0]} tokens, "
+                    f"not {module.num_embeddings}: another vocabulary"
+                )
+            digest = self.digests.get(name)
+            if digest is not None and not torch.allclose(
+                torch.tensor(digest), torch.tensor(_weight_digest(module)), rtol=1e-6
+            ):
+                raise ValueError(
+                    f"calibration statistics for {name} come from other weights (another model or checkpoint)"
+                )
+
+
+def calibration_targets(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]]:
+    """(linear layers, embeddings) among ``names``, each calibrated on the original module."""
+    linear, embeddings = [], []
+    for name in dict.fromkeys(names):
+        module = model.get_submodule(name)
+        if isinstance(module, LINEAR_TYPES):
+            linear.append(name)
+        elif isinstance(module, nn.Embedding):
+            embeddings.append(name)
+        elif is_embedding(module):
+            raise ValueError(f"{name} is already compressed: calibrate the original model, not a compressed one")
+    return linear, embeddings
+
+
+@torch.no_grad()
+def collect(
+    model: nn.Module, names: list[str], blocks: torch.Tensor, batch_size: int = 4, progress: bool = True
+) -> CalibrationStats:
+    """Run ``model`` over ``blocks`` (sequences x tokens) and accumulate the statistics of ``names``."""
+    linear, embeddings = calibration_targets(model, names)
+    widths = {name: dense_weight(model.get_submodule(name))[0].shape[0] for name in linear}
+    tokens = blocks.numel()
+    if widths and tokens < max(widths.values()):
+        widest = max(widths, key=widths.get)
+        raise ValueError(
+            f"{tokens} calibration tokens cannot estimate the {widths[widest]}-wide input second moment of "
+            f"{widest}: give at least {widths[widest]} (preferably 100x more)"
+        )
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    owner: dict[str, str] = {}
+    batch_inputs: list[tuple[torch.Tensor, str]] = []  # this batch's inputs, held so identity is reliable
+
+    def linear_hook(name: str):
+        def hook(module, args):
+            x = args[0]
+            key = next((k for seen, k in batch_inputs if seen is x), None)
+            if key is None:
+                key = owner.setdefault(name, name)
+                batch_inputs.append((x, key))
+                flat = x.detach().reshape(-1, x.shape[-1]).double()
+                sums[key] = sums.get(key, 0) + flat.T @ flat
+                counts[key] = counts.get(key, 0) + flat.shape[0]
+            elif owner.setdefault(name, key) != key:
+                raise RuntimeError(f"{name} changed which input it shares between batches")
+
+        return hook
+
+    def embedding_hook(name: str, vocab: int):
+        def hook(module, args):
+            owner[name] = name
+            ids = args[0].detach().reshape(-1).cpu()
+            sums[name] = sums.get(name, 0) + torch.bincount(ids, minlength=vocab).double()
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(linear_hook(n)) for n in linear]
+    handles += [
+        model.get_submodule(n).register_forward_pre_hook(embedding_hook(n, model.get_submodule(n).num_embeddings))
+        for n in embeddings
+    ]
+    was_training = model.training
+    model.eval()
+    started = time.perf_counter()
+    try:
+        for batch in tqdm(blocks.split(batch_size), desc="calibrate", disable=not progress, unit="batch"):
+            batch_inputs.clear()
+            model(batch.to(device))
+        batch_inputs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    stats = CalibrationStats(
+        owner,
+        inputs={key: InputStats(sums[key].cpu(), counts[key]) for key in counts},
+        tokens={name: TokenStats(sums[name]) for name in embeddings},
+        digests={name: _weight_digest(model.get_submodule(name)) for name in [*linear, *embeddings]},
+        model_type=getattr(getattr(model, "config", None), "model_type", None),
+        seconds=time.perf_counter() - started,
+    )
+    for key, accumulator in stats.inputs.items():
+        if not torch.isfinite(accumulator.second_moment).all():
+            raise ValueError(f"the inputs of {key} hold NaN or infinite values on the calibration text")
+    missing = [name for name in [*linear, *embeddings] if name not in owner]
+    if missing:
+        raise ValueError(f"the calibration text never reached {missing[:3]}: they are not used in forward")
+    return stats
+
+
+def calibrate(
+    model: nn.Module, plan, blocks: torch.Tensor, batch_size: int = 4, progress: bool = True
+) -> CalibrationStats:
+    """Statistics of every module ``plan`` (a ``CompressionPlan``) targets, from one pass over ``blocks``."""
+    from .surgery import resolve  # surgery only needs these statistics by duck type
+
+    return collect(model, [name for _, name in resolve(model, plan)], blocks, batch_size, progress)

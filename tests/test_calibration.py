@@ -1,0 +1,221 @@
+"""Calibration: statistics of real inputs, and fits that minimise the error on them."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import tqcompressor as tq
+from tqcompressor.calibration import CalibrationStats, collect
+from tqcompressor.linalg import calibrated_error
+from tqcompressor.methods.kronecker import KroneckerShape, nearest_kronecker
+from tqcompressor.methods.kronecker.calibrated import _a_step, _b_step, calibrated_factors, objective
+from tqcompressor.methods.lowrank import truncated_svd
+from tqcompressor.methods.lowrank.factors import whitened_svd
+
+
+def anisotropic_inputs(tokens: int, width: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=g, dtype=torch.float64)
+    return (torch.randn(tokens, width, generator=g, dtype=torch.float64) * torch.logspace(0, -3, width)) @ mixing
+
+
+def test_whitened_svd_is_exact_when_the_inputs_span_fewer_directions_than_the_rank():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(500, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 40, generator=g, dtype=torch.float64)
+    w = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    c = x.T @ x  # rank 6: singular, so the whitening needs its ridge
+    fitted = whitened_svd(w, 6, c)
+    assert calibrated_error(w, fitted.reconstruct(), c) < 1e-5
+    assert calibrated_error(w, truncated_svd(w, 6).reconstruct(), c) > 0.3
+
+
+def test_whitened_svd_with_isotropic_inputs_is_the_plain_truncated_svd():
+    w = torch.randn(24, 18, dtype=torch.float64)
+    torch.testing.assert_close(
+        whitened_svd(w, 5, torch.eye(24, dtype=torch.float64) * 7).reconstruct(), truncated_svd(w, 5).reconstruct()
+    )
+
+
+def test_calibrated_kronecker_recovers_a_planted_sum_and_beats_the_frobenius_fit():
+    shape = KroneckerShape(8, 6, 4, 5, 2)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 8, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
+    planted = torch.einsum("rac,rbd->abcd", a, b).reshape(32, 30)
+    x = anisotropic_inputs(2000, 32)
+    c = x.T @ x
+    exact, _ = calibrated_factors(planted, shape, c)
+    assert calibrated_error(planted, exact.reconstruct(), c) < 1e-6
+
+    w = torch.randn(32, 30, generator=g, dtype=torch.float64)
+    fitted, history = calibrated_factors(w, shape, c, iterations=30)
+    assert all(later <= earlier + 1e-12 for earlier, later in itertools.pairwise(history))
+    calibrated = calibrated_error(w, fitted.reconstruct(), c)
+    assert calibrated == pytest.approx(history[-1])
+    assert calibrated < 0.9 * calibrated_error(w, nearest_kronecker(w, shape).reconstruct(), c)
+
+
+def test_each_alternating_step_is_the_exact_least_squares_minimiser():
+    m1, n1, m2, n2, r = 3, 2, 2, 3, 2
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(m1 * m2, n1 * n2, generator=g, dtype=torch.float64)
+    x = anisotropic_inputs(400, m1 * m2, seed=4)
+    c = x.T @ x
+    a = torch.randn(r, m1, n1, generator=g, dtype=torch.float64)
+    b = torch.randn(r, m2, n2, generator=g, dtype=torch.float64)
+    c4, cw4 = c.reshape(m1, m2, m1, m2), (c @ w).reshape(m1, m2, n1, n2)
+    # The same problem written as one dense least-squares system over vec(A), solved directly.
+    design = torch.stack(
+        [
+            (x @ torch.einsum("rac,rbd->abcd", basis.reshape(r, m1, n1), b).reshape(m1 * m2, n1 * n2)).reshape(-1)
+            for basis in torch.eye(r * m1 * n1, dtype=torch.float64)
+        ],
+        dim=1,
+    )
+    direct = torch.linalg.lstsq(design, (x @ w).reshape(-1)).solution
+    assert objective(w, c, _a_step(c4, cw4, b), b) == pytest.approx(objective(w, c, direct.reshape(r, m1, n1), b))
+    new_b = _b_step(c4, cw4, a)
+    for _ in range(3):  # no perturbation of the solved B lowers the objective
+        assert objective(w, c, a, new_b) <= objective(w, c, a, new_b + 1e-3 * torch.randn_like(new_b))
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=120, n_positions=64)).eval()
+
+
+def blocks(count: int = 12, length: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 120, (count, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_statistics_are_the_second_moments_of_the_real_inputs_and_token_counts():
+    model = tiny_gpt2()
+    names = ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj", "transformer.wte"]
+    seen = {}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda m, args, n=n: seen.setdefault(n, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        )
+        for n in names[:2]
+    ]
+    ids = blocks()
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    stats = collect(model, names, ids, batch_size=5, progress=False)
+    for name in names[:2]:
+        x = torch.cat(seen[name]).double()
+        torch.testing.assert_close(stats.for_module(name).second_moment, x.T @ x)
+        assert stats.for_module(name).tokens == ids.numel()
+    torch.testing.assert_close(
+        stats.for_module("transformer.wte").counts, torch.bincount(ids.reshape(-1), minlength=120).double()
+    )
+
+
+def test_modules_fed_the_same_tensor_share_one_accumulator():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    names = [
+        f"model.layers.{i}.{p}"
+        for i in (0, 1)
+        for p in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ]
+    stats = collect(model, names, torch.randint(0, 64, (4, 16)), progress=False)
+    owners = stats.owner
+    for i in (0, 1):
+        assert owners[f"model.layers.{i}.self_attn.k_proj"] == owners[f"model.layers.{i}.self_attn.q_proj"]
+        assert owners[f"model.layers.{i}.mlp.up_proj"] == owners[f"model.layers.{i}.mlp.gate_proj"]
+        assert owners[f"model.layers.{i}.mlp.down_proj"] == f"model.layers.{i}.mlp.down_proj"
+    assert owners["model.layers.0.mlp.gate_proj"] != owners["model.layers.1.mlp.gate_proj"]
+    assert len(stats.inputs) == 6
+
+
+def test_statistics_round_trip_and_refuse_another_model(tmp_path):
+    model = tiny_gpt2()
+    plan = tq.preset("tqcompressedgpt2", model.config, iterations=1, time_budget=1.0)
+    stats = tq.calibrate(model, plan, blocks(), progress=False)
+    path = stats.save(tmp_path / "stats.safetensors")
+    loaded = CalibrationStats.load(path)
+    assert loaded.owner == stats.owner
+    for key, value in stats.inputs.items():
+        assert torch.equal(loaded.inputs[key].second_moment, value.second_moment)
+    other = tiny_gpt2(seed=1)
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="other weights"):
+        tq.compress_(other, plan, calibration=loaded, progress=False)
+    assert all(torch.equal(state[k], v) for k, v in other.state_dict().items())
+    wider = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=120, n_positions=64))
+    with pytest.raises(ValueError, match="another model"):
+        loaded.check(wider, ["transformer.h.1.mlp.c_fc"])
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="cannot read"):
+        CalibrationStats.load(tmp_path / "junk.safetensors")
+
+
+def test_bad_calibration_input_fails_before_anything_changes():
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="give at least 128"):
+        collect(model, ["transformer.h.0.mlp.c_proj"], blocks(count=2, length=16), progress=False)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        collect(model, ["transformer.h.0.mlp.c_proj"], blocks(), progress=False)
+    plan = tq.CompressionPlan(
+        [tq.Rule(r"transformer\.h\.0\.mlp\.c_fc", tq.LowRankConfig(rank=4, whitening="diagonal"))]
+    )
+    with pytest.raises(ValueError, match="'whitening' needs calibration"):
+        tq.compress_(tiny_gpt2(), plan, progress=False)
+
+
+@pytest.mark.parametrize(
+    "config", [tq.LowRankConfig(ratio=0.3), tq.KroneckerConfig(ratio=0.5, iterations=2, time_budget=2.0)]
+)
+def test_calibrated_compression_computes_closer_to_the_original_on_its_inputs(config):
+    teacher = tiny_gpt2()
+    ids = blocks(count=24)
+    plan = tq.CompressionPlan([tq.Rule(r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", config)])
+    stats = tq.calibrate(teacher, plan, ids, progress=False)
+    errors = {}
+    for calibrated in (False, True):
+        model = tiny_gpt2()
+        report = tq.compress_(model, plan, calibration=stats if calibrated else None, progress=False)
+        assert {layer.objective for layer in report.layers} == {"calibrated" if calibrated else "frobenius"}
+        with torch.no_grad():
+            errors[calibrated] = float((model(ids).logits - teacher(ids).logits).norm())
+    assert errors[True] < errors[False]
+
+
+def test_frequency_weighted_embeddings_fit_frequent_tokens_better():
+    torch.manual_seed(0)
+    embedding = nn.Embedding(120, 32)
+    ids = torch.randint(0, 10, (40, 16))  # only tokens 0-9 occur
+    counts = tq.calibration.TokenStats(torch.bincount(ids.reshape(-1), minlength=120).double())
+    for config in (tq.KroneckerConfig(embedding_factor=2, iterations=1), tq.LowRankConfig(rank=6)):
+        method = tq.get_method(config.method)
+        plain, _ = method.fit(embedding, config)
+        weighted, report = method.fit(embedding, config, counts)
+        assert report.objective == "calibrated" and report.error < report.error_plain
+
+        def frequent_error(module):
+            return float((module(torch.arange(10)) - embedding.weight[:10]).norm())
+
+        assert frequent_error(weighted) < frequent_error(plain)
