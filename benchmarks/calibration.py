@@ -27,9 +27,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import tqcompressor as tq
+from tqcompressor.calibration import collect
 from tqcompressor.data import load_blocks
 from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_text
 from tqcompressor.presets import matching_svd_plan
+from tqcompressor.surgery import resolve
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 os.environ.setdefault("TQCOMPRESSOR_ASSETS", str(ASSETS))  # named eval sets read their local copies
@@ -155,8 +157,8 @@ def run_model(name: str, args, data: dict, path: Path) -> None:
     text = load_blocks(ASSETS / "corpus/gutenberg/train", tokenizer, args.max_length, args.calibration_tokens, seed=0)
     blocks = torch.cat([text.train, text.heldout])
     all_plans = plans(name, model, args.time_budget)
-    union = tq.CompressionPlan([rule for plan in all_plans.values() for rule in plan.rules], name="all")
-    stats = tq.calibrate(model, union, blocks, progress=False)
+    targets = dict.fromkeys(name for plan in all_plans.values() for _, name in resolve(model, plan))
+    stats = collect(model, list(targets), blocks, progress=False)
     for method, plan in all_plans.items():
         for calibrated in (False, True):
             if (name, method, calibrated) in done:

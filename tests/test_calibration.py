@@ -219,3 +219,96 @@ def test_frequency_weighted_embeddings_fit_frequent_tokens_better():
             return float((module(torch.arange(10)) - embedding.weight[:10]).norm())
 
         assert frequent_error(weighted) < frequent_error(plain)
+
+
+def test_cli_compresses_with_calibration_and_reuses_saved_statistics(tmp_path, capsys):
+    from transformers import GPT2TokenizerFast
+
+    from tqcompressor.assets import assets_dir
+    from tqcompressor.cli import main
+
+    folder = assets_dir() / "gpt2-tokenizer"
+    tokenizer = GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "a.txt").write_text("It was the best of times, it was the worst of times. " * 80)
+    (tmp_path / "plan.yaml").write_text(
+        "rules:\n  - {pattern: 'transformer\\.h\\.\\d+\\.mlp\\.c_fc', method: lowrank, ratio: 0.5}\n"
+        # No permutation search: it stops on a clock, and this test compares two fits bit for bit.
+        "  - {pattern: 'transformer\\.h\\.1\\.mlp\\.c_proj', ratio: 0.5, permute: false}\n"
+    )
+    common = ["compress", "--model", str(tmp_path / "tiny"), "--plan", str(tmp_path / "plan.yaml"), "--quiet"]
+    stats = tmp_path / "stats.safetensors"
+    collected = [*common, "--calibration", str(tmp_path / "books"), "--calibration-tokens", "512"]
+    assert main([*collected, "--save-calibration", str(stats), "--out", str(tmp_path / "a")]) == 0
+    assert "calibrated" in capsys.readouterr().out
+    assert main([*common, "--calibration-stats", str(stats), "--out", str(tmp_path / "b")]) == 0
+    first, second = tq.load(tmp_path / "a"), tq.load(tmp_path / "b")
+    for (name, x), (_, y) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name  # the same statistics give the same fit
+    history = first.tqcompressor_history[-1]["report"]["layers"]
+    assert {layer["objective"] for layer in history} == {"calibrated"}
+    capsys.readouterr()
+    both = [*collected, "--calibration-stats", str(stats), "--out", str(tmp_path / "c")]
+    assert main(both) == 2
+    assert main([*common, "--calibration-tokens", "64", "--out", str(tmp_path / "d")]) == 2
+    assert (
+        main(
+            [
+                *common,
+                "--calibration",
+                str(tmp_path / "books"),
+                "--calibration-tokens",
+                "100",
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 2
+    )
+    assert main([*common, "--sequential", "--out", str(tmp_path / "f")]) == 2
+    assert main([*collected, "--sequential", "--out", str(tmp_path / "g")]) == 0
+    assert {layer["objective"] for layer in tq.load(tmp_path / "g").tqcompressor_history[-1]["report"]["layers"]} == {
+        "calibrated"
+    }
+    err = capsys.readouterr().err
+    assert "not both" in err and "apply to --calibration DATA only" in err and "fewer than two blocks" in err
+    assert not any((tmp_path / name).exists() for name in "cdef")
+
+
+def test_sequential_calibration_feeds_each_block_the_compressed_blocks_before_it():
+    from tqcompressor.calibration import compress_sequentially
+
+    ids = blocks(count=16)
+    lossy = tq.CompressionPlan([tq.Rule(r"transformer\.h\.\d+\.mlp\.c_(fc|proj)", tq.LowRankConfig(rank=3))])
+    at_once = tiny_gpt2()
+    tq.compress_(at_once, lossy, calibration=tq.calibrate(tiny_gpt2(), lossy, ids, progress=False), progress=False)
+    sequential = tiny_gpt2()
+    report = compress_sequentially(sequential, lossy, ids, progress=False)
+    assert [layer.name for layer in report.layers] == [
+        f"transformer.h.{i}.mlp.c_{p}" for i in (0, 1) for p in ("fc", "proj")
+    ]
+    assert report.params_after == tq.count_parameters(sequential) and "sequentially, 2 groups" in report.notes[0]
+    assert len(sequential.tqcompressor_history) == 1
+    # Block 0 sees the original inputs either way; block 1 sees block 0's compressed output.
+    for name in ("u", "v"):
+        assert torch.equal(
+            getattr(sequential.transformer.h[0].mlp.c_fc, name), getattr(at_once.transformer.h[0].mlp.c_fc, name)
+        )
+    assert not torch.allclose(sequential.transformer.h[1].mlp.c_fc.u, at_once.transformer.h[1].mlp.c_fc.u)
+    # ... which is exactly: compress block 0, calibrate the result, compress block 1.
+    by_hand = tiny_gpt2()
+    first = tq.CompressionPlan([tq.Rule(r"transformer\.h\.0\.mlp\.c_(fc|proj)", tq.LowRankConfig(rank=3))])
+    second = tq.CompressionPlan([tq.Rule(r"transformer\.h\.1\.mlp\.c_(fc|proj)", tq.LowRankConfig(rank=3))])
+    tq.compress_(by_hand, first, calibration=tq.calibrate(by_hand, first, ids, progress=False), progress=False)
+    tq.compress_(by_hand, second, calibration=tq.calibrate(by_hand, second, ids, progress=False), progress=False)
+    for (name, x), (_, y) in zip(by_hand.state_dict().items(), sequential.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    # With a lossless plan the blocks see the same inputs, so both modes agree.
+    exact = tq.CompressionPlan([tq.Rule(r"transformer\.h\.\d+\.mlp\.c_fc", tq.LowRankConfig(rank=32))])
+    a, b = tiny_gpt2(), tiny_gpt2()
+    tq.compress_(a, exact, calibration=tq.calibrate(a, exact, ids, progress=False), progress=False)
+    compress_sequentially(b, exact, ids, progress=False)
+    torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-5)

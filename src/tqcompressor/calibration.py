@@ -8,6 +8,7 @@ accumulator. Statistics save to safetensors + JSON metadata and are checked agai
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .methods import is_embedding
 from .methods.targets import LINEAR_TYPES, dense_weight
+from .params import count_parameters
 from .statistics import InputStats, TokenStats
 
 FORMAT = "tqcompressor-calibration-1"
@@ -227,3 +229,61 @@ def calibrate(
     from .surgery import resolve  # surgery only needs these statistics by duck type
 
     return collect(model, [name for _, name in resolve(model, plan)], blocks, batch_size, progress)
+
+
+def _forward_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> list[str]:
+    """``names`` in the order one forward pass first calls them."""
+    order: list[str] = []
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            model(sample.to(next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order))
+
+
+def _block(name: str) -> str:
+    """The repeated block a module belongs to (``model.layers.3.mlp.up_proj`` -> ``model.layers.3``)."""
+    parts = name.split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return name if index is None else ".".join(parts[: index + 1])
+
+
+def compress_sequentially(model: nn.Module, plan, blocks: torch.Tensor, batch_size: int = 4, progress: bool = True):
+    """Calibrate and compress one block at a time, in forward order: each block's statistics come from
+    the model whose earlier blocks are already compressed (as SVD-LLM and GPTQ do), and only one block's
+    accumulators are held at once. Returns one report for the whole plan."""
+    from .plan import CompressionPlan, Rule
+    from .report import CompressionReport
+    from .surgery import compress_, resolve
+
+    steps = resolve(model, plan)  # the whole plan is checked before anything changes
+    names = list(dict.fromkeys(name for _, name in steps))
+    calibration_targets(model, names)
+    order = _forward_order(model, names, blocks[:1])
+    unreached = [name for name in names if name not in order]
+    if unreached:
+        raise ValueError(f"the calibration text never reached {unreached[:3]}: they are not used in forward")
+    groups: dict[str, list[str]] = {}
+    for name in order:
+        groups.setdefault(_block(name), []).append(name)
+    history = list(getattr(model, "tqcompressor_history", []))
+    before, layers, head, seconds = None, [], "", 0.0
+    for members in tqdm(groups.values(), desc="calibrate + compress", disable=not progress, unit="block"):
+        stats = collect(model, members, blocks, batch_size, progress=False)
+        seconds += stats.seconds
+        rules = [Rule(re.escape(name), rule.config) for rule, name in steps if name in members]
+        part = CompressionPlan(rules, name=plan.name, tie_head=plan.tie_head)
+        report = compress_(model, part, calibration=stats, progress=False)
+        before = report.params_before if before is None else before
+        layers += report.layers
+        head = report.head  # each part describes the head as the parts so far leave it
+    final = CompressionReport(plan.name, layers, before, count_parameters(model), head)
+    final.notes.append(f"calibrated sequentially, {len(groups)} groups, {seconds:.1f} s of calibration")
+    model.tqcompressor_history = [*history, {"plan": plan.to_dict(), "report": final.to_dict()}]
+    return final

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .assets import default_model
-from .calibration import CalibrationStats, calibrate
+from .calibration import CalibrationStats, calibrate, compress_sequentially
 from .data import load_blocks
 from .distillation import DistillationLoss
 from .evaluation import DATASETS, evaluate, size_report
@@ -63,8 +63,12 @@ def _compress(args: argparse.Namespace) -> None:
     else:
         search = {"time_budget": args.time_budget} if args.time_budget is not None else {}
         plan = preset(args.preset, model.config, tie_head=not args.dense_head, **search)
-    calibration = _calibration(args, model, tokenizer, plan)
-    report = compress_(model, plan, calibration=calibration, progress=not args.quiet)
+    if args.sequential:
+        blocks = _calibration_blocks(args, model, tokenizer)
+        report = compress_sequentially(model, plan, blocks, progress=not args.quiet)
+    else:
+        calibration = _calibration(args, model, tokenizer, plan)
+        report = compress_(model, plan, calibration=calibration, progress=not args.quiet)
     save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report.table())
     print(f"saved to {out}")
@@ -75,8 +79,23 @@ def _check_calibration_flags(args: argparse.Namespace) -> None:
         raise ValueError(
             "give --calibration DATA (collect statistics) or --calibration-stats FILE (reuse them), not both"
         )
-    if not args.calibration and (args.calibration_tokens is not None or args.save_calibration):
-        raise ValueError("--calibration-tokens and --save-calibration apply to --calibration DATA only")
+    if not args.calibration and (args.calibration_tokens is not None or args.save_calibration or args.sequential):
+        raise ValueError("--calibration-tokens, --save-calibration and --sequential apply to --calibration DATA only")
+    if args.sequential and args.save_calibration:
+        raise ValueError(
+            "--sequential collects each block's statistics on the model as compressed so far: none to save"
+        )
+
+
+def _calibration_blocks(args: argparse.Namespace, model, tokenizer) -> torch.Tensor:
+    tokens = args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
+    text = load_blocks(args.calibration, tokenizer, min(512, limit), tokens, seed=0)
+    blocks = torch.cat([text.train, text.heldout])  # calibration holds nothing out
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(blocks.max()) >= vocab:
+        raise ValueError(f"the tokenizer produces ids up to {int(blocks.max())}, beyond the model's {vocab} embeddings")
+    return blocks
 
 
 def _calibration(args: argparse.Namespace, model, tokenizer, plan: CompressionPlan) -> CalibrationStats | None:
@@ -85,14 +104,7 @@ def _calibration(args: argparse.Namespace, model, tokenizer, plan: CompressionPl
         return CalibrationStats.load(args.calibration_stats)
     if not args.calibration:
         return None
-    tokens = args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS
-    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
-    text = load_blocks(args.calibration, tokenizer, min(512, limit), tokens, seed=0)
-    blocks = torch.cat([text.train, text.heldout])  # calibration holds nothing out
-    vocab = model.get_input_embeddings().num_embeddings
-    if int(blocks.max()) >= vocab:
-        raise ValueError(f"the tokenizer produces ids up to {int(blocks.max())}, beyond the model's {vocab} embeddings")
-    stats = calibrate(model, plan, blocks, progress=not args.quiet)
+    stats = calibrate(model, plan, _calibration_blocks(args, model, tokenizer), progress=not args.quiet)
     print(f"calibration: {json.dumps(stats.summary())}", file=sys.stderr)
     if args.save_calibration:
         stats.save(args.save_calibration)
@@ -220,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--calibration-stats", help="statistics saved earlier with --save-calibration")
     c.add_argument("--save-calibration", help="write the collected statistics here (safetensors)")
+    c.add_argument(
+        "--sequential",
+        action="store_true",
+        help="calibrate and compress one block at a time on the model compressed so far (less memory)",
+    )
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(run=_compress)
 

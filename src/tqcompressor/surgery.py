@@ -77,6 +77,16 @@ def _output_head(model: nn.Module) -> tuple[str, nn.Module] | None:
     return name, head
 
 
+def _describe_head(model: nn.Module, head: nn.Module) -> str:
+    if isinstance(head, TiedEmbeddingHead):
+        name = next(name for name, module in model.named_modules() if module is head.embedding)
+        return f"tied to the compressed {name}"
+    tied = getattr(head, "weight", None) is not None and any(
+        getattr(m, "weight", None) is head.weight for m in model.modules() if isinstance(m, nn.Embedding)
+    )
+    return "tied to the input embedding" if tied else "separate dense head"
+
+
 def _rewire_head(model: nn.Module, embedding_name: str, old: nn.Module, new: nn.Module, tie: bool) -> str | None:
     """Keep the LM head consistent with a replaced token embedding; returns what the head now is."""
     found = _output_head(model)
@@ -176,10 +186,7 @@ def compress_(
         reports.append(report)
     found = _output_head(model)
     if head == "unchanged" and found is not None:
-        tied = getattr(found[1], "weight", None) is not None and any(
-            getattr(m, "weight", None) is found[1].weight for m in model.modules() if isinstance(m, nn.Embedding)
-        )
-        head = "tied to the input embedding" if tied else "separate dense head"
+        head = _describe_head(model, found[1])
     report = CompressionReport(plan.name, reports, before, count_parameters(model), head)
     history = getattr(model, "tqcompressor_history", [])
     model.tqcompressor_history = [*history, {"plan": plan.to_dict(), "report": report.to_dict()}]
