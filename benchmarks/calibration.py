@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import tqcompressor as tq
 from tqcompressor.calibration import collect
 from tqcompressor.data import load_blocks
 from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_text
+from tqcompressor.loading import load_model
 from tqcompressor.presets import matching_svd_plan
 from tqcompressor.surgery import resolve
 
@@ -39,25 +39,12 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def load_smollm2() -> tuple[torch.nn.Module, object]:
-    path = Path(
-        subprocess.run(
-            ["bash", str(ASSETS / "smollm2/fetch.sh")], capture_output=True, text=True, check=True
-        ).stdout.split()[-1]
-    )
-    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)  # a plain model: a GGUF-flagged one refuses save_pretrained
-    model.load_state_dict(quantized.state_dict(), strict=False)
-    model.tie_weights()
-    return model.eval(), tokenizer
+    fetched = subprocess.run(["bash", str(ASSETS / "smollm2/fetch.sh")], capture_output=True, text=True, check=True)
+    return load_model(fetched.stdout.split()[-1])
 
 
 def load_house_teacher() -> tuple[torch.nn.Module, object]:
-    path = ASSETS / "house-teacher"
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    return load_model(str(ASSETS / "house-teacher"))
 
 
 def mlp_halved(model, permute: bool, time_budget: float) -> tq.CompressionPlan:

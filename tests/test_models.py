@@ -274,3 +274,23 @@ def test_cli_compress_eval_inspect_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("tqcompressor: error:") == 4 and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_model_loading_errors_are_one_clear_line(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.gguf").write_bytes(b"GGUF")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)
+    )
+    out = str(tmp_path / "out")
+    assert main(["compress", "--model", str(tmp_path / "empty"), "--preset", "kngpt2", "--out", out]) == 2
+    assert main(["compress", "--model", str(tmp_path / "weights.gguf"), "--preset", "kngpt2", "--out", out]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"tqcompressor: error: {tmp_path / 'empty'} is not a model directory (no config.json)",
+        "tqcompressor: error: reading GGUF files needs the gguf package: pip install gguf",
+    ]
+    assert not (tmp_path / "out").exists()

@@ -15,27 +15,16 @@ from .calibration import CalibrationStats, calibrate, compress_sequentially
 from .data import load_blocks
 from .distillation import DistillationLoss
 from .evaluation import DATASETS, evaluate, size_report
+from .loading import load_model
 from .plan import CompressionPlan
 from .presets import PRESETS, preset
 from .report import CompressionReport
 from .schedule import Schedule, run_schedule, step_dir
-from .serialization import is_compressed_dir, load, read_config, save
+from .serialization import load, read_config, save
 from .surgery import compress_
 from .training import FINAL, METRICS, TrainConfig, Trainer, process_state
 
 DEFAULT_CALIBRATION_TOKENS = 262_144
-
-
-def load_model(name_or_path: str):
-    """(model, tokenizer) from a tqcompressor directory, a local HF directory or a Hub name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if is_compressed_dir(name_or_path):
-        model = load(name_or_path)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(name_or_path)
 
 
 def _refuse_preset_flags(args: argparse.Namespace, source: str) -> None:
@@ -57,7 +46,7 @@ def _compress(args: argparse.Namespace) -> None:
     if args.plan:
         _refuse_preset_flags(args, "the plan file")
     _check_calibration_flags(args)
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, args.gguf_file)
     if args.plan:
         plan = CompressionPlan.load(args.plan)
     else:
@@ -218,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     c = commands.add_parser("compress", help="compress a model with a preset or a plan file and save it")
-    c.add_argument("--model", help="HF name or directory (default: ../shared/assets/house-teacher if present)")
+    c.add_argument(
+        "--model", help="HF name or directory, or a .gguf file (default: $TQCOMPRESSOR_ASSETS/house-teacher)"
+    )
+    c.add_argument("--gguf-file", help="the GGUF file inside the --model directory (needs the gguf package)")
     which = c.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", choices=PRESETS)
     which.add_argument("--plan", help="YAML or JSON plan file")
@@ -251,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(run=_eval)
 
     d = commands.add_parser("distill", help="compress step by step and distil from the teacher after each step")
-    d.add_argument("--teacher", help="HF name or directory (default: ../shared/assets/house-teacher if present)")
+    d.add_argument("--teacher", help="HF name or directory (default: $TQCOMPRESSOR_ASSETS/house-teacher)")
     source = d.add_mutually_exclusive_group()
     source.add_argument("--schedule", help="YAML/JSON schedule file (steps of rules and token budgets)")
     source.add_argument("--preset", choices=PRESETS, help="a preset as a 3-step schedule")

@@ -1,0 +1,49 @@
+"""Open what a user names as a model: a tqcompressor directory, a Hugging Face directory or Hub name,
+or a GGUF file (dequantized to float32)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .serialization import is_compressed_dir, load
+
+
+def load_model(name_or_path: str, gguf_file: str | None = None) -> tuple[nn.Module, object]:
+    """(model in eval mode, tokenizer). ``name_or_path`` may be a ``.gguf`` file itself, or a directory
+    holding ``gguf_file``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if gguf_file is not None:
+            raise ValueError(f"{name_or_path} is a GGUF file already; --gguf-file names one inside a directory")
+        path, gguf_file = path.parent, path.name
+    if gguf_file is not None:
+        return _load_gguf(path, gguf_file)
+    if path.exists() and not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a model directory (no config.json)")
+    model = (
+        load(name_or_path) if is_compressed_dir(name_or_path) else AutoModelForCausalLM.from_pretrained(name_or_path)
+    )
+    return model.eval(), AutoTokenizer.from_pretrained(name_or_path)
+
+
+def _load_gguf(directory: Path, name: str) -> tuple[nn.Module, object]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("reading GGUF files needs the gguf package: pip install gguf")
+    if not (directory / name).is_file():
+        raise FileNotFoundError(f"{directory / name} does not exist")
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are float32 now; a GGUF-flagged model refuses to save
+    model = type(quantized)(config)
+    model.load_state_dict(quantized.state_dict(), strict=False)
+    model.tie_weights()
+    return model.eval(), AutoTokenizer.from_pretrained(directory, gguf_file=name)
