@@ -1,4 +1,6 @@
-"""Command line: ``tqcompressor compress | eval | distill | inspect``. User mistakes end in one line, exit 2."""
+"""Command line: ``tqcompressor compress | eval | distill | export | inspect``.
+
+User mistakes end in one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from .calibration import CalibrationStats, calibrate, compress_sequentially
 from .data import load_blocks
 from .distillation import DistillationLoss
 from .evaluation import DATASETS, evaluate, size_report
+from .export import export
 from .loading import load_model
 from .plan import CompressionPlan
 from .presets import PRESETS, preset
@@ -116,6 +119,10 @@ def _eval(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def _export(args: argparse.Namespace) -> None:
+    print(f"exported to {export(args.directory, args.out, args.overwrite)}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -277,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(run=_distill)
+
+    x = commands.add_parser("export", help="write a compressed run as a plain dense Hugging Face model directory")
+    x.add_argument("directory", metavar="RUN_DIR", help="a directory written by compress or distill")
+    x.add_argument("out")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(run=_export)
 
     i = commands.add_parser("inspect", help="per-layer report and sizes of a compressed directory")
     i.add_argument("directory")

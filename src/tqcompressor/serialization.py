@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .methods import is_compressed, module_class
-from .surgery import set_submodule, set_untied_config
+from .surgery import guard_hub_saving, set_submodule, set_untied_config
 from .tied_head import TiedEmbeddingHead
 
 FORMAT_VERSION = 1
@@ -62,8 +62,7 @@ def save(
     """Write config.json, model.safetensors (and the tokenizer) atomically into ``directory``.
     ``write_extra(folder)`` adds files (a trainer's state) inside the same atomic write."""
     directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not overwrite)):
-        raise FileExistsError(f"{directory} already exists and is not empty (pass overwrite=True / --overwrite)")
+    refuse_to_clobber(directory, overwrite)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     config["tqcompressor"] = {
@@ -84,15 +83,30 @@ def save(
         else:
             seen[key] = name
     config["tqcompressor"]["shared"] = aliases
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+
+    def write(staging: Path) -> None:
         save_file(state, str(staging / WEIGHTS), metadata={"format": "pt", "tqcompressor": str(FORMAT_VERSION)})
         (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         if write_extra is not None:
             write_extra(staging)
+
+    return write_atomically(directory, write)
+
+
+def refuse_to_clobber(directory: Path, overwrite: bool) -> None:
+    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir()) and not overwrite)):
+        raise FileExistsError(f"{directory} already exists and is not empty (pass overwrite=True / --overwrite)")
+
+
+def write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
+    """``write(folder)`` into a staging folder beside ``directory``, then swap it in: a reader (or a
+    crash) sees the old directory or the complete new one, never a half-written one."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write(staging)
         if directory.exists():
             backup = directory.with_name(f".{directory.name}.old")
             os.replace(directory, backup)
@@ -157,6 +171,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
         raise ValueError(f"cannot read {directory / WEIGHTS}: {err}") from err
     _load_state(model, state, section.get("shared", {}), directory)
     model.tqcompressor_history = section.get("history", [])
+    if section["modules"]:
+        guard_hub_saving(model)
     model.eval()
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
@@ -212,4 +228,5 @@ def materialize(model: nn.Module) -> nn.Module:
         if getattr(model, "config", None) is not None:
             model.config.tie_word_embeddings = True
     model.tqcompressor_history = []
+    guard_hub_saving(model, guard=False)
     return model

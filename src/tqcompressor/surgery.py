@@ -112,6 +112,22 @@ def _rewire_head(model: nn.Module, embedding_name: str, old: nn.Module, new: nn.
     return "separate dense head (untied, counted in full)"
 
 
+def _refuse_hub_saving(*args, **kwargs):
+    raise ValueError(
+        "this model holds compressed modules that save_pretrained / push_to_hub cannot write: use "
+        "tqcompressor.save(model, directory), or tqcompressor.materialize(model) first for a dense model"
+    )
+
+
+def guard_hub_saving(model: nn.Module, guard: bool = True) -> None:
+    """Make ``save_pretrained``/``push_to_hub`` refuse (never a silent dense or broken save), or restore them."""
+    for name in ("save_pretrained", "push_to_hub"):
+        if guard:
+            setattr(model, name, _refuse_hub_saving)
+        elif name in vars(model):
+            delattr(model, name)
+
+
 def set_untied_config(model: nn.Module) -> None:
     # Hugging Face re-ties lm_head.weight to the input embedding's .weight when this flag is set;
     # after compression the tie is carried by TiedEmbeddingHead (or deliberately dropped).
@@ -188,6 +204,7 @@ def compress_(
     if head == "unchanged" and found is not None:
         head = _describe_head(model, found[1])
     report = CompressionReport(plan.name, reports, before, count_parameters(model), head)
+    guard_hub_saving(model)
     history = getattr(model, "tqcompressor_history", [])
     model.tqcompressor_history = [*history, {"plan": plan.to_dict(), "report": report.to_dict()}]
     return report

@@ -1,0 +1,83 @@
+"""Export writes a dense Hugging Face model that stock transformers loads without this package, and
+compressed models refuse save_pretrained instead of writing something broken."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import tqcompressor as tq
+from tqcompressor.cli import main
+
+LOAD_WITHOUT_TQCOMPRESSOR = """
+import sys
+sys.modules["tqcompressor"] = None  # importing it now fails: the export must stand alone
+import json, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    torch.save(model(ids).logits, sys.argv[3])
+print(type(model).__name__, model.config.tie_word_embeddings)
+"""
+
+
+@pytest.mark.parametrize("tie_head", [True, False])
+def test_export_loads_in_stock_transformers_with_the_same_logits(tmp_path, tie_head):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=120, n_positions=64)).eval()
+    tq.compress_(model, "tqcompressedgpt2", tie_head=tie_head, iterations=1, time_budget=1.0, progress=False)
+    tq.save(model, tmp_path / "run")
+    ids = [[5, 17, 99, 3, 42, 7]]
+    with torch.no_grad():
+        expected = model(torch.tensor(ids)).logits
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert "tqcompressor" not in json.loads((tmp_path / "hf" / "config.json").read_text())
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_WITHOUT_TQCOMPRESSOR,
+            str(tmp_path / "hf"),
+            json.dumps(ids),
+            str(tmp_path / "l.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.split() == ["GPT2LMHeadModel", str(tie_head)]
+    # Dense weights are the product of the factors: equal up to float32 rounding, not bit for bit.
+    torch.testing.assert_close(torch.load(tmp_path / "l.pt"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_export_refuses_to_overwrite_and_names_non_models(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "mine.txt").write_text("keep")
+    (tmp_path / "notamodel").mkdir()
+    assert main(["export", str(tmp_path / "notamodel"), str(tmp_path / "out")]) == 2
+    assert main(["export", str(tmp_path / "notamodel"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "not a saved model" in err[0] and "already exists" in err[1]
+    assert (tmp_path / "hf" / "mine.txt").read_text() == "keep" and not (tmp_path / "out").exists()
+
+
+def test_compressed_models_refuse_save_pretrained_until_materialized(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=120, n_positions=64))
+    tq.compress_(
+        model, tq.CompressionPlan([tq.Rule(r"transformer\.h\.0\.mlp\.c_fc", tq.LowRankConfig(rank=4))]), progress=False
+    )
+    for saver in (model.save_pretrained, model.push_to_hub):
+        with pytest.raises(ValueError, match=r"tqcompressor\.save"):
+            saver(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    tq.save(model, tmp_path / "run")
+    loaded = tq.load(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"tqcompressor\.save"):
+        loaded.save_pretrained(tmp_path / "hf")
+    tq.materialize(loaded).save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
