@@ -26,7 +26,7 @@ from .data import TokenBlocks
 from .params import count_parameters
 from .plan import CompressionPlan
 from .presets import preset_steps
-from .serialization import load, save
+from .serialization import load, recover_interrupted_write, save
 from .surgery import compress_, resolve
 from .training import CHECKPOINT, FINAL, METRICS, TrainConfig, Trainer, process_state
 
@@ -156,6 +156,8 @@ def run_schedule(
             student = load(folder / FINAL)
             results.append(json.loads((folder / METRICS).read_text()))
             continue
+        if resume:
+            recover_interrupted_write(folder / CHECKPOINT)
         trainer_resumes = resume and (folder / CHECKPOINT).is_dir()
         compression = None
         if not trainer_resumes:

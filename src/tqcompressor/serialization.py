@@ -104,11 +104,12 @@ def write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
     """``write(folder)`` into a staging folder beside ``directory``, then swap it in: a reader (or a
     crash) sees the old directory or the complete new one, never a half-written one."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    recover_interrupted_write(directory)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.staging-", dir=directory.parent))
     try:
         write(staging)
         if directory.exists():
-            backup = directory.with_name(f".{directory.name}.old")
+            backup = _backup(directory)
             os.replace(directory, backup)
             os.replace(staging, directory)
             shutil.rmtree(backup)
@@ -118,6 +119,24 @@ def write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _backup(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
+def recover_interrupted_write(directory: str | Path) -> None:
+    """Undo what a process killed inside ``write_atomically`` leaves: staging folders (incomplete, so
+    removed) and, if it died between its two renames, the previous directory under its backup name."""
+    directory = Path(directory)
+    backup = _backup(directory)
+    if backup.exists():
+        if directory.exists():
+            shutil.rmtree(backup)  # died after the swap: the new directory is complete
+        else:
+            os.replace(backup, directory)  # died between the renames: the old one is complete
+    for stale in directory.parent.glob(f".{directory.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
