@@ -81,3 +81,20 @@ def test_compressed_models_refuse_save_pretrained_until_materialized(tmp_path):
         loaded.save_pretrained(tmp_path / "hf")
     tq.materialize(loaded).save_pretrained(tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_inspect_plot_and_distill_curve_are_valid_images(tmp_path, capsys):
+    from PIL import Image
+    from test_distillation import compressed_pair, config, pattern_blocks
+
+    from tqcompressor.training import Trainer
+
+    teacher, student = compressed_pair()
+    tq.save(student, tmp_path / "run")
+    assert main(["inspect", str(tmp_path / "run"), "--plot"]) == 0
+    assert "plot:" in capsys.readouterr().out
+    Trainer(student, teacher, pattern_blocks(), config(), tmp_path / "distil", progress=False).run()
+    for picture in (tmp_path / "run" / "layers.png", tmp_path / "distil" / "curve.png"):
+        with Image.open(picture) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 300

@@ -20,6 +20,7 @@ from .evaluation import DATASETS, evaluate, size_report
 from .export import export
 from .loading import load_model
 from .plan import CompressionPlan
+from .plots import plot_layers
 from .presets import PRESETS, preset
 from .report import CompressionReport
 from .schedule import Schedule, run_schedule, step_dir
@@ -134,6 +135,9 @@ def _inspect(args: argparse.Namespace) -> None:
         print(CompressionReport.from_dict(step["report"]).table())
         print()
     print(json.dumps(size_report(load(args.directory), args.directory), indent=2))
+    if args.plot is not None:
+        target = Path(args.plot or Path(args.directory) / "layers.png")
+        print(f"plot: {plot_layers([step['report'] for step in section.get('history', [])], target)}")
 
 
 def _distill(args: argparse.Namespace) -> None:
@@ -293,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = commands.add_parser("inspect", help="per-layer report and sizes of a compressed directory")
     i.add_argument("directory")
+    i.add_argument(
+        "--plot", nargs="?", const="", help="draw per-layer error and parameters kept (PNG; default DIR/layers.png)"
+    )
     i.set_defaults(run=_inspect)
     return parser
 

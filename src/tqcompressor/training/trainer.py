@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 
 from ..data import TokenBlocks
 from ..methods import is_compressed
+from ..plots import plot_training
 from ..serialization import recover_interrupted_write, save
 from .checkpoint import CHECKPOINT, read_checkpoint, restore_optimizer, write_checkpoint
 from .config import TrainConfig
 from .evaluation import heldout_loss
 from .step import optimization_step
 
-FINAL, LOG, METRICS = "model", "log.jsonl", "metrics.json"
+FINAL, LOG, METRICS, CURVE = "model", "log.jsonl", "metrics.json", "curve.png"
 
 
 def on_cpu_only() -> bool:
@@ -158,6 +159,7 @@ class Trainer:
                 "history": self.history,
             }
             write_checkpoint(self.out, self.student, self.optimizer, state, self.tokenizer)
+            plot_training(self.history, self.out / CURVE)
         self.accelerator.wait_for_everyone()
 
     def _stop_everywhere(self) -> bool:
@@ -227,6 +229,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             save(self.student, self.out / FINAL, self.tokenizer, overwrite=True)
             _write_atomically(self.out / METRICS, json.dumps(metrics, indent=2))
+            plot_training(self.history, self.out / CURVE)
             checkpoint = self.out / CHECKPOINT
             if checkpoint.exists():  # the final model supersedes it
                 shutil.rmtree(checkpoint)
