@@ -105,6 +105,24 @@ def _calibration(args: argparse.Namespace, model, tokenizer, plan: CompressionPl
 
 
 def _eval(args: argparse.Namespace) -> None:
+    if args.tasks:
+        harness_only = [flag for flag, value in (("--max-length", args.max_length), ("--stride", args.stride)) if value]
+        if harness_only:
+            raise ValueError(f"{', '.join(harness_only)} apply to --dataset; harness tasks set their own windows")
+        try:
+            from .harness import evaluate_tasks
+        except ImportError as err:
+            raise ValueError(str(err)) from err
+        result = {
+            "model": args.model,
+            "tasks": evaluate_tasks(args.model, args.tasks.split(","), args.include_path, args.limit),
+        }
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return
+    if args.include_path or args.limit:
+        raise ValueError("--include-path and --limit apply to harness --tasks only")
     model, tokenizer = load_model(args.model)
     result = evaluate(
         model,
@@ -245,7 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = commands.add_parser("eval", help="perplexity / LAMBADA of a model")
     e.add_argument("model", help="compressed directory, HF directory or HF name")
-    e.add_argument("--dataset", required=True, help=f"{' | '.join(DATASETS)} | a text file or folder")
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dataset", help=f"{' | '.join(DATASETS)} | a text file or folder")
+    what.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs lm-eval)")
+    e.add_argument("--include-path", help="a folder of local harness task YAML files")
+    e.add_argument("--limit", type=int, help="harness examples per task")
     e.add_argument("--max-tokens", type=int)
     e.add_argument("--max-length", type=int, help="window length (default: the model's context)")
     e.add_argument("--stride", type=int)
