@@ -119,7 +119,12 @@ def test_bad_plans_fail_before_touching_the_model():
             compress_(model, CompressionPlan(list(rules)), progress=False)
 
     kron = KroneckerConfig
-    fails("matches no module", Rule(r"transformer\.nothing", kron(ratio=0.5)))
+    fails(
+        r"match no module of this GPT2LMHeadModel: 'transformer\\.nothing', 'lm_heads'",
+        Rule(r"transformer\.nothing", kron(ratio=0.5)),
+        Rule(r"transformer\.wte", kron(embedding_factor=2)),
+        Rule("lm_heads", kron(ratio=0.5)),
+    )
     fails(r"c_fc: .*32x128", Rule(r"transformer\.h\.0\.mlp\.c_fc", kron(shape=(5, 5, 2, 2))))
     fails(r"ln_f: a LayerNorm cannot be compressed", Rule(r"transformer\.ln_f", kron(ratio=0.5)))
     fails("not divisible", Rule(r"transformer\.wte", kron(embedding_factor=3)))

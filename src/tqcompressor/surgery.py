@@ -34,11 +34,15 @@ def _plan_modules(model: nn.Module, plan: CompressionPlan) -> tuple[list[tuple[R
     modules = dict(model.named_modules())
     planned: dict[str, nn.Module] = {}
     steps = []
-    for rule in plan.rules:
-        names = [name for name in modules if name and rule.matches(name)]
-        if not names:
-            sample = ", ".join(name for name in list(modules)[1:8])
-            raise ValueError(f"plan rule '{rule.pattern}' matches no module (module names look like: {sample}, ...)")
+    matches = [[name for name in modules if name and rule.matches(name)] for rule in plan.rules]
+    unmatched = [f"'{rule.pattern}'" for rule, names in zip(plan.rules, matches, strict=True) if not names]
+    if unmatched:
+        sample = ", ".join(name for name in list(modules)[1:8])
+        raise ValueError(
+            f"plan rules that match no module of this {type(model).__name__}: {', '.join(unmatched)} "
+            f"(its module names look like: {sample}, ...)"
+        )
+    for rule, names in zip(plan.rules, matches, strict=True):
         for name in names:
             try:
                 with torch.device("meta"):
