@@ -1,10 +1,14 @@
 """Plans apply to any Hugging Face model built from nn.Linear / Conv1D / nn.Embedding, not only GPT-2."""
 
+import json
+
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+import tqcompressor as tq
 from tqcompressor import KroneckerConfig, KroneckerLinear, LowRankConfig, TiedEmbeddingHead
+from tqcompressor.loading import load_model
 from tqcompressor.params import count_parameters
 from tqcompressor.plan import CompressionPlan, Rule
 from tqcompressor.presets import preset
@@ -101,3 +105,67 @@ def test_the_paper_preset_maps_onto_llama_module_names(tied, tmp_path):
     logits = model(ids).logits
     save(model, tmp_path / "m")
     torch.testing.assert_close(load(tmp_path / "m")(ids).logits, logits, rtol=0, atol=0)
+
+
+def test_cli_handles_encoder_models_with_fidelity_instead_of_perplexity(tmp_path, capsys):
+    from transformers import BertForSequenceClassification, GPT2TokenizerFast
+
+    from tqcompressor.assets import assets_dir
+    from tqcompressor.cli import main
+
+    folder = assets_dir() / "gpt2-tokenizer"
+    tokenizer = GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    settings = dict(vocab_size=50257, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    for name, model in (
+        ("mlm", BertForMaskedLM(BertConfig(**settings))),
+        ("cls", BertForSequenceClassification(BertConfig(**settings, num_labels=3))),
+    ):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    (tmp_path / "plan.yaml").write_text(
+        "rules:\n  - {pattern: 'bert\\.encoder\\.layer\\.\\d+\\.intermediate\\.dense', method: lowrank, ratio: 0.5}\n"
+    )
+    (tmp_path / "text.txt").write_text("It was the best of times, it was the worst of times. " * 40)
+    for name, kind in (("mlm", "BertForMaskedLM"), ("cls", "BertForSequenceClassification")):
+        out = tmp_path / f"{name}-tq"
+        assert (
+            main(
+                [
+                    "compress",
+                    "--model",
+                    str(tmp_path / name),
+                    "--plan",
+                    str(tmp_path / "plan.yaml"),
+                    "--out",
+                    str(out),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+        assert type(tq.load(out)).__name__ == kind
+        capsys.readouterr()
+        assert main(["eval", str(out), "--dataset", str(tmp_path / "text.txt")]) == 2
+        assert "perplexity and LAMBADA apply to causal LMs; this is a " + kind in capsys.readouterr().err
+        assert (
+            main(
+                [
+                    "eval",
+                    str(out),
+                    "--dataset",
+                    str(tmp_path / "text.txt"),
+                    "--reference",
+                    str(tmp_path / name),
+                    "--max-length",
+                    "64",
+                    "--json",
+                    str(tmp_path / f"{name}.json"),
+                ]
+            )
+            == 0
+        )
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        assert 0.5 < result["hidden_cosine"] < 1 and 0 <= result["output_agreement"] <= 1 and result["kind"] == kind
+        assert main(["export", str(out), str(tmp_path / f"{name}-hf")]) == 0
+        assert type(load_model(str(tmp_path / f"{name}-hf"))[0]).__name__ == kind

@@ -16,9 +16,9 @@ from .assets import default_model
 from .calibration import CalibrationStats, calibrate, compress_sequentially
 from .data import load_blocks
 from .distillation import DistillationLoss
-from .evaluation import DATASETS, evaluate, size_report
+from .evaluation import DATASETS, evaluate, fidelity, read_text, size_report
 from .export import export
-from .loading import load_model
+from .loading import is_causal_lm, load_model
 from .plan import CompressionPlan
 from .plots import plot_layers
 from .presets import PRESETS, preset
@@ -124,6 +124,21 @@ def _eval(args: argparse.Namespace) -> None:
     if args.include_path or args.limit:
         raise ValueError("--include-path and --limit apply to harness --tasks only")
     model, tokenizer = load_model(args.model)
+    if not is_causal_lm(model):
+        if not args.reference:
+            raise ValueError(
+                f"perplexity and LAMBADA apply to causal LMs; this is a {type(model).__name__}: pass --reference "
+                "ORIGINAL to measure fidelity (cosine of final hidden states, agreement of outputs)"
+            )
+        reference, _ = load_model(args.reference)
+        ids = tokenizer(read_text(args.dataset), verbose=False)["input_ids"]
+        window = min(args.max_length or 128, getattr(model.config, "max_position_embeddings", 512))
+        result = {"dataset": args.dataset, **fidelity(model, reference, ids, window, args.max_tokens)}
+        result.update(model=args.model, reference=args.reference, kind=type(model).__name__)
+        _print_result(result, args.json)
+        return
+    if args.reference:
+        raise ValueError("--reference applies to models without a perplexity (encoders, classifiers)")
     result = evaluate(
         model,
         tokenizer,
@@ -135,9 +150,13 @@ def _eval(args: argparse.Namespace) -> None:
     )
     result["model"] = args.model
     result["size"] = size_report(model, args.model if Path(args.model).is_dir() else None)
+    _print_result(result, args.json)
+
+
+def _print_result(result: dict, json_path: str | None) -> None:
     print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -268,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs lm-eval)")
     e.add_argument("--include-path", help="a folder of local harness task YAML files")
     e.add_argument("--limit", type=int, help="harness examples per task")
+    e.add_argument("--reference", help="the original model, for the fidelity of encoders and classifiers")
     e.add_argument("--max-tokens", type=int)
     e.add_argument("--max-length", type=int, help="window length (default: the model's context)")
     e.add_argument("--stride", type=int)

@@ -219,3 +219,28 @@ def size_report(model: nn.Module, directory: str | Path | None = None) -> dict:
     if directory is not None and Path(directory).is_dir():
         report["bytes_on_disk"] = sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
     return report
+
+
+@torch.inference_mode()
+def fidelity(
+    model: nn.Module, reference: nn.Module, token_ids: list[int], window: int = 128, max_tokens: int | None = None
+) -> dict[str, float]:
+    """How closely ``model`` computes what ``reference`` (the original) does, for models without a
+    perplexity (encoders, classifiers): mean cosine similarity of the final hidden states per token, and
+    how often the outputs' top choice agrees (per token for masked LMs, per sequence for classifiers)."""
+    ids = torch.as_tensor(token_ids[:max_tokens] if max_tokens else token_ids, dtype=torch.long)
+    usable = ids.numel() // window * window
+    if usable == 0:
+        raise ValueError(f"fidelity needs at least one window of {window} tokens, got {ids.numel()}")
+    device = next(model.parameters()).device
+    cosines, agreements = [], []
+    for batch in ids[:usable].view(-1, window).split(4):
+        batch = batch.to(device)
+        ours, theirs = (m(batch, output_hidden_states=True) for m in (model, reference))
+        cosines.append(F.cosine_similarity(ours.hidden_states[-1].float(), theirs.hidden_states[-1].float(), dim=-1))
+        if getattr(ours, "logits", None) is not None:
+            agreements.append((ours.logits.argmax(-1) == theirs.logits.argmax(-1)).float().flatten())
+    result = {"hidden_cosine": float(torch.cat([c.flatten() for c in cosines]).mean()), "tokens": usable}
+    if agreements:
+        result["output_agreement"] = float(torch.cat(agreements).mean())
+    return result

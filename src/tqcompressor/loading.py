@@ -15,7 +15,7 @@ from .serialization import is_compressed_dir, load
 def load_model(name_or_path: str, gguf_file: str | None = None) -> tuple[nn.Module, object]:
     """(model in eval mode, tokenizer). ``name_or_path`` may be a ``.gguf`` file itself, or a directory
     holding ``gguf_file``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = Path(name_or_path)
     if path.suffix == ".gguf":
@@ -26,10 +26,33 @@ def load_model(name_or_path: str, gguf_file: str | None = None) -> tuple[nn.Modu
         return _load_gguf(path, gguf_file)
     if path.exists() and not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a model directory (no config.json)")
-    model = (
-        load(name_or_path) if is_compressed_dir(name_or_path) else AutoModelForCausalLM.from_pretrained(name_or_path)
-    )
+    if is_compressed_dir(name_or_path):
+        model = load(name_or_path)
+    else:
+        model = model_class(AutoConfig.from_pretrained(name_or_path)).from_pretrained(name_or_path)
     return model.eval(), AutoTokenizer.from_pretrained(name_or_path)
+
+
+def model_class(config) -> type:
+    """The class the config names (``architectures``: causal LM, masked LM, classifier, ...); a causal LM
+    for configs that name none but have one, else the bare ``AutoModel``."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for name in getattr(config, "architectures", None) or []:
+        found = getattr(transformers, name, None)
+        if found is not None:
+            return found
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether perplexity means something for ``model`` (it predicts the next token)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def _load_gguf(directory: Path, name: str) -> tuple[nn.Module, object]:
