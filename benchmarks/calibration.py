@@ -198,6 +198,28 @@ def write_report(data: dict, out: Path) -> None:
             + (f"{r['lambada_acc']:.3f}" if "lambada_acc" in r else "—")
             + f" | {r.get('compress_seconds', 0):.0f} |"
         )
+    lines += ["", "## Targets", ""]
+    for model, limit in (("house-teacher", 300.0), ("smollm2-135m", 100.0)):
+        rows = [r for r in records if r["model"] == model]
+        calibrated = [r for r in rows if r["calibrated"]]
+        if not calibrated:
+            lines.append(f"- {model}: not measured in this run.")
+            continue
+        best = min(calibrated, key=lambda r: r["heldout_ppl"])
+        verdict = "met" if best["heldout_ppl"] <= limit else f"missed by {best['heldout_ppl'] / limit:.1f}x"
+        lines.append(
+            f"- {model}: best calibrated row ({best['method']}) held-out ppl {best['heldout_ppl']:.1f}, "
+            f"target <= {limit:.0f}: {verdict}."
+        )
+        dense = next((r for r in rows if r["method"] == "dense"), None)
+        if dense is not None and model == "smollm2-135m":
+            ratio = best["heldout_ppl"] / dense["heldout_ppl"]
+            lines.append(f"  Stretch (within 2x of the original's {dense['heldout_ppl']:.1f}): {ratio:.1f}x.")
+        by_method = {r["method"]: r for r in calibrated}
+        if "kronecker+perm" in by_method and "svd" in by_method:
+            ratio = by_method["kronecker+perm"]["heldout_ppl"] / by_method["svd"]["heldout_ppl"]
+            verdict = "met" if ratio <= 1 else f"missed: {ratio:.1f}x the SVD perplexity"
+            lines.append(f"  Calibrated Kronecker + permutations at least matching calibrated SVD: {verdict}.")
     for model in dict.fromkeys(r["model"] for r in records):
         rows = [r for r in records if r["model"] == model and r.get("layers") and r["calibrated"]]
         if not rows:
