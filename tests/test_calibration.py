@@ -4,8 +4,9 @@ import itertools
 
 import pytest
 import torch
+from test_architectures import llama_config
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import tqcompressor as tq
 from tqcompressor.calibration import CalibrationStats, collect
@@ -118,14 +119,7 @@ def test_statistics_are_the_second_moments_of_the_real_inputs_and_token_counts()
 
 def test_modules_fed_the_same_tensor_share_one_accumulator():
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = llama_config(vocab_size=64, hidden_size=16, intermediate_size=32)
     model = LlamaForCausalLM(config).eval()
     names = [
         f"model.layers.{i}.{p}"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ...linalg import check_weight, whitening_factor
-from .factors import KroneckerFactors, fit_factors
+from ...linalg import whitening_factor
+from .factors import KroneckerFactors, checked_orders, fit_factors
 from .shapes import KroneckerShape
 
 
@@ -82,12 +82,8 @@ def calibrated_factors(
 ) -> tuple[KroneckerFactors, list[float]]:
     """Factors of W[row_perm][:, col_perm] fitted to the calibration objective, and the relative
     calibrated error after the closed-form start and after each refinement sweep."""
-    check_weight(weight)
-    shape.check_matrix(*weight.shape)
-    rows, cols = weight.shape
+    row_perm, col_perm = checked_orders(weight, shape, row_perm, col_perm)
     device = weight.device
-    row_perm = torch.arange(rows, device=device) if row_perm is None else row_perm.to(device)
-    col_perm = torch.arange(cols, device=device) if col_perm is None else col_perm.to(device)
     m1, n1, m2, n2 = shape.m1, shape.n1, shape.m2, shape.n2
     w = weight.double()[row_perm][:, col_perm]
     c = second_moment.double().to(device)[row_perm][:, row_perm]

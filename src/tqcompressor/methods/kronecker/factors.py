@@ -77,6 +77,19 @@ def _top_singular(matrix: torch.Tensor, rank: int, randomized: bool) -> tuple[to
     return u[:, :rank], s[:rank], vh[:rank].T
 
 
+def checked_orders(
+    weight: torch.Tensor, shape: KroneckerShape, row_perm: torch.Tensor | None, col_perm: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check that ``shape`` fits ``weight``; (row order, column order), identity where not given."""
+    check_weight(weight)
+    shape.check_matrix(*weight.shape)
+    rows, cols = weight.shape
+    device = weight.device
+    row_perm = torch.arange(rows, device=device) if row_perm is None else row_perm.to(device)
+    col_perm = torch.arange(cols, device=device) if col_perm is None else col_perm.to(device)
+    return row_perm, col_perm
+
+
 def fit_factors(
     weight: torch.Tensor,
     shape: KroneckerShape,
@@ -85,12 +98,7 @@ def fit_factors(
     randomized: bool = False,
 ) -> KroneckerFactors:
     """Best rank-r Kronecker factors of W[row_perm][:, col_perm], in W's dtype."""
-    check_weight(weight)
-    shape.check_matrix(*weight.shape)
-    rows, cols = weight.shape
-    device = weight.device
-    row_perm = torch.arange(rows, device=device) if row_perm is None else row_perm.to(device)
-    col_perm = torch.arange(cols, device=device) if col_perm is None else col_perm.to(device)
+    row_perm, col_perm = checked_orders(weight, shape, row_perm, col_perm)
     work = weight.to(working_dtype(weight))[row_perm][:, col_perm]
     u, s, v = _top_singular(rearrange(work, shape), shape.rank, randomized)
     root = s.sqrt()
