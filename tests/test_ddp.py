@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -11,20 +12,42 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def run(command: list[str], cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Open MPI refuses root unless told; CI runs as root.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_two_cpu_processes_train_like_one_process_on_the_global_batch(tmp_path):
+ACCELERATE_DDP_CPU = """compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_CPU
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+main_process_ip: 127.0.0.1
+main_process_port: 29533
+mixed_precision: 'no'
+use_cpu: true
+mpirun_config:
+  mpirun_hostfile: {hostfile}
+"""
+
+
+def launch(launcher: str, folder: Path) -> list[str]:
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER), str(folder)]
+    # accelerate starts several CPU processes through mpirun (Open MPI; CI installs it).
+    (folder / "hostfile").write_text("localhost slots=2\n")
+    (folder / "ddp.yaml").write_text(ACCELERATE_DDP_CPU.format(hostfile=folder / "hostfile"))
+    return ["accelerate", "launch", "--config_file", str(folder / "ddp.yaml"), str(WORKER), str(folder)]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_cpu_processes_train_like_one_process_on_the_global_batch(tmp_path, launcher):
     single, double = tmp_path / "single", tmp_path / "double"
     single.mkdir()
     double.mkdir()
     run([sys.executable, str(WORKER), str(single)], WORKER.parent)
-    run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER), str(double)],
-        WORKER.parent,
-    )
+    run(launch(launcher, double), WORKER.parent)
 
     ranks = [load_file(str(double / f"rank{r}.safetensors")) for r in (0, 1)]
     alone = load_file(str(single / "rank0.safetensors"))
