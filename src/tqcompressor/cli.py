@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 
+from .allocation import allocation_plan, linear_layers
 from .assets import default_model
-from .calibration import CalibrationStats, calibrate, compress_sequentially
+from .calibration import CalibrationStats, calibrate, collect, compress_sequentially
 from .data import load_blocks
 from .distillation import DistillationLoss
 from .evaluation import DATASETS, evaluate, fidelity, read_text, size_report
 from .export import export
 from .loading import is_causal_lm, load_model
+from .params import count_parameters
 from .plan import CompressionPlan
 from .plots import plot_layers
 from .presets import PRESETS, preset
@@ -51,6 +53,9 @@ def _compress(args: argparse.Namespace) -> None:
         _refuse_preset_flags(args, "the plan file")
     _check_calibration_flags(args)
     model, tokenizer = load_model(model_name, args.gguf_file)
+    if args.target_params or args.target_ratio:
+        _compress_to_budget(args, model, tokenizer, out)
+        return
     if args.plan:
         plan = CompressionPlan.load(args.plan)
     else:
@@ -65,6 +70,36 @@ def _compress(args: argparse.Namespace) -> None:
     save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report.table())
     print(f"saved to {out}")
+
+
+def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -> None:
+    """--target-params / --target-ratio: allocate, fit, and save the plan, table and plot beside the model."""
+    if not (args.calibration or args.calibration_stats):
+        raise ValueError("--target-params / --target-ratio need --calibration (or --calibration-stats)")
+    if args.sequential or args.dense_head or args.time_budget is not None:
+        raise ValueError("--sequential, --dense-head and --time-budget do not apply to a budget")
+    if args.target_ratio is not None and not 0 < args.target_ratio < 1:
+        raise ValueError(f"--target-ratio must be between 0 and 1, got {args.target_ratio}")
+    names = linear_layers(model)
+    if args.calibration_stats:
+        stats = CalibrationStats.load(args.calibration_stats)
+    else:
+        stats = collect(model, names, _calibration_blocks(args, model, tokenizer), progress=not args.quiet)
+        if args.save_calibration:
+            stats.save(args.save_calibration)
+    target = args.target_params or round(args.target_ratio * count_parameters(model))
+    allocation = allocation_plan(model, stats, target)
+    report = compress_(model, allocation.plan, calibration=stats, progress=not args.quiet)
+
+    def write_allocation(folder: Path) -> None:
+        allocation.plan.save(folder / "allocation.yaml")
+        (folder / "allocation.txt").write_text(allocation.table() + "\n")
+        plot_layers([report.to_dict()], folder / "allocation.png")
+
+    save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, write_extra=write_allocation)
+    print(allocation.table())
+    print(report.table())
+    print(f"saved to {out} (the chosen plan: {out / 'allocation.yaml'})")
 
 
 def _check_calibration_flags(args: argparse.Namespace) -> None:
@@ -262,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     which = c.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", choices=PRESETS)
     which.add_argument("--plan", help="YAML or JSON plan file")
+    which.add_argument("--target-params", type=int, help="choose every layer's method and size for this budget")
+    which.add_argument("--target-ratio", type=float, help="the same, as a share of the model's parameters")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--dense-head", action="store_true", help="keep a separate dense LM head (counted in full)")

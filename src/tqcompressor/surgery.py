@@ -166,9 +166,10 @@ def _fit(rule: Rule, name: str, module: nn.Module, stats) -> tuple[nn.Module, La
 
 def compress_(
     model: nn.Module,
-    plan: CompressionPlan | str | Path,
+    plan: CompressionPlan | str | Path | None = None,
     *,
     calibration: CalibrationStats | None = None,
+    target_params: int | None = None,
     progress: bool = True,
     **preset_options,
 ) -> CompressionReport:
@@ -176,7 +177,19 @@ def compress_(
 
     ``plan``: a ``CompressionPlan``, a preset name (``preset_options`` such as ``tie_head`` or
     ``time_budget`` go to the preset), or the ``Path`` of a plan file. ``calibration``: statistics
-    from ``calibrate(model, plan, blocks)``; every layer is then fitted to its real inputs."""
+    from ``calibrate(model, plan, blocks)``; every layer is then fitted to its real inputs.
+    ``target_params`` instead of a plan: the allocation chooses each linear layer's method and size
+    (needs ``calibration`` of every linear layer: ``collect(model, linear_layers(model), blocks)``)."""
+    if target_params is not None:
+        if plan is not None or preset_options:
+            raise ValueError("target_params chooses the plan: give a plan (or preset) or a budget, not both")
+        if calibration is None:
+            raise ValueError("target_params needs calibration statistics of every linear layer (--calibration)")
+        from .allocation import allocation_plan
+
+        plan = allocation_plan(model, calibration, target_params).plan
+    elif plan is None:
+        raise ValueError("give a plan, a preset name, or target_params")
     if isinstance(plan, str):
         from .presets import preset  # presets plan with this module's resolve
 
