@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=5.0, help="permutation search seconds per layer")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true", help="keep finished records in calibration.json")
+    parser.add_argument("--methods", nargs="+", default=["kronecker", "kronecker+perm", "svd"], help="in this order")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown and plot")
     args = parser.parse_args()
     path = args.out / "calibration.json"
@@ -146,7 +147,8 @@ def run_model(name: str, args, data: dict, path: Path) -> None:
     all_plans = plans(name, model, args.time_budget)
     targets = dict.fromkeys(name for plan in all_plans.values() for _, name in resolve(model, plan))
     stats = collect(model, list(targets), blocks, progress=False)
-    for method, plan in all_plans.items():
+    for method in args.methods:
+        plan = all_plans[method]
         for calibrated in (False, True):
             if (name, method, calibrated) in done:
                 continue
