@@ -51,7 +51,8 @@ def plot_training(records: list[dict], path: str | Path) -> Path:
             losses.plot(*zip(*points, strict=True), label=key)
     losses.set_xlabel("tokens")
     losses.set_ylabel("training loss")
-    losses.legend()
+    if losses.get_lines():  # a checkpoint before the first logged step has nothing to label
+        losses.legend()
     if held:
         ppl.plot([r["tokens"] for r in held], [r["heldout_ppl"] for r in held], marker="o")
         ppl.set_yscale("log")
