@@ -20,3 +20,23 @@ def planted_matrix(shape: KroneckerShape, seed: int, rows: bool = True, cols: bo
     w = torch.empty_like(k)
     w[p.unsqueeze(1), q.unsqueeze(0)] = k
     return w, k
+
+
+def gpt2_tokenizer():
+    from transformers import GPT2TokenizerFast
+
+    folder = Path(os.environ["TQCOMPRESSOR_ASSETS"]) / "gpt2-tokenizer"
+    return GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def tiny_gpt2_dir(folder: Path, books_repeats: int = 200, **config) -> Path:
+    """A saved tiny GPT-2 with the real tokenizer, as a user's model directory, and ``folder/books``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    settings = {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, **config}
+    GPT2LMHeadModel(GPT2Config(**settings)).save_pretrained(folder / "tiny")
+    gpt2_tokenizer().save_pretrained(folder / "tiny")
+    (folder / "books").mkdir()
+    (folder / "books" / "a.txt").write_text("It was the best of times, it was the worst of times. " * books_repeats)
+    return folder / "tiny"

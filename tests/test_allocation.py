@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_gpt2_dir
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
@@ -77,36 +78,28 @@ def test_low_rank_estimates_are_exact_and_kronecker_estimates_are_upper_bounds()
 
 
 def test_a_budget_is_met_and_its_plan_file_reruns(tmp_path, capsys):
-    from transformers import GPT2TokenizerFast
-
-    from tqcompressor.assets import assets_dir
     from tqcompressor.cli import main
 
-    folder = assets_dir() / "gpt2-tokenizer"
-    tokenizer = GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
-    (tmp_path / "books").mkdir()
-    (tmp_path / "books" / "a.txt").write_text("It was the best of times, it was the worst of times. " * 200)
-    model = tq.loading.load_model(str(tmp_path / "m"))[0]
+    tiny_gpt2_dir(tmp_path)
+    model = tq.loading.load_model(str(tmp_path / "tiny"))[0]
     total = tq.count_parameters(model)
     target = total - 12_000
-    base = ["compress", "--model", str(tmp_path / "m"), "--calibration", str(tmp_path / "books"), "--quiet"]
+    base = ["compress", "--model", str(tmp_path / "tiny"), "--calibration", str(tmp_path / "books"), "--quiet"]
     assert main([*base, "--target-params", str(target), "--out", str(tmp_path / "auto")]) == 0
     auto = tq.load(tmp_path / "auto")
     assert total - 14_000 < tq.count_parameters(auto) <= target
     assert {(tmp_path / "auto" / f).is_file() for f in ("allocation.yaml", "allocation.txt", "allocation.png")} == {
         True
     }
-    rerun = ["compress", "--model", str(tmp_path / "m"), "--plan", str(tmp_path / "auto" / "allocation.yaml")]
+    rerun = ["compress", "--model", str(tmp_path / "tiny"), "--plan", str(tmp_path / "auto" / "allocation.yaml")]
     assert main([*rerun, "--out", str(tmp_path / "again"), "--quiet"]) == 0
     assert tq.count_parameters(tq.load(tmp_path / "again")) == tq.count_parameters(auto)
     capsys.readouterr()
     assert main([*base, "--target-params", "1000", "--out", str(tmp_path / "x")]) == 2
     assert main([*base, "--target-ratio", "1.5", "--out", str(tmp_path / "y")]) == 2
     assert (
-        main(["compress", "--model", str(tmp_path / "m"), "--target-ratio", "0.9", "--out", str(tmp_path / "z")]) == 2
+        main(["compress", "--model", str(tmp_path / "tiny"), "--target-ratio", "0.9", "--out", str(tmp_path / "z")])
+        == 2
     )
     err = capsys.readouterr().err
     assert "out of reach: choose between" in err and "between 0 and 1" in err and "need --calibration" in err

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import tiny_gpt2_dir
 from test_architectures import llama_config
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
@@ -216,18 +217,9 @@ def test_frequency_weighted_embeddings_fit_frequent_tokens_better():
 
 
 def test_cli_compresses_with_calibration_and_reuses_saved_statistics(tmp_path, capsys):
-    from transformers import GPT2TokenizerFast
-
-    from tqcompressor.assets import assets_dir
     from tqcompressor.cli import main
 
-    folder = assets_dir() / "gpt2-tokenizer"
-    tokenizer = GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    (tmp_path / "books").mkdir()
-    (tmp_path / "books" / "a.txt").write_text("It was the best of times, it was the worst of times. " * 80)
+    tiny_gpt2_dir(tmp_path, books_repeats=80)
     (tmp_path / "plan.yaml").write_text(
         "rules:\n  - {pattern: 'transformer\\.h\\.\\d+\\.mlp\\.c_fc', method: lowrank, ratio: 0.5}\n"
         # No permutation search: it stops on a clock, and this test compares two fits bit for bit.
