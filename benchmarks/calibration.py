@@ -200,6 +200,16 @@ def write_report(data: dict, out: Path) -> None:
             + (f"{r['lambada_acc']:.3f}" if "lambada_acc" in r else "—")
             + f" | {r.get('compress_seconds', 0):.0f} |"
         )
+    measured = {(r["model"], r["method"], r["calibrated"]) for r in records}
+    missing = [
+        f"{model} {method} ({'calibrated' if calibrated else 'data-free'})"
+        for model in dict.fromkeys(r["model"] for r in records)
+        for method in ("kronecker", "kronecker+perm", "svd")
+        for calibrated in (False, True)
+        if (model, method, calibrated) not in measured
+    ]
+    if missing:
+        lines += ["", f"Not measured in this run (stopped for time; `--resume` adds them): {', '.join(missing)}."]
     lines += ["", "## Targets", ""]
     for model, limit in (("house-teacher", 300.0), ("smollm2-135m", 100.0)):
         rows = [r for r in records if r["model"] == model]
