@@ -14,7 +14,7 @@ import torch
 
 from .allocation import allocation_plan, linear_layers
 from .assets import default_model
-from .calibration import CalibrationStats, calibrate, collect, compress_sequentially
+from .calibration import CalibrationStats, collect, compress_sequentially
 from .data import load_blocks
 from .distillation import DistillationLoss
 from .evaluation import DATASETS, evaluate, fidelity, read_text, size_report
@@ -27,7 +27,7 @@ from .presets import PRESETS, preset
 from .report import CompressionReport
 from .schedule import Schedule, run_schedule, step_dir
 from .serialization import load, read_config, save
-from .surgery import compress_
+from .surgery import compress_, resolve
 from .training import FINAL, METRICS, TrainConfig, Trainer, process_state
 
 DEFAULT_CALIBRATION_TOKENS = 262_144
@@ -65,7 +65,7 @@ def _compress(args: argparse.Namespace) -> None:
         blocks = _calibration_blocks(args, model, tokenizer)
         report = compress_sequentially(model, plan, blocks, progress=not args.quiet)
     else:
-        calibration = _calibration(args, model, tokenizer, plan)
+        calibration = _calibration(args, model, tokenizer, [name for _, name in resolve(model, plan)])
         report = compress_(model, plan, calibration=calibration, progress=not args.quiet)
     save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report.table())
@@ -80,13 +80,7 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
         raise ValueError("--sequential, --dense-head and --time-budget do not apply to a budget")
     if args.target_ratio is not None and not 0 < args.target_ratio < 1:
         raise ValueError(f"--target-ratio must be between 0 and 1, got {args.target_ratio}")
-    names = linear_layers(model)
-    if args.calibration_stats:
-        stats = CalibrationStats.load(args.calibration_stats)
-    else:
-        stats = collect(model, names, _calibration_blocks(args, model, tokenizer), progress=not args.quiet)
-        if args.save_calibration:
-            stats.save(args.save_calibration)
+    stats = _calibration(args, model, tokenizer, linear_layers(model))
     target = args.target_params or round(args.target_ratio * count_parameters(model))
     allocation = allocation_plan(model, stats, target)
     report = compress_(model, allocation.plan, calibration=stats, progress=not args.quiet)
@@ -126,13 +120,13 @@ def _calibration_blocks(args: argparse.Namespace, model, tokenizer) -> torch.Ten
     return blocks
 
 
-def _calibration(args: argparse.Namespace, model, tokenizer, plan: CompressionPlan) -> CalibrationStats | None:
-    """Statistics of the modules ``plan`` targets: loaded, collected from --calibration, or none."""
+def _calibration(args: argparse.Namespace, model, tokenizer, names: list[str]) -> CalibrationStats | None:
+    """Statistics of the modules ``names``: loaded, collected from --calibration, or none."""
     if args.calibration_stats:
         return CalibrationStats.load(args.calibration_stats)
     if not args.calibration:
         return None
-    stats = calibrate(model, plan, _calibration_blocks(args, model, tokenizer), progress=not args.quiet)
+    stats = collect(model, names, _calibration_blocks(args, model, tokenizer), progress=not args.quiet)
     print(f"calibration: {json.dumps(stats.summary())}", file=sys.stderr)
     if args.save_calibration:
         stats.save(args.save_calibration)
@@ -148,13 +142,8 @@ def _eval(args: argparse.Namespace) -> None:
             from .harness import evaluate_tasks
         except ImportError as err:
             raise ValueError(str(err)) from err
-        result = {
-            "model": args.model,
-            "tasks": evaluate_tasks(args.model, args.tasks.split(","), args.include_path, args.limit),
-        }
-        print(json.dumps(result, indent=2))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+        scores = evaluate_tasks(args.model, args.tasks.split(","), args.include_path, args.limit)
+        _print_result({"model": args.model, "tasks": scores}, args.json)
         return
     if args.include_path or args.limit:
         raise ValueError("--include-path and --limit apply to harness --tasks only")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 
@@ -62,11 +61,9 @@ def plot_training(records: list[dict], path: str | Path) -> Path:
 
 
 def _save(fig, path: str | Path) -> Path:
-    """Write the figure beside ``path`` and rename it into place: a killed run leaves no half a PNG."""
-    path = Path(path)
-    staging = path.with_name(f".{path.stem}.staging{path.suffix}")
+    from .serialization import write_file_atomically  # a killed run leaves no half a PNG
+
     fig.tight_layout()
-    fig.savefig(staging, dpi=110)
+    written = write_file_atomically(path, lambda staging: fig.savefig(staging, dpi=110))
     _pyplot().close(fig)
-    os.replace(staging, path)
-    return path
+    return written

@@ -121,6 +121,16 @@ def write_atomically(directory: Path, write: Callable[[Path], None]) -> Path:
     return directory
 
 
+def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(file)`` to a staging file beside ``path`` (same suffix, so writers that read it still
+    work), then rename it into place: a killed run leaves the old file or the new one, never half."""
+    path = Path(path)
+    staging = path.with_name(f".{path.stem}.staging{path.suffix}")
+    write(staging)
+    os.replace(staging, path)
+    return path
+
+
 def _backup(directory: Path) -> Path:
     return directory.with_name(f".{directory.name}.old")
 

@@ -7,7 +7,6 @@ step), ``evaluation`` (held-out loss), ``checkpoint`` (write and read back); ``T
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import time
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 from ..data import TokenBlocks
 from ..methods import is_compressed
 from ..plots import plot_training
-from ..serialization import recover_interrupted_write, save
+from ..serialization import recover_interrupted_write, save, write_file_atomically
 from .checkpoint import CHECKPOINT, read_checkpoint, restore_optimizer, write_checkpoint
 from .config import TrainConfig
 from .evaluation import heldout_loss
@@ -86,7 +85,8 @@ class Trainer:
             self.step, self.history = state["step"], state["history"]
             if self.accelerator.is_main_process:
                 # Lines logged after the checkpoint (or half-written by a killed run) would repeat or break.
-                _write_atomically(self.out / LOG, "".join(json.dumps(record) + "\n" for record in self.history))
+                log = "".join(json.dumps(record) + "\n" for record in self.history)
+                write_file_atomically(self.out / LOG, lambda path: path.write_text(log))
         elif (self.out / FINAL).exists() or (self.out / CHECKPOINT).exists():
             raise FileExistsError(f"{self.out} already holds a run (pass resume=True / --resume to continue it)")
 
@@ -228,19 +228,13 @@ class Trainer:
             metrics.update(describe(self.student))
         if self.accelerator.is_main_process:
             save(self.student, self.out / FINAL, self.tokenizer, overwrite=True)
-            _write_atomically(self.out / METRICS, json.dumps(metrics, indent=2))
+            write_file_atomically(self.out / METRICS, lambda path: path.write_text(json.dumps(metrics, indent=2)))
             plot_training(self.history, self.out / CURVE)
             checkpoint = self.out / CHECKPOINT
             if checkpoint.exists():  # the final model supersedes it
                 shutil.rmtree(checkpoint)
         self.accelerator.wait_for_everyone()
         return metrics
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.staging")
-    staging.write_text(text)
-    os.replace(staging, path)
 
 
 def _vocab_size(model: nn.Module) -> int | None:
