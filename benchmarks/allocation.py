@@ -13,26 +13,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import re
-import subprocess
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
+from common import ASSETS, RESULTS, heldout_ids, load_smollm2
 
 import tqcompressor as tq
 from tqcompressor.allocation import allocation_plan, linear_layers
 from tqcompressor.calibration import collect
 from tqcompressor.data import load_blocks
-from tqcompressor.evaluation import perplexity, read_text
-from tqcompressor.loading import load_model
-
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-os.environ.setdefault("TQCOMPRESSOR_ASSETS", str(ASSETS))
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+from tqcompressor.evaluation import perplexity
 
 
 def uniform_svd(model, names: list[str], target: int) -> tq.CompressionPlan:
@@ -49,11 +42,8 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=32_768)
     parser.add_argument("--max-tokens", type=int, default=8_000)
     args = parser.parse_args()
-    fetched = subprocess.run(["bash", str(ASSETS / "smollm2/fetch.sh")], capture_output=True, text=True, check=True)
-    model, tokenizer = load_model(fetched.stdout.split()[-1])
-    heldout = tokenizer(read_text(ASSETS / "corpus/gutenberg/heldout"), verbose=False)["input_ids"][
-        : args.max_tokens + 1
-    ]
+    model, tokenizer = load_smollm2()
+    heldout = heldout_ids(tokenizer, args.max_tokens)
     text = load_blocks(ASSETS / "corpus/gutenberg/train", tokenizer, 512, args.calibration_tokens, seed=0)
     names = linear_layers(model)
     started = time.perf_counter()

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from common import ASSETS, RESULTS, heldout_ids, load_smollm2
 
 import tqcompressor as tq
 from tqcompressor.calibration import collect
@@ -32,15 +31,6 @@ from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_
 from tqcompressor.loading import load_model
 from tqcompressor.presets import matching_svd_plan
 from tqcompressor.surgery import resolve
-
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-os.environ.setdefault("TQCOMPRESSOR_ASSETS", str(ASSETS))  # named eval sets read their local copies
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-
-
-def load_smollm2() -> tuple[torch.nn.Module, object]:
-    fetched = subprocess.run(["bash", str(ASSETS / "smollm2/fetch.sh")], capture_output=True, text=True, check=True)
-    return load_model(fetched.stdout.split()[-1])
 
 
 def load_house_teacher() -> tuple[torch.nn.Module, object]:
@@ -121,7 +111,7 @@ def main() -> None:
 def run_model(name: str, args, data: dict, path: Path) -> None:
     done = {(r["model"], r["method"], r["calibrated"]) for r in data["records"]}
     model, tokenizer = load_smollm2() if name == "smollm2-135m" else load_house_teacher()
-    heldout = tokenizer(read_text(ASSETS / "corpus/gutenberg/heldout"), verbose=False)["input_ids"]
+    heldout = heldout_ids(tokenizer)
     texts = {"heldout": heldout[: args.max_tokens + 1]}
     passages = []
     if name == "smollm2-135m":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import shutil
 import time
@@ -32,6 +31,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from common import ASSETS, heldout_ids
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tqcompressor import count_parameters
@@ -42,9 +42,6 @@ from tqcompressor.schedule import Schedule, run_schedule, step_dir
 from tqcompressor.serialization import load
 from tqcompressor.surgery import compress_
 from tqcompressor.training import FINAL, TrainConfig
-
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-os.environ.setdefault("TQCOMPRESSOR_ASSETS", str(ASSETS))  # named eval sets read their local copies
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("multi-step", "one-shot", "no-permutations")
@@ -118,9 +115,7 @@ def main() -> None:
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
     window = 512
     texts = {
-        "heldout": tokenizer(read_text(ASSETS / "corpus/gutenberg/heldout"), verbose=False)["input_ids"][
-            : args.eval_tokens + 1
-        ],
+        "heldout": heldout_ids(tokenizer, args.eval_tokens),
         "wikitext2": tokenizer(read_text("wikitext2"), verbose=False)["input_ids"][: args.eval_tokens + 1],
     }
     heldout_fraction = 0.02

@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import ASSETS, RESULTS, heldout_ids, load_smollm2
 
 import tqcompressor as tq
 from tqcompressor.data import load_blocks
-from tqcompressor.evaluation import perplexity, read_text
+from tqcompressor.evaluation import perplexity
 from tqcompressor.export import export
 from tqcompressor.loading import load_model
-
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-os.environ.setdefault("TQCOMPRESSOR_ASSETS", str(ASSETS))
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def main() -> None:
@@ -36,11 +31,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4_000)
     parser.add_argument("--time-budget", type=float, default=3.0)
     args = parser.parse_args()
-    fetched = subprocess.run(["bash", str(ASSETS / "smollm2/fetch.sh")], capture_output=True, text=True, check=True)
-    model, tokenizer = load_model(fetched.stdout.split()[-1])
-    heldout = tokenizer(read_text(ASSETS / "corpus/gutenberg/heldout"), verbose=False)["input_ids"][
-        : args.max_tokens + 1
-    ]
+    model, tokenizer = load_smollm2()
+    heldout = heldout_ids(tokenizer, args.max_tokens)
     record = {
         "params_dense": tq.count_parameters(model),
         "ppl_dense": perplexity(model, heldout, max_length=512)["ppl"],

@@ -14,21 +14,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+from common import ASSETS, heldout_ids
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tqcompressor import count_parameters
 from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_text
 from tqcompressor.presets import matching_svd_plan, preset
 from tqcompressor.surgery import compress_
-
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-os.environ.setdefault("TQCOMPRESSOR_ASSETS", str(ASSETS))  # named eval sets read their local copies
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,9 +56,7 @@ def main() -> None:
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
     texts = {
         "wikitext2": tokenizer(read_text("wikitext2"), verbose=False)["input_ids"][: args.max_tokens + 1],
-        "heldout": tokenizer(read_text(ASSETS / "corpus/gutenberg/heldout"), verbose=False)["input_ids"][
-            : args.max_tokens + 1
-        ],
+        "heldout": heldout_ids(tokenizer, args.max_tokens),
     }
     passages = lambada_passages()[: args.lambada_passages]
 

@@ -1,0 +1,26 @@
+"""What the benchmark scripts share: the local assets beside this checkout and the models they load."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from tqcompressor.evaluation import read_text
+from tqcompressor.loading import load_model
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+RESULTS = Path(__file__).resolve().parent / "results"
+os.environ.setdefault("TQCOMPRESSOR_ASSETS", str(ASSETS))  # named eval sets read their local copies
+
+
+def load_smollm2():
+    """(SmolLM2-135M as a plain float32 LlamaForCausalLM, tokenizer), fetched by the assets' script."""
+    fetched = subprocess.run(["bash", str(ASSETS / "smollm2/fetch.sh")], capture_output=True, text=True, check=True)
+    return load_model(fetched.stdout.split()[-1])
+
+
+def heldout_ids(tokenizer, max_tokens: int | None = None) -> list[int]:
+    """The held-out Gutenberg books as token ids, the first ``max_tokens + 1`` when capped."""
+    ids = tokenizer(read_text(ASSETS / "corpus/gutenberg/heldout"), verbose=False)["input_ids"]
+    return ids if max_tokens is None else ids[: max_tokens + 1]
