@@ -1,11 +1,10 @@
-"""Decomposition quality on real GPT-2 small attention matrices, and KroneckerLinear forward speed.
+"""Decomposition quality on real GPT-2 small attention matrices (layer speed: benchmarks/speed.py).
 
     python benchmarks/decomposition.py [--layers 0 1 ...] [--time-budget SECONDS]
 
 Writes benchmarks/results/decomposition.json (one record per matrix, method and budget),
-benchmarks/results/decomposition_speed.json (forward timings) and
 benchmarks/results/decomposition.md (means, the error reduction permutations bring, which start and
-which move helped, and forward-time ratios against nn.Linear measured in the same run).
+which move helped).
 """
 
 from __future__ import annotations
@@ -18,11 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from tqcompressor import (
-    KroneckerLinear,
-    KroneckerShape,
     nearest_kronecker,
     propose_kronecker_shape,
     search_permutations,
@@ -103,42 +99,7 @@ def measure_quality(matrices: dict[str, torch.Tensor], search_options: dict) -> 
     return records
 
 
-def _time(fn, x: torch.Tensor, repeats: int) -> float:
-    with torch.inference_mode():
-        fn(x)
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(x)
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
-
-
-def measure_speed() -> list[dict]:
-    """KroneckerLinear vs nn.Linear at the GPT-2 MLP shape (768 -> 3072, r=4, A 384x768, B 2x4)."""
-    torch.manual_seed(0)
-    dense = nn.Linear(768, 3072)
-    shape = KroneckerShape(384, 768, 2, 4, rank=4)
-    factors = search_permutations(dense.weight.detach().T, shape, iterations=1, starts=("identity",)).factors
-    layer = KroneckerLinear.from_module(dense, factors)
-    rows = []
-    for batch, seq, repeats in ((1, 1, 200), (8, 1024, 10)):
-        x = torch.randn(batch, seq, 768)
-        dense_s, kron_s = _time(dense, x, repeats), _time(layer, x, repeats)
-        rows.append(
-            {
-                "tokens": f"{batch}x{seq}",
-                "dense_ms": dense_s * 1e3,
-                "kronecker_ms": kron_s * 1e3,
-                "kronecker_over_dense": kron_s / dense_s,
-                "threads": torch.get_num_threads(),
-            }
-        )
-        print(rows[-1], flush=True)
-    return rows
-
-
-def summarise(records: list[dict], speed: list[dict], search_options: dict, layers: list[int]) -> str:
+def summarise(records: list[dict], search_options: dict, layers: list[int]) -> str:
     lines = [
         "# Decomposition quality on real GPT-2 small attention weights",
         "",
@@ -184,20 +145,6 @@ def summarise(records: list[dict], speed: list[dict], search_options: dict, laye
         "",
         "Mean relative-error reduction contributed by each move in the winning trial: "
         + ", ".join(f"{k} {v:.4f}" for k, v in sorted(gains.items(), key=lambda kv: -kv[1])),
-        "",
-        "## KroneckerLinear forward vs nn.Linear (768 -> 3072, r=4, A 384x768, B 2x4), same run",
-        "",
-        "| tokens | dense ms | kronecker ms | kronecker / dense |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {s['tokens']} | {s['dense_ms']:.3f} | {s['kronecker_ms']:.3f} | {s['kronecker_over_dense']:.2f} |"
-        for s in speed
-    ]
-    lines += [
-        "",
-        f"CPU threads: {speed[0]['threads']}; median of repeated calls after a warm-up. Timings are noisy on a "
-        "shared 2-core machine: compare the ratio, taken within one run, not the absolute milliseconds.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -212,9 +159,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_json:
         records = json.loads((args.out / "decomposition.json").read_text())
-        speed = json.loads((args.out / "decomposition_speed.json").read_text())
         layers = sorted({int(r["matrix"].split(".")[1]) for r in records})
-        (args.out / "decomposition.md").write_text(summarise(records, speed, SEARCH_RECORDED, layers))
+        (args.out / "decomposition.md").write_text(summarise(records, SEARCH_RECORDED, layers))
         print((args.out / "decomposition.md").read_text())
         return
     if not ASSET.exists():
@@ -226,11 +172,9 @@ def main() -> None:
         "seed": 0,
     }
     records = measure_quality(attention_matrices(ASSET, args.layers), search_options)
-    speed = measure_speed()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "decomposition.json").write_text(json.dumps(records, indent=1))
-    (args.out / "decomposition_speed.json").write_text(json.dumps(speed, indent=1))
-    (args.out / "decomposition.md").write_text(summarise(records, speed, search_options, args.layers))
+    (args.out / "decomposition.md").write_text(summarise(records, search_options, args.layers))
     print((args.out / "decomposition.md").read_text())
 
 

@@ -199,6 +199,28 @@ def test_calibrated_compression_computes_closer_to_the_original_on_its_inputs(co
     assert errors[True] < errors[False]
 
 
+def test_calibrated_kronecker_keeps_the_best_of_its_candidate_orders():
+    torch.manual_seed(5)
+    layer = nn.Linear(16, 12)
+    x = anisotropic_inputs(800, 16, seed=6)
+    stats = tq.calibration.InputStats(x.T @ x, 800)
+    method = tq.get_method("kronecker")
+    candidates = {True: {"identity", "frobenius-search", "whitened-columns", "scaled-search"}, "cols": None}
+    candidates["cols"] = candidates[True] - {"scaled-search"}  # the scaled search permutes inputs (rows)
+    for permute, expected in candidates.items():
+        config = tq.KroneckerConfig(shape=(4, 3, 4, 4), rank=1, permute=permute, iterations=2)
+        fitted, report = method.fit(layer, config, stats)
+        orders = {
+            key.removeprefix("order_"): value for key, value in report.details.items() if key.startswith("order_")
+        }
+        assert set(orders) == expected
+        assert report.best_start == min(orders, key=orders.get) and report.error == min(orders.values())
+        weight = layer.weight.detach().T.double()
+        assert calibrated_error(weight, fitted.dense_weight().detach().double(), stats.second_moment) == pytest.approx(
+            report.error, rel=1e-5
+        )
+
+
 def test_frequency_weighted_embeddings_fit_frequent_tokens_better():
     torch.manual_seed(0)
     embedding = nn.Embedding(120, 32)

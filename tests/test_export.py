@@ -83,6 +83,28 @@ def test_compressed_models_refuse_save_pretrained_until_materialized(tmp_path):
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
+def test_materialize_by_pattern_densifies_only_the_matching_layers(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=120, n_positions=64)).eval()
+    plan = tq.preset("kngpt2", model.config)
+    tq.compress_(model, plan, progress=False)
+    ids = torch.randint(0, 120, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.raises(ValueError, match="matches none of the compressed modules"):
+        tq.materialize(model, r"transformer\.h\.0\.attn\..*")
+    tq.materialize(model, r".*\.c_fc|transformer\.wte")
+    assert type(model.transformer.h[1].mlp.c_fc).__name__ == "Conv1D"
+    assert isinstance(model.transformer.h[1].mlp.c_proj, tq.KroneckerLinear)
+    assert model.lm_head.weight is model.transformer.wte.weight  # the tied head followed its embedding
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"tqcompressor\.save"):  # still compressed: still guarded
+        model.save_pretrained(tmp_path / "hf")
+    tq.save(model, tmp_path / "run")
+    torch.testing.assert_close(tq.load(tmp_path / "run")(ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
 def test_inspect_plot_and_distill_curve_are_valid_images(tmp_path, capsys):
     from PIL import Image
     from test_distillation import compressed_pair, config, pattern_blocks

@@ -73,6 +73,19 @@ def test_both_contraction_orders_agree():
     torch.testing.assert_close(layer(x), first, rtol=1e-12, atol=1e-12)
 
 
+def test_identity_orders_skip_their_gathers_and_loaded_orders_are_honoured():
+    shape = KroneckerShape(4, 6, 3, 5, 2)
+    weight = torch.randn(12, 30, dtype=torch.float64)
+    permuted = KroneckerLinear(_permuted_factors(weight, shape))
+    assert permuted.permutes_input and permuted.permutes_output
+    plain = KroneckerLinear.from_spec(permuted.to_spec()).double()
+    assert not (plain.permutes_input or plain.permutes_output)
+    plain.load_state_dict(permuted.state_dict())  # the loaded orders switch the gathers back on
+    assert plain.permutes_input and plain.permutes_output
+    x = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(plain(x), x @ permuted.dense_weight(), rtol=1e-12, atol=1e-12)
+
+
 def test_kronecker_linear_runs_under_bf16_autocast_and_in_float32():
     shape = KroneckerShape(384, 768, 2, 4, 4)
     dense = nn.Linear(768, 3072)

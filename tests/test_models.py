@@ -158,6 +158,14 @@ def test_save_refuses_to_clobber_and_load_reports_damage(tmp_path):
     with pytest.raises(FileExistsError):
         save(model, tmp_path / "busy")
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    config = json.loads((out / "config.json").read_text())
+    config["tqcompressor"]["format_version"] = 1  # before the Kronecker factor layout changed
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format 1, this version reads format 2"):
+        load(out)
+    config["tqcompressor"]["format_version"] = 2
+    (out / "config.json").write_text(json.dumps(config))
+    load(out)
     weights = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     with pytest.raises(ValueError, match="cannot read"):

@@ -6,6 +6,7 @@ tq.save(model, "out", tokenizer); model = tq.load("out")
 """
 
 from .calibration import CalibrationStats, calibrate
+from .folding import fold_permutations
 from .methods import CompressedModule, CompressionMethod, FitReport, MethodConfig, get_method, method_names, register
 from .methods.kronecker import (
     KroneckerConfig,
@@ -54,6 +55,7 @@ __all__ = [
     "compress_",
     "count_parameters",
     "fit_factors",
+    "fold_permutations",
     "get_method",
     "load",
     "materialize",

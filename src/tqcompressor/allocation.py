@@ -1,11 +1,14 @@
 """Budget-driven compression: choose, per linear layer, dense, low-rank at some rank, or a Kronecker
 shape, so that the total estimated loss is smallest within a parameter budget.
 
-A candidate's loss is its squared output error per calibration token, tr(Δᵀ C Δ) / N, estimated from
-the statistics without fitting: exact for whitened low-rank (the tail of the singular values of SᵀW),
-and for Kronecker the closed-form Kronecker-whitened fit, an upper bound that the installed fit (ALS
-refinement) only lowers. The allocation is a greedy walk down each layer's lower convex hull of
-(parameters, loss), always taking the step that frees parameters at the least loss per parameter.
+A candidate's loss is its relative squared output error, tr(Δᵀ C Δ) / tr(Wᵀ C W), estimated from the
+statistics without fitting: exact for whitened low-rank (the tail of the singular values of SᵀW), and
+for Kronecker the closed-form Kronecker-whitened fit, an upper bound that the installed fit (ALS
+refinement) only lowers. Relative, because absolute errors are in each layer's own units: summed raw,
+the layers with the largest outputs (SmolLM2's down_proj) stayed dense while the small-output q/k
+projections were cut to the bone, and the model broke. The allocation is a greedy walk down each
+layer's lower convex hull of (parameters, loss), always taking the step that frees parameters at the
+least loss per parameter.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class Candidate:
     module: str
     config: MethodConfig | None  # None: keep the dense weight
     params: int  # the weight's parameters after (a bias is kept as it is)
-    loss: float  # estimated squared output error per calibration token
+    loss: float  # estimated relative squared output error on the calibration inputs
 
     @property
     def method(self) -> str:
@@ -51,17 +54,16 @@ def candidates(name: str, module: nn.Module, stats: InputStats) -> list[Candidat
     w = weight.detach().double()
     rows, cols = w.shape
     c = stats.second_moment.double()
-    tokens = max(stats.tokens, 1)
     whitened = whitening_factor(c).T @ w
     energy = torch.linalg.svdvals(whitened) ** 2
-    tail = energy.flip(0).cumsum(0).flip(0)  # tail[k] = Σ_{i >= k} σ_i²
-    total = float(energy.sum())
+    total = float(energy.sum()) or 1.0  # ‖Sᵀ W‖² = tr(Wᵀ C W), the layer's output energy
+    tail = energy.flip(0).cumsum(0).flip(0) / total  # tail[k] = Σ_{i >= k} σ_i², relative
     found = [Candidate(name, None, rows * cols, 0.0)]
     full = rows * cols // (rows + cols)
     for fraction in RANK_FRACTIONS:
         rank = max(1, int(full * fraction))
         if rank < min(rows, cols):
-            found.append(Candidate(name, LowRankConfig(rank=rank), rank * (rows + cols), float(tail[rank]) / tokens))
+            found.append(Candidate(name, LowRankConfig(rank=rank), rank * (rows + cols), float(tail[rank])))
     for ratio in KRONECKER_RATIOS:
         try:
             shape = propose_kronecker_shape(rows, cols, ratio)
@@ -69,7 +71,7 @@ def candidates(name: str, module: nn.Module, stats: InputStats) -> list[Candidat
             continue
         _, history = calibrated_factors(weight.detach(), shape, c, iterations=0)
         config = KroneckerConfig(shape=(shape.m1, shape.n1, shape.m2, shape.n2), rank=shape.rank, permute=False)
-        found.append(Candidate(name, config, shape.num_params, history[0] ** 2 * total / tokens))
+        found.append(Candidate(name, config, shape.num_params, history[0] ** 2))
     return found
 
 
@@ -125,7 +127,7 @@ class Allocation:
     seconds: float
 
     def table(self) -> str:
-        lines = [f"{'module':48} {'method':10} {'structure':30} {'params':>10} {'est. error':>10}"]
+        lines = [f"{'module':48} {'method':10} {'structure':30} {'params':>10} {'rel. error':>10}"]
         for name, candidate in self.chosen.items():
             fields = {} if candidate.config is None else candidate.config.to_dict()
             structure = ", ".join(f"{k}={v}" for k, v in fields.items() if k != "permute")

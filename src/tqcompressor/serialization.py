@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from .methods import is_compressed, module_class
 from .surgery import guard_hub_saving, set_submodule, set_untied_config
 from .tied_head import TiedEmbeddingHead
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Kronecker factors stored as (m1, r, n1) and (m2, r, n2)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TIED_HEAD = "tied_embedding_head"
@@ -177,7 +178,10 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     if section is None:
         raise ValueError(f"{directory} is not a tqcompressor model (config.json has no 'tqcompressor' section)")
     if section.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported tqcompressor format {section.get('format_version')} in {directory}")
+        raise ValueError(
+            f"{directory} holds tqcompressor format {section.get('format_version')}, this version reads format "
+            f"{FORMAT_VERSION}: load and export it (tqcompressor export) with the version that saved it"
+        )
     if not (directory / WEIGHTS).is_file():
         raise ValueError(f"{directory} has no {WEIGHTS}: the save is incomplete")
     architectures = raw.get("architectures") or []
@@ -237,16 +241,28 @@ def _share_again(model: nn.Module, aliases: dict[str, str]) -> None:
             setattr(model.get_submodule(module_name), attribute, parameters[original])
 
 
-def materialize(model: nn.Module) -> nn.Module:
-    """Replace every compressed module by its dense equivalent, in place (original architecture)."""
+def materialize(model: nn.Module, pattern: str | None = None) -> nn.Module:
+    """Replace compressed modules by their dense equivalents, in place: all of them (the original
+    architecture), or those whose name fully matches the regex ``pattern`` (e.g. layers whose
+    factorised form runs slower than dense; ``benchmarks/results/speed.md`` says which). A tied head
+    follows its embedding."""
     modules = list(model.named_modules())
+    chosen = [
+        (name, module)
+        for name, module in modules
+        if is_compressed(module)
+        and not isinstance(module, TiedEmbeddingHead)
+        and (pattern is None or re.fullmatch(pattern, name))
+    ]
+    if pattern is not None and not chosen:
+        compressed = [name for name, module in modules if is_compressed(module)]
+        raise ValueError(f"pattern {pattern!r} matches none of the compressed modules {compressed[:8]}")
     dense_of: dict[int, nn.Module] = {}
-    for name, module in modules:
-        if is_compressed(module):
-            dense_of[id(module)] = module.to_dense()
-            set_submodule(model, name, dense_of[id(module)])
+    for name, module in chosen:
+        dense_of[id(module)] = module.to_dense()
+        set_submodule(model, name, dense_of[id(module)])
     for name, head in modules:
-        if not isinstance(head, TiedEmbeddingHead):
+        if not isinstance(head, TiedEmbeddingHead) or id(head.embedding) not in dense_of:
             continue
         embedding = dense_of[id(head.embedding)]
         linear = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
@@ -256,6 +272,8 @@ def materialize(model: nn.Module) -> nn.Module:
         set_submodule(model, name, linear.to(embedding.weight.device))
         if getattr(model, "config", None) is not None:
             model.config.tie_word_embeddings = True
+    if any(is_compressed(module) for module in model.modules()):
+        return model
     model.tqcompressor_history = []
     guard_hub_saving(model, guard=False)
     return model

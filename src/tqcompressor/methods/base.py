@@ -40,6 +40,18 @@ class CompressedModule(nn.Module):
         """``hidden @ E.T`` through the factors (embeddings only)."""
         raise NotImplementedError(f"{type(self).__name__} is not an embedding")
 
+    def input_permutation(self) -> torch.Tensor | None:
+        """The gather x[..., index] this module applies to its input first, if it has one (a linear kind
+        with one can hand it to the modules producing its input: ``tqcompressor.fold_permutations``)."""
+        return None
+
+    def drop_input_permutation(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no input permutation")
+
+    def permute_outputs(self, index: torch.Tensor) -> None:
+        """From now on produce y[..., index] instead of y."""
+        raise NotImplementedError(f"{type(self).__name__} cannot reorder its outputs")
+
     @staticmethod
     def parameter(tensor: torch.Tensor) -> nn.Parameter:
         # Always row-major: SVD factors come out column-major, and a saved model loads row-major. Equal

@@ -50,3 +50,15 @@ def optional_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
 def relative_error(approximation: torch.Tensor, reference: torch.Tensor) -> float:
     reference = reference.detach().double()
     return float(torch.linalg.norm(approximation.detach().double() - reference) / torch.linalg.norm(reference))
+
+
+def permute_dense_outputs(module: nn.Module, index: torch.Tensor) -> None:
+    """Make a dense linear layer produce y[..., index] instead of y (its weight columns and bias)."""
+    _, bias, layout = dense_weight(module)
+    with torch.no_grad():
+        if layout == "conv1d":
+            module.weight.copy_(module.weight[:, index])
+        else:
+            module.weight.copy_(module.weight[index])
+        if bias is not None:
+            module.bias.copy_(module.bias[index])

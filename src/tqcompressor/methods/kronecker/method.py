@@ -181,7 +181,9 @@ class KroneckerMethod(CompressionMethod):
         self, module: nn.Module, config: KroneckerConfig, stats: InputStats
     ) -> tuple[KroneckerLinear, FitReport]:
         """Fit on the calibration objective from each candidate order and keep the best: identity, the
-        order the Frobenius search finds, and a column order searched on the Kronecker-whitened W."""
+        order the Frobenius search finds, a column order searched on the Kronecker-whitened W, and the
+        orders searched on W with each input row scaled by its RMS on the calibration inputs (the
+        diagonal of C: a whitening that, unlike S₁ ⊗ S₂, commutes with permuting the inputs)."""
         weight, bias, layout = dense_weight(module)
         shape = config.linear_shape(*weight.shape)
         c = stats.second_moment
@@ -196,6 +198,10 @@ class KroneckerMethod(CompressionMethod):
                 whitened, _, _ = kronecker_whitened(weight, c, shape.m1, shape.m2)
                 columns = self._search(whitened, shape, config, rows=False).factors.col_perm
                 fitted["whitened-columns"] = calibrated_factors(weight, shape, c, None, columns)
+            if config.permute in (True, "rows"):
+                scale = c.diagonal().clamp_min(0).sqrt().to(weight)[:, None]
+                scaled = self._search(scale * weight, shape, config).factors
+                fitted["scaled-search"] = calibrated_factors(weight, shape, c, scaled.row_perm, scaled.col_perm)
         errors = {name: calibrated_error(weight, f.reconstruct(), c) for name, (f, _) in fitted.items()}
         best = min(errors, key=errors.get)
         factors, history = fitted[best]

@@ -15,7 +15,12 @@ from .factors import KroneckerFactors
 
 
 class KroneckerLinear(CompressedModule):
-    """y = x W + bias with W[input_perm][:, col_perm] = sum_i a[i] ⊗ b[i], applied as two matmuls."""
+    """y = x W + bias with W[input_perm][:, col_perm] = sum_i A_i ⊗ B_i, applied as two matmuls.
+
+    The factors are stored in the layout the matmuls read, ``a`` as (m1, r, n1) and ``b`` as
+    (m2, r, n2), so a forward pass never copies a weight: at decode time reading A (about half the
+    dense matrix at ½ size) is the whole cost, and a per-call rearranged copy would triple it.
+    """
 
     spec_type = "kronecker_linear"
     kind = "linear"
@@ -26,14 +31,45 @@ class KroneckerLinear(CompressedModule):
         self.m1, self.n1, self.m2, self.n2, self.rank = shape.m1, shape.n1, shape.m2, shape.n2, shape.rank
         self.in_features, self.out_features = shape.in_features, shape.out_features
         self.layout = layout
-        self.a = self.parameter(factors.a)
-        self.b = self.parameter(factors.b)
+        self.a = self.parameter(factors.a.transpose(0, 1))
+        self.b = self.parameter(factors.b.transpose(0, 1))
         self.bias = optional_bias(bias)
         self.register_buffer("input_index", factors.row_perm.detach().clone().long())
         self.register_buffer("output_index", torch.argsort(factors.col_perm.detach()).long())
-        # Contract the big factor first when it shrinks the intermediate (e.g. GPT-2 c_fc: A 384x768, B 2x4).
+        self.refresh_orders()
+        self.register_load_state_dict_post_hook(lambda module, _: module.refresh_orders())
+        # Contract with A first unless that costs more multiply-adds (both orders give the same result).
+        self.a_first = self.multiply_adds(a_first=True) <= self.multiply_adds(a_first=False)
+
+    def refresh_orders(self) -> None:
+        """Note which sides really permute; call after changing ``input_index`` or ``output_index``.
+        An identity order skips its gather, which costs as much as a copy of the activations."""
+
+        def permutes(index: torch.Tensor) -> bool:  # meta tensors (planning) have no values to compare
+            return index.is_meta or not torch.equal(index.cpu(), torch.arange(len(index)))
+
+        self.permutes_input, self.permutes_output = permutes(self.input_index), permutes(self.output_index)
+
+    def input_permutation(self) -> torch.Tensor | None:
+        return self.input_index if self.permutes_input else None
+
+    def drop_input_permutation(self) -> None:
+        self.input_index.copy_(torch.arange(self.in_features))
+        self.refresh_orders()
+
+    def permute_outputs(self, index: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.output_index.copy_(self.output_index[index])
+            if self.bias is not None:
+                self.bias.copy_(self.bias[index])
+        self.refresh_orders()
+
+    def multiply_adds(self, a_first: bool | None = None) -> int:
+        """Multiply-adds per token in one contraction order (default: the chosen one); dense: in x out."""
         r, m1, n1, m2, n2 = self.rank, self.m1, self.n1, self.m2, self.n2
-        self.a_first = r * m1 * n1 * m2 + r * n1 * m2 * n2 <= r * m1 * m2 * n2 + r * m1 * n2 * n1
+        if self.a_first if a_first is None else a_first:
+            return m1 * r * n1 * m2 + m2 * r * n2 * n1
+        return m2 * r * n2 * m1 + m1 * r * n1 * n2
 
     @classmethod
     def from_module(cls, module: nn.Module, factors: KroneckerFactors) -> KroneckerLinear:
@@ -60,23 +96,27 @@ class KroneckerLinear(CompressedModule):
         lead = x.shape[:-1]
         r, m1, n1, m2, n2 = self.rank, self.m1, self.n1, self.m2, self.n2
         a, b = self.a.to(x.dtype), self.b.to(x.dtype)
-        x = x.reshape(-1, self.in_features).index_select(1, self.input_index).view(-1, m1, m2)
+        x = x.reshape(-1, self.in_features)
+        if self.permutes_input:
+            x = x.index_select(1, self.input_index)
         tokens = x.shape[0]
-        # Each step is one large GEMM over all tokens; the second contracts the (slot, term) pairs.
+        # One large GEMM over all tokens, then a small one over the (slot, term) pairs.
         if self.a_first:
-            t = x.transpose(1, 2).reshape(tokens * m2, m1) @ a.permute(1, 0, 2).reshape(m1, r * n1)
-            y = t.view(tokens, m2 * r, n1).transpose(1, 2) @ b.permute(1, 0, 2).reshape(m2 * r, n2)
+            t = x.view(tokens, m1, m2).transpose(1, 2).reshape(tokens * m2, m1) @ a.view(m1, r * n1)
+            y = t.view(tokens, m2 * r, n1).transpose(1, 2) @ b.view(m2 * r, n2)
         else:
-            t = x.reshape(tokens * m1, m2) @ b.permute(1, 0, 2).reshape(m2, r * n2)
-            y = (t.view(tokens, m1 * r, n2).transpose(1, 2) @ a.permute(1, 0, 2).reshape(m1 * r, n1)).transpose(1, 2)
-        y = y.reshape(tokens, self.out_features).index_select(1, self.output_index)
+            t = x.view(tokens * m1, m2) @ b.view(m2, r * n2)
+            y = (t.view(tokens, m1 * r, n2).transpose(1, 2) @ a.view(m1 * r, n1)).transpose(1, 2)
+        y = y.reshape(tokens, self.out_features)
+        if self.permutes_output:
+            y = y.index_select(1, self.output_index)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*lead, self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent W (in x out); only for export and tests, never used in forward."""
-        permuted = torch.einsum("rac,rbd->abcd", self.a, self.b).reshape(self.in_features, self.out_features)
+        permuted = torch.einsum("arc,brd->abcd", self.a, self.b).reshape(self.in_features, self.out_features)
         weight = torch.empty_like(permuted)
         weight[self.input_index] = permuted[:, self.output_index]
         return weight

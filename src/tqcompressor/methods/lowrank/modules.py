@@ -52,6 +52,12 @@ class LowRankLinear(CompressedModule):
         y = (x @ self.u.to(x.dtype)) @ self.v.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def permute_outputs(self, index: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.v.copy_(self.v[:, index])
+            if self.bias is not None:
+                self.bias.copy_(self.bias[index])
+
     def dense_weight(self) -> torch.Tensor:
         return self.u @ self.v
 

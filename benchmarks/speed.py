@@ -1,0 +1,428 @@
+"""How fast compressed layers and models run against the dense original, and how long compression takes.
+
+    python benchmarks/speed.py [--parts layers models compression] [--rounds 7] [--decode-tokens 32]
+
+Layers: forward time over dense ``nn.Linear`` time measured in the same run (interleaved rounds,
+medians), at GPT-2 small and SmolLM2-135M MLP shapes, for Kronecker factorisations at ½ the dense
+parameters (r=1 B 2x1, r=2 B 2x2, r=4 B 2x4 / 4x2 as the presets use; with and without permutations)
+and low-rank at equal parameters; for 1 token (decode), 8 tokens and 8x1024 tokens (prefill), in float32
+and under bfloat16 autocast. Each record carries the multiply-adds per token next to the time.
+Models: tokens/s of prefill (one 512-token prompt) and of greedy decode with the KV cache, original
+against compressed (every MLP projection halved: Kronecker + permutations, the same with the
+permutations folded by ``tq.fold_permutations``, and low-rank), for the house teacher (plus its tied
+÷4 embedding, the ``tqcompressedgpt2`` preset) and SmolLM2-135M. Speed does not depend on the
+weights' values, so factors are fitted data-free without the search and the permutations are random
+ones, which cost what searched ones cost.
+Compression: wall time of the ``tqcompressedgpt2`` preset with default search settings on a
+random-weight GPT-2 small, and of a calibrated low-rank plan on SmolLM2 (calibration included).
+Writes benchmarks/results/speed.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from common import ASSETS, RESULTS, load_smollm2
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import tqcompressor as tq
+from tqcompressor.data import load_blocks
+from tqcompressor.loading import load_model
+from tqcompressor.methods.kronecker import KroneckerFactors, KroneckerLinear
+from tqcompressor.methods.lowrank import LowRankFactors, LowRankLinear, rank_for_params
+
+SHAPES = {"gpt2 mlp in": (768, 3072), "gpt2 mlp out": (3072, 768), "smollm2 mlp in": (576, 1536)}
+SHAPES["smollm2 mlp out"] = (1536, 576)
+TOKENS = (1, 8, 8192)
+
+
+def kronecker_layers(rows: int, cols: int) -> dict[str, tuple[int, int, int, int, int]]:
+    """Factor shapes (m1, n1, m2, n2, r) at ½ the dense parameters, B's shape following the MLP's direction."""
+    grow = cols > rows
+    return {
+        "r1 B2x1": (rows // 2, cols, 2, 1, 1),
+        "r2 B2x2": (rows // 2, cols // 2, 2, 2, 2),
+        "r4 B2x4" if grow else "r4 B4x2": (rows // 2, cols // 4, 2, 4, 4) if grow else (rows // 4, cols // 2, 4, 2, 4),
+    }
+
+
+def layer_variants(rows: int, cols: int) -> dict[str, tuple[nn.Module, int]]:
+    """name -> (module, multiply-adds per token), all at about half the dense parameters."""
+    g = torch.Generator().manual_seed(0)
+    variants: dict[str, tuple[nn.Module, int]] = {"dense": (nn.Linear(rows, cols), rows * cols)}
+    bias = torch.randn(cols, generator=g)
+    for name, (m1, n1, m2, n2, r) in kronecker_layers(rows, cols).items():
+        a, b = torch.randn(r, m1, n1, generator=g), torch.randn(r, m2, n2, generator=g)
+        for permute in (False, True):
+            orders = (torch.randperm(rows, generator=g), torch.randperm(cols, generator=g))
+            if not permute:
+                orders = (torch.arange(rows), torch.arange(cols))
+            layer = KroneckerLinear(KroneckerFactors(a, b, *orders), bias)
+            variants[f"kronecker{'+perm' if permute else ''} {name}"] = (layer, layer.multiply_adds())
+    rank = rank_for_params(rows, cols, rows * cols // 2)
+    u, v = torch.randn(rows, rank, generator=g), torch.randn(rank, cols, generator=g)
+    variants[f"lowrank r{rank}"] = (LowRankLinear(LowRankFactors(u, v), bias), rank * (rows + cols))
+    return variants
+
+
+def autocast(dtype: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+def interleaved_medians(calls: dict[str, Callable[[], object]], rounds: int, min_seconds: float = 0.005) -> dict:
+    """Median seconds per call of each callable, timed in turns so that machine noise hits all alike."""
+    repeats = {}
+    for name, call in calls.items():
+        for _ in range(3):  # warm-up: thread pools, allocator, first-call dispatch
+            call()
+        started = time.perf_counter()
+        call()
+        repeats[name] = max(1, int(min_seconds / max(time.perf_counter() - started, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            for _ in range(repeats[name]):
+                call()
+            samples[name].append((time.perf_counter() - started) / repeats[name])
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def measure_layers(rounds: int) -> list[dict]:
+    records = []
+    for shape_name, (rows, cols) in SHAPES.items():
+        variants = layer_variants(rows, cols)
+        for tokens in TOKENS:
+            x = torch.randn(tokens, rows)
+            for dtype in ("float32", "bf16"):
+
+                def call(module: nn.Module, dtype: str = dtype, x: torch.Tensor = x) -> Callable[[], object]:
+                    def run():
+                        with torch.inference_mode(), autocast(dtype):
+                            return module(x)
+
+                    return run
+
+                times = interleaved_medians(
+                    {name: call(module) for name, (module, _) in variants.items()}, rounds if tokens > 8 else 4 * rounds
+                )
+                for name, (module, multiply_adds) in variants.items():
+                    if name == "dense":
+                        continue
+                    records.append(
+                        {
+                            "kind": "layer",
+                            "method": name,
+                            "shape": f"{shape_name} {rows}x{cols}",
+                            "tokens": tokens,
+                            "dtype": dtype,
+                            "ratio_to_dense": times[name] / times["dense"],
+                            "flops_ratio": multiply_adds / (rows * cols),
+                            "params_ratio": tq.count_parameters(module) / (rows * cols + cols),
+                            "dense_ms": times["dense"] * 1e3,
+                        }
+                    )
+                    print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def mlp_rules(model: nn.Module) -> dict[str, tq.CompressionPlan]:
+    """Every MLP projection halved, as Kronecker (r=4, B 2x4 / 4x2; no search) and as low-rank."""
+    if model.config.model_type == "gpt2":
+        width, inner = model.config.n_embd, model.config.n_inner or 4 * model.config.n_embd
+        grow_name, shrink_name = r"transformer\.h\.\d+\.mlp\.c_fc", r"transformer\.h\.\d+\.mlp\.c_proj"
+    else:
+        width, inner = model.config.hidden_size, model.config.intermediate_size
+        grow_name, shrink_name = r"model\.layers\.\d+\.mlp\.(gate|up)_proj", r"model\.layers\.\d+\.mlp\.down_proj"
+    grow = tq.KroneckerConfig(shape=(width // 2, inner // 4, 2, 4), rank=4, permute=False)
+    shrink = tq.KroneckerConfig(shape=(inner // 4, width // 2, 4, 2), rank=4, permute=False)
+    rules = [tq.Rule(grow_name, grow), tq.Rule(shrink_name, shrink)]
+    if model.config.model_type == "gpt2":  # the preset's tied embedding ÷2 then ÷2 as well
+        embedding = tq.KroneckerConfig(embedding_factor=2, permute=False)
+        rules = [tq.Rule(r"transformer\.wte", embedding), *rules, tq.Rule(r"transformer\.wte", embedding)]
+    kronecker = tq.CompressionPlan(rules, name="kronecker+perm")
+    return {"kronecker+perm": kronecker, "lowrank": tq.presets.matching_svd_plan(model, kronecker)}
+
+
+def randomise_orders(model: nn.Module, seed: int = 0) -> None:
+    """Random permutations in every Kronecker layer: what a searched order costs at run time."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, KroneckerLinear):
+            module.input_index.copy_(torch.randperm(module.in_features, generator=g))
+            module.output_index.copy_(torch.randperm(module.out_features, generator=g))
+            module.refresh_orders()
+        elif isinstance(module, tq.KroneckerEmbedding):
+            for stage in range(len(module.scales)):
+                index = module.stage_index(stage)
+                index.copy_(torch.randperm(len(index), generator=g))
+
+
+def generation_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, dtype: str) -> tuple[float, float]:
+    """(prefill seconds for the prompt, seconds per decoded token with the KV cache), greedy."""
+    with torch.inference_mode(), autocast(dtype):
+        started = time.perf_counter()
+        out = model(prompt, use_cache=True)
+        prefill = time.perf_counter() - started
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decode = (time.perf_counter() - started) / new_tokens
+    return prefill, decode
+
+
+def measure_models(rounds: int, prompt_tokens: int, decode_tokens: int) -> list[dict]:
+    records = []
+    loaders = {"house-teacher": lambda: load_model(str(ASSETS / "house-teacher")), "smollm2-135m": load_smollm2}
+    for model_name, loader in loaders.items():
+        original, _ = loader()
+        original.eval()
+        models = {"dense": original}
+        for method, plan in mlp_rules(original).items():
+            compressed = copy.deepcopy(original)
+            tq.compress_(compressed, plan, progress=False)
+            randomise_orders(compressed)
+            models[method] = compressed.eval()
+            if method == "kronecker+perm":
+                folded = copy.deepcopy(compressed)
+                tq.fold_permutations(folded)
+                models[f"{method} folded"] = folded
+        prompt = torch.randint(0, original.config.vocab_size, (1, prompt_tokens), generator=torch.Generator())
+        for dtype in ("float32", "bf16"):
+            samples = {name: ([], []) for name in models}
+            for model in models.values():
+                generation_speed(model, prompt[:, :16], 2, dtype)  # warm-up
+            for _ in range(rounds):
+                for name, model in models.items():
+                    prefill, decode = generation_speed(model, prompt, decode_tokens, dtype)
+                    samples[name][0].append(prefill)
+                    samples[name][1].append(decode)
+            dense_prefill, dense_decode = (statistics.median(s) for s in samples["dense"])
+            for name, model in models.items():
+                prefill, decode = (statistics.median(s) for s in samples[name])
+                for phase, seconds, dense_seconds, tokens in (
+                    ("prefill", prefill, dense_prefill, prompt_tokens),
+                    ("decode", decode, dense_decode, 1),
+                ):
+                    records.append(
+                        {
+                            "kind": "model",
+                            "model": model_name,
+                            "method": name,
+                            "shape": f"{tq.count_parameters(model) / 1e6:.1f}M params",
+                            "params": tq.count_parameters(model),
+                            "tokens": tokens,
+                            "dtype": dtype,
+                            "phase": phase,
+                            "tokens_per_s": tokens / seconds,
+                            "ratio_to_dense": seconds / dense_seconds,
+                        }
+                    )
+                    print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def measure_compression(calibration_tokens: int) -> list[dict]:
+    records = []
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config())
+    started = time.perf_counter()
+    report = tq.compress_(gpt2, "tqcompressedgpt2", progress=False)
+    records.append(
+        {
+            "kind": "compression",
+            "model": "gpt2-small (random weights)",
+            "plan": "tqcompressedgpt2, default search settings",
+            "seconds": time.perf_counter() - started,
+            "params": tq.count_parameters(gpt2),
+            "slowest_layers": sorted(((l.name, l.seconds) for l in report.layers), key=lambda x: -x[1])[:3],
+        }
+    )
+    print(json.dumps(records[-1]), flush=True)
+    del gpt2
+
+    model, tokenizer = load_smollm2()
+    kronecker = mlp_rules(model)["kronecker+perm"]
+    plan = tq.presets.matching_svd_plan(model, kronecker)
+    started = time.perf_counter()
+    text = load_blocks(ASSETS / "corpus/gutenberg/train", tokenizer, 512, calibration_tokens, seed=0)
+    stats = tq.calibrate(model, plan, torch.cat([text.train, text.heldout]), progress=False)
+    calibrated = time.perf_counter() - started
+    tq.compress_(model, plan, calibration=stats, progress=False)
+    records.append(
+        {
+            "kind": "compression",
+            "model": "smollm2-135m",
+            "plan": f"every MLP projection ½, calibrated low-rank ({calibration_tokens} calibration tokens)",
+            "seconds": time.perf_counter() - started,
+            "calibration_seconds": calibrated,
+            "params": tq.count_parameters(model),
+        }
+    )
+    print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["layers", "models", "compression"])
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (x4 for 1 and 8 tokens)")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--calibration-tokens", type=int, default=32_768)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown and plot")
+    args = parser.parse_args()
+    path = args.out / "speed.json"
+    if args.from_json:
+        write_report(json.loads(path.read_text()), args.out)
+        return
+    data = {
+        "meta": {
+            "command": "python benchmarks/speed.py "
+            + f"--parts {' '.join(args.parts)} --rounds {args.rounds} --prompt-tokens {args.prompt_tokens} "
+            + f"--decode-tokens {args.decode_tokens} --calibration-tokens {args.calibration_tokens}",
+            "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}",
+        },
+        "records": [],
+    }
+    if "layers" in args.parts:
+        data["records"] += measure_layers(args.rounds)
+    if "models" in args.parts:
+        data["records"] += measure_models(max(3, args.rounds // 2), args.prompt_tokens, args.decode_tokens)
+    if "compression" in args.parts:
+        data["records"] += measure_compression(args.calibration_tokens)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    write_report(data, args.out)
+
+
+def write_report(data: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = data["records"]
+    lines = [
+        "# Speed of compressed layers and models against the dense original",
+        "",
+        f"Command: `{data['meta']['command']}` on {data['meta']['machine']}.",
+        "Times are ratios to the dense module or model measured in the same run (interleaved rounds, medians); "
+        "below 1 is faster than dense. FLOPs: multiply-adds per token over the dense layer's.",
+    ]
+    layers = [r for r in records if r["kind"] == "layer"]
+    if layers:
+        lines += ["", "## Layers at ½ the dense parameters", ""]
+        for dtype in dict.fromkeys(r["dtype"] for r in layers):
+            lines += [
+                f"### {dtype}",
+                "",
+                "| shape | method | FLOPs | 1 token | 8 tokens | 8x1024 tokens |",
+                "|---|---|---:|---:|---:|---:|",
+            ]
+            rows = dict.fromkeys((r["shape"], r["method"]) for r in layers if r["dtype"] == dtype)
+            for shape, method in rows:
+                key = (shape, method, dtype)
+                cells = {r["tokens"]: r for r in layers if (r["shape"], r["method"], r["dtype"]) == key}
+                flops = next(iter(cells.values()))["flops_ratio"]
+                ratios = " | ".join(f"{cells[t]['ratio_to_dense']:.2f}" if t in cells else "—" for t in TOKENS)
+                lines.append(f"| {shape} | {method} | {flops:.2f} | {ratios} |")
+            lines.append("")
+        lines += targets(layers)
+    models = [r for r in records if r["kind"] == "model"]
+    if models:
+        lines += [
+            "",
+            "## Whole models (prefill: one prompt; decode: greedy with the KV cache)",
+            "",
+            "| model | method | params | dtype | prefill tok/s | prefill ratio | decode tok/s | decode ratio |",
+            "|---|---|---:|---|---:|---:|---:|---:|",
+        ]
+        keys = dict.fromkeys((r["model"], r["method"], r["dtype"]) for r in models)
+        for model, method, dtype in keys:
+            phase = {r["phase"]: r for r in models if (r["model"], r["method"], r["dtype"]) == (model, method, dtype)}
+            p, d = phase["prefill"], phase["decode"]
+            lines.append(
+                f"| {model} | {method} | {p['params']:,} | {dtype} | {p['tokens_per_s']:.0f} | "
+                f"{p['ratio_to_dense']:.2f} | {d['tokens_per_s']:.1f} | {d['ratio_to_dense']:.2f} |"
+            )
+        smol = [r for r in models if r["model"] == "smollm2-135m" and r["phase"] == "decode" and r["method"] != "dense"]
+        for r in smol:
+            verdict = "met" if r["ratio_to_dense"] <= 1.0 else "missed"
+            lines.append(
+                f"\nTarget, SmolLM2 with MLPs halved ({r['method']}, {r['dtype']}): decode tokens/s at least the "
+                f"original's: {verdict} ({1 / r['ratio_to_dense']:.2f}x the original's tokens/s)."
+            )
+    compression = [r for r in records if r["kind"] == "compression"]
+    if compression:
+        lines += ["", "## Compression time", ""]
+        for r in compression:
+            lines.append(f"- {r['model']}, {r['plan']}: {r['seconds']:.0f} s")
+            if "slowest_layers" in r:
+                slowest = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in r["slowest_layers"])
+                verdict = "met" if r["seconds"] < 300 else "missed"
+                lines[-1] += f" (slowest: {slowest}). Target under 5 minutes on this machine: {verdict}."
+            if "calibration_seconds" in r:
+                lines[-1] += f" (calibration {r['calibration_seconds']:.0f} s)."
+    (out / "speed.md").write_text("\n".join(lines) + "\n")
+
+    if layers:
+        fig, axes = plt.subplots(1, len(TOKENS), figsize=(5 * len(TOKENS), 4.5), sharey=True)
+        float32 = [r for r in layers if r["dtype"] == "float32"]
+        methods = list(dict.fromkeys(r["method"] for r in float32))
+        shapes = list(dict.fromkeys(r["shape"] for r in float32))
+        for ax, tokens in zip(axes, TOKENS, strict=True):
+            for method in methods:
+                points = [
+                    (shapes.index(r["shape"]), r["ratio_to_dense"])
+                    for r in float32
+                    if r["method"] == method and r["tokens"] == tokens
+                ]
+                ax.plot(*zip(*points, strict=True), marker="o", linestyle="", label=method)
+            ax.axhline(1.0, color="grey", linewidth=0.8)
+            ax.set_xticks(range(len(shapes)), [s.split(" ", 1)[1] if " " in s else s for s in shapes], rotation=20)
+            ax.set_title(f"{tokens} tokens per forward (float32)")
+            ax.set_yscale("log")
+        axes[0].set_ylabel("time / dense nn.Linear time")
+        axes[-1].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "speed.png", dpi=120)
+
+
+def targets(layers: list[dict]) -> list[str]:
+    """Issue targets for the layers the presets use (r=4) and low-rank, float32."""
+    lines = ["Targets (float32, layers at ½ parameters as the presets build them):", ""]
+    for method_prefix in ("kronecker+perm r4", "kronecker r4", "lowrank"):
+        rows = [r for r in layers if r["dtype"] == "float32" and r["method"].startswith(method_prefix)]
+        decode = [r for r in rows if r["tokens"] == 1]
+        prefill = [r for r in rows if r["tokens"] == 8192]
+        if not decode or not prefill:
+            continue
+        worst_decode = max(decode, key=lambda r: r["ratio_to_dense"])
+        worst_prefill = max(prefill, key=lambda r: r["ratio_to_dense"])
+        lines.append(
+            f"- {method_prefix}: decode worst {worst_decode['ratio_to_dense']:.2f}x dense (target ≤ 1.0: "
+            f"{'met' if worst_decode['ratio_to_dense'] <= 1.0 else 'missed'}); prefill worst "
+            f"{worst_prefill['ratio_to_dense']:.2f}x (target ≤ 1.3: "
+            f"{'met' if worst_prefill['ratio_to_dense'] <= 1.3 else 'missed'}; "
+            f"FLOPs {worst_prefill['flops_ratio']:.2f}x dense)."
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    main()
