@@ -41,8 +41,12 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--calibration-tokens", type=int, default=32_768)
     parser.add_argument("--max-tokens", type=int, default=8_000)
+    parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown")
     args = parser.parse_args()
     model, tokenizer = load_smollm2()
+    if args.from_json:
+        write_report(json.loads((RESULTS / "allocation.json").read_text()), model)
+        return
     heldout = heldout_ids(tokenizer, args.max_tokens)
     text = load_blocks(ASSETS / "corpus/gutenberg/train", tokenizer, 512, args.calibration_tokens, seed=0)
     names = linear_layers(model)
@@ -86,12 +90,19 @@ def main() -> None:
         + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items()
+            if k != "from_json"
         ),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "calibration_seconds": calibration_seconds,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "allocation.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    data = {"meta": meta, "records": records}
+    (RESULTS / "allocation.json").write_text(json.dumps(data, indent=1))
+    write_report(data, model)
+
+
+def write_report(data: dict, model) -> None:
+    meta, records = data["meta"], data["records"]
     lines = [
         "# Budget allocation against a uniform plan (calibrated, no distillation)",
         "",
@@ -108,7 +119,21 @@ def main() -> None:
             f"| {r['model']} | {r['plan']} | {r.get('target_ratio', 1.0):.2f} | {r['params']:,} | "
             f"{r['heldout_ppl']:.1f} | {chosen} | {r.get('search_seconds', 0):.0f} |"
         )
+    lines += where_chosen(records, model)
     (RESULTS / "allocation.md").write_text("\n".join(lines) + "\n")
+
+
+def where_chosen(records: list[dict], model) -> list[str]:
+    """Per projection type: the share of its dense parameters the allocation kept, and how many stay dense."""
+    lines = ["", "Where the allocation put the parameters (share of each projection's dense weight kept):", ""]
+    for r in (r for r in records if r["plan"] == "auto"):
+        kept: dict[str, list[float]] = {}
+        for name, choice in r["layers"].items():
+            kind = name.rsplit(".", 1)[-1]
+            kept.setdefault(kind, []).append(choice["params"] / model.get_submodule(name).weight.numel())
+        cells = ", ".join(f"{kind} {sum(v) / len(v):.2f} ({sum(x >= 1 for x in v)} dense)" for kind, v in kept.items())
+        lines.append(f"- target {r['target_ratio']:.2f}: {cells}")
+    return lines
 
 
 if __name__ == "__main__":

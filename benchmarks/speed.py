@@ -168,22 +168,10 @@ def randomise_orders(model: nn.Module, seed: int = 0) -> None:
                 index.copy_(torch.randperm(len(index), generator=g))
 
 
-def generation_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int, dtype: str) -> tuple[float, float]:
-    """(prefill seconds for the prompt, seconds per decoded token with the KV cache), greedy."""
-    with torch.inference_mode(), autocast(dtype):
-        started = time.perf_counter()
-        out = model(prompt, use_cache=True)
-        prefill = time.perf_counter() - started
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        started = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        decode = (time.perf_counter() - started) / new_tokens
-    return prefill, decode
-
-
 def measure_models(rounds: int, prompt_tokens: int, decode_tokens: int) -> list[dict]:
+    """Prefill and per-token decode times, each model's turn interleaved with the others' at every
+    step, medians: the machine's noise comes in bursts of seconds, which would otherwise land on
+    whichever model happened to run then."""
     records = []
     loaders = {"house-teacher": lambda: load_model(str(ASSETS / "house-teacher")), "smollm2-135m": load_smollm2}
     for model_name, loader in loaders.items():
@@ -201,20 +189,30 @@ def measure_models(rounds: int, prompt_tokens: int, decode_tokens: int) -> list[
                 models[f"{method} folded"] = folded
         prompt = torch.randint(0, original.config.vocab_size, (1, prompt_tokens), generator=torch.Generator())
         for dtype in ("float32", "bf16"):
-            samples = {name: ([], []) for name in models}
-            for model in models.values():
-                generation_speed(model, prompt[:, :16], 2, dtype)  # warm-up
-            for _ in range(rounds):
-                for name, model in models.items():
-                    prefill, decode = generation_speed(model, prompt, decode_tokens, dtype)
-                    samples[name][0].append(prefill)
-                    samples[name][1].append(decode)
-            dense_prefill, dense_decode = (statistics.median(s) for s in samples["dense"])
+            prefill = {name: [] for name in models}
+            decode = {name: [] for name in models}
+            with torch.inference_mode(), autocast(dtype):
+                for model in models.values():  # warm-up
+                    model(prompt[:, :16], use_cache=True)
+                for _ in range(rounds):
+                    state = {}
+                    for name, model in models.items():
+                        started = time.perf_counter()
+                        out = model(prompt, use_cache=True)
+                        prefill[name].append(time.perf_counter() - started)
+                        state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+                    for _ in range(decode_tokens):
+                        for name, model in models.items():
+                            cache, token = state[name]
+                            started = time.perf_counter()
+                            out = model(token, past_key_values=cache, use_cache=True)
+                            decode[name].append(time.perf_counter() - started)
+                            state[name] = (out.past_key_values, out.logits[:, -1:].argmax(-1))
+            medians = {name: (statistics.median(prefill[name]), statistics.median(decode[name])) for name in models}
             for name, model in models.items():
-                prefill, decode = (statistics.median(s) for s in samples[name])
                 for phase, seconds, dense_seconds, tokens in (
-                    ("prefill", prefill, dense_prefill, prompt_tokens),
-                    ("decode", decode, dense_decode, 1),
+                    ("prefill", medians[name][0], medians["dense"][0], prompt_tokens),
+                    ("decode", medians[name][1], medians["dense"][1], 1),
                 ):
                     records.append(
                         {
@@ -279,6 +277,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=["layers", "models", "compression"])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (x4 for 1 and 8 tokens)")
+    parser.add_argument("--model-rounds", type=int, default=5, help="prompts per model (each then decoded)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--calibration-tokens", type=int, default=32_768)
@@ -289,20 +288,26 @@ def main() -> None:
     if args.from_json:
         write_report(json.loads(path.read_text()), args.out)
         return
+    previous = json.loads(path.read_text()) if path.exists() else {"meta": {}, "records": []}
+    kinds = {"layers": "layer", "models": "model", "compression": "compression"}
     data = {
         "meta": {
             "command": "python benchmarks/speed.py "
-            + f"--parts {' '.join(args.parts)} --rounds {args.rounds} --prompt-tokens {args.prompt_tokens} "
+            + f"--parts {' '.join(args.parts)} --rounds {args.rounds} --model-rounds {args.model_rounds} "
+            + f"--prompt-tokens {args.prompt_tokens} "
             + f"--decode-tokens {args.decode_tokens} --calibration-tokens {args.calibration_tokens}",
             "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}",
         },
-        "records": [],
+        # Parts not run this time keep their records from the last run (their own command is not recorded).
+        "records": [r for r in previous["records"] if r["kind"] not in {kinds[part] for part in args.parts}],
     }
+    if data["records"]:
+        data["meta"]["command"] = f"{previous['meta']['command']}, then {data['meta']['command']}"
     if "layers" in args.parts:
         data["records"] += measure_layers(args.rounds)
     if "models" in args.parts:
-        data["records"] += measure_models(max(3, args.rounds // 2), args.prompt_tokens, args.decode_tokens)
+        data["records"] += measure_models(args.model_rounds, args.prompt_tokens, args.decode_tokens)
     if "compression" in args.parts:
         data["records"] += measure_compression(args.calibration_tokens)
     args.out.mkdir(parents=True, exist_ok=True)

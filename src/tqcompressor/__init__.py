@@ -6,6 +6,7 @@ tq.save(model, "out", tokenizer); model = tq.load("out")
 """
 
 from .calibration import CalibrationStats, calibrate
+from .depth import keep_layers_
 from .folding import fold_permutations
 from .methods import CompressedModule, CompressionMethod, FitReport, MethodConfig, get_method, method_names, register
 from .methods.kronecker import (
@@ -57,6 +58,7 @@ __all__ = [
     "fit_factors",
     "fold_permutations",
     "get_method",
+    "keep_layers_",
     "load",
     "materialize",
     "method_names",

@@ -16,6 +16,7 @@ from .allocation import allocation_plan, linear_layers
 from .assets import default_model
 from .calibration import CalibrationStats, collect, compress_sequentially
 from .data import load_blocks
+from .depth import keep_layers_
 from .distillation import DistillationLoss
 from .evaluation import DATASETS, evaluate, fidelity, read_text, size_report
 from .export import export
@@ -52,7 +53,19 @@ def _compress(args: argparse.Namespace) -> None:
     if args.plan:
         _refuse_preset_flags(args, "the plan file")
     _check_calibration_flags(args)
+    if not (args.preset or args.plan or args.target_params or args.target_ratio or args.keep_layers):
+        raise ValueError("say what to do: --preset, --plan, --target-params, --target-ratio or --keep-layers")
     model, tokenizer = load_model(model_name, args.gguf_file)
+    if args.keep_layers:
+        keep = args.keep_layers if args.keep_layers in ("even", "odd") else _indices(args.keep_layers)
+        kept = keep_layers_(model, keep)
+        print(f"kept blocks {kept}: {count_parameters(model):,} parameters", file=sys.stderr)
+        if not (args.preset or args.plan or args.target_params or args.target_ratio):
+            if args.dense_head or args.time_budget is not None or args.calibration or args.calibration_stats:
+                raise ValueError("--dense-head, --time-budget and calibration apply to a preset, plan or budget")
+            save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
+            print(f"saved to {out}")
+            return
     if args.target_params or args.target_ratio:
         _compress_to_budget(args, model, tokenizer, out)
         return
@@ -70,6 +83,13 @@ def _compress(args: argparse.Namespace) -> None:
     save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report.table())
     print(f"saved to {out}")
+
+
+def _indices(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--keep-layers takes even, odd or comma-separated block indices, got {text!r}") from None
 
 
 def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -> None:
@@ -283,7 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="HF name or directory, or a .gguf file (default: $TQCOMPRESSOR_ASSETS/house-teacher)"
     )
     c.add_argument("--gguf-file", help="the GGUF file inside the --model directory (needs the gguf package)")
-    which = c.add_mutually_exclusive_group(required=True)
+    c.add_argument(
+        "--keep-layers",
+        help="first keep only these transformer blocks, with their weights: even (0, 2, ...: the DistilGPT-2 "
+        "baseline), odd, or indices such as 0,3,5; alone, or before a preset, plan or budget",
+    )
+    which = c.add_mutually_exclusive_group()
     which.add_argument("--preset", choices=PRESETS)
     which.add_argument("--plan", help="YAML or JSON plan file")
     which.add_argument("--target-params", type=int, help="choose every layer's method and size for this budget")

@@ -31,10 +31,18 @@ class Architecture:
     width: str  # config attribute names
     inner: str
     layers: str
+    blocks: str  # the ModuleList of transformer blocks
 
 
 GPT2 = Architecture(
-    r"transformer\.wte", r"transformer\.h\.({layers})\.mlp\.", ("c_fc",), ("c_proj",), "n_embd", "n_inner", "n_layer"
+    r"transformer\.wte",
+    r"transformer\.h\.({layers})\.mlp\.",
+    ("c_fc",),
+    ("c_proj",),
+    "n_embd",
+    "n_inner",
+    "n_layer",
+    "transformer.h",
 )
 LLAMA = Architecture(
     r"model\.embed_tokens",
@@ -44,6 +52,7 @@ LLAMA = Architecture(
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
+    "model.layers",
 )
 ARCHITECTURES = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA}
 

@@ -20,7 +20,9 @@ from .modules import KroneckerEmbedding, KroneckerLinear
 from .search import search_permutations
 from .shapes import KroneckerShape, propose_kronecker_shape
 
-SEARCH_DEFAULTS = {"iterations": 6, "restarts": 0, "seed": 0, "time_budget": 60.0}
+# 15 s per layer: the GPT-2 small preset (14 searched matrices) then compresses in minutes on 2 cores;
+# at 60 s the search used its whole budget on every layer and took 12.7 minutes (benchmarks/speed.py).
+SEARCH_DEFAULTS = {"iterations": 6, "restarts": 0, "seed": 0, "time_budget": 15.0}
 
 
 @dataclass
@@ -31,7 +33,7 @@ class KroneckerConfig(MethodConfig):
     compressed embedding it divides the inner width again (the paper's ÷2 then ÷2).
     ``permute``: search permutations of both sides (true), "rows", "cols" or none (false); embeddings
     permute their columns only. ``iterations``, ``restarts``, ``seed``, ``time_budget`` (seconds per
-    layer) tune the search, default 6, 0, 0, 60."""
+    layer) tune the search, default 6, 0, 0, 15."""
 
     method = "kronecker"
     shape: tuple[int, int, int, int] | None = None
@@ -154,13 +156,18 @@ class KroneckerMethod(CompressionMethod):
             return self._fit_linear_calibrated(module, config, stats)
         return self._fit_embedding(module, config, stats)
 
-    def _search(self, weight: torch.Tensor, shape: KroneckerShape, config: KroneckerConfig, rows: bool = True):
+    def _search(
+        self, weight: torch.Tensor, shape: KroneckerShape, config: KroneckerConfig, rows: bool = True, share: int = 1
+    ):
+        """The configured search; ``share`` splits the layer's time budget between that many searches."""
+        settings = config.search_settings()
+        settings["time_budget"] /= share
         return search_permutations(
             weight,
             shape,
             rows=rows and config.permute in (True, "rows"),
             cols=config.permute in (True, "cols"),
-            **config.search_settings(),
+            **settings,
         )
 
     def _fit_linear(self, module: nn.Module, config: KroneckerConfig) -> tuple[KroneckerLinear, FitReport]:
@@ -190,17 +197,18 @@ class KroneckerMethod(CompressionMethod):
         fitted = {"identity": calibrated_factors(weight, shape, c)}
         details = {"frobenius_fit": calibrated_error(weight, nearest_kronecker(weight, shape).reconstruct(), c)}
         if config.permute is not False:
-            frobenius = self._search(weight, shape, config)
+            searches = 1 + (config.permute in (True, "cols")) + (config.permute in (True, "rows"))
+            frobenius = self._search(weight, shape, config, share=searches)
             details["frobenius_fit_permuted"] = calibrated_error(weight, frobenius.factors.reconstruct(), c)
             order = frobenius.factors
             fitted["frobenius-search"] = calibrated_factors(weight, shape, c, order.row_perm, order.col_perm)
             if config.permute in (True, "cols"):
                 whitened, _, _ = kronecker_whitened(weight, c, shape.m1, shape.m2)
-                columns = self._search(whitened, shape, config, rows=False).factors.col_perm
+                columns = self._search(whitened, shape, config, rows=False, share=searches).factors.col_perm
                 fitted["whitened-columns"] = calibrated_factors(weight, shape, c, None, columns)
             if config.permute in (True, "rows"):
                 scale = c.diagonal().clamp_min(0).sqrt().to(weight)[:, None]
-                scaled = self._search(scale * weight, shape, config).factors
+                scaled = self._search(scale * weight, shape, config, share=searches).factors
                 fitted["scaled-search"] = calibrated_factors(weight, shape, c, scaled.row_perm, scaled.col_perm)
         errors = {name: calibrated_error(weight, f.reconstruct(), c) for name, (f, _) in fitted.items()}
         best = min(errors, key=errors.get)

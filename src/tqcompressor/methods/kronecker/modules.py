@@ -17,9 +17,14 @@ from .factors import KroneckerFactors
 class KroneckerLinear(CompressedModule):
     """y = x W + bias with W[input_perm][:, col_perm] = sum_i A_i ⊗ B_i, applied as two matmuls.
 
-    The factors are stored in the layout the matmuls read, ``a`` as (m1, r, n1) and ``b`` as
-    (m2, r, n2), so a forward pass never copies a weight: at decode time reading A (about half the
-    dense matrix at ½ size) is the whole cost, and a per-call rearranged copy would triple it.
+    Contraction order: one large GEMM with the big factor over all tokens (its multiply-adds equal
+    the dense layer's at r=4 with B 2x4), then a batched small one whose inner rows are long. The
+    factors are stored in the layout those matmuls read, so a forward pass never copies a weight (at
+    decode time reading A, about half the dense matrix at ½ size, is the whole cost):
+    A first (when m2 <= n2, e.g. into an MLP): ``a`` (m1, r, n1), ``b`` (m2, r, n2);
+    B first (out of an MLP): ``a`` (r, m1, n1), ``b`` (n2, r, m2).
+    The input permutation and the transposition the first GEMM needs are one gather, and so are the
+    output permutation and the (n2, n1) layout the second GEMM leaves.
     """
 
     spec_type = "kronecker_linear"
@@ -31,24 +36,50 @@ class KroneckerLinear(CompressedModule):
         self.m1, self.n1, self.m2, self.n2, self.rank = shape.m1, shape.n1, shape.m2, shape.n2, shape.rank
         self.in_features, self.out_features = shape.in_features, shape.out_features
         self.layout = layout
-        self.a = self.parameter(factors.a.transpose(0, 1))
-        self.b = self.parameter(factors.b.transpose(0, 1))
+        # Contract with A first unless that costs more multiply-adds (both orders give the same result).
+        self.a_first = self.multiply_adds(a_first=True) <= self.multiply_adds(a_first=False)
+        if self.a_first:
+            self.a = self.parameter(factors.a.permute(1, 0, 2))
+            self.b = self.parameter(factors.b.permute(1, 0, 2))
+        else:
+            self.a = self.parameter(factors.a)
+            self.b = self.parameter(factors.b.permute(2, 0, 1))
         self.bias = optional_bias(bias)
         self.register_buffer("input_index", factors.row_perm.detach().clone().long())
         self.register_buffer("output_index", torch.argsort(factors.col_perm.detach()).long())
         self.refresh_orders()
         self.register_load_state_dict_post_hook(lambda module, _: module.refresh_orders())
-        # Contract with A first unless that costs more multiply-adds (both orders give the same result).
-        self.a_first = self.multiply_adds(a_first=True) <= self.multiply_adds(a_first=False)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A as (r, m1, n1), B as (r, m2, n2)): views of the stored factors."""
+        if self.a_first:
+            return self.a.permute(1, 0, 2), self.b.permute(1, 0, 2)
+        return self.a, self.b.permute(1, 2, 0)
 
     def refresh_orders(self) -> None:
-        """Note which sides really permute; call after changing ``input_index`` or ``output_index``.
-        An identity order skips its gather, which costs as much as a copy of the activations."""
+        """Rebuild the two gathers forward uses; call after changing ``input_index`` or ``output_index``."""
 
         def permutes(index: torch.Tensor) -> bool:  # meta tensors (planning) have no values to compare
             return index.is_meta or not torch.equal(index.cpu(), torch.arange(len(index)))
 
         self.permutes_input, self.permutes_output = permutes(self.input_index), permutes(self.output_index)
+        m1, m2, n1, n2 = self.m1, self.m2, self.n1, self.n2
+        # The first GEMM reads inputs as (m2, m1): slot b of block a is original input input_index[a*m2 + b].
+        transposes = m1 > 1 and m2 > 1
+        gather_in = self.input_index.view(m1, m2).T.reshape(-1) if self.permutes_input or transposes else None
+        # The second GEMM leaves output (c, d) of the permuted order at position d*n1 + c.
+        position = self.output_index
+        reorders = self.permutes_output or (n1 > 1 and n2 > 1)
+        gather_out = (position % n2) * n1 + torch.div(position, n2, rounding_mode="floor") if reorders else None
+        self.register_buffer("gather_in", gather_in, persistent=False)
+        self.register_buffer("gather_out", gather_out, persistent=False)
+
+    def multiply_adds(self, a_first: bool | None = None) -> int:
+        """Multiply-adds per token in one contraction order (default: the chosen one); dense: in x out."""
+        r, m1, n1, m2, n2 = self.rank, self.m1, self.n1, self.m2, self.n2
+        if self.a_first if a_first is None else a_first:
+            return m1 * r * n1 * m2 + m2 * r * n2 * n1
+        return m2 * r * n2 * m1 + m1 * r * n1 * n2
 
     def input_permutation(self) -> torch.Tensor | None:
         return self.input_index if self.permutes_input else None
@@ -63,13 +94,6 @@ class KroneckerLinear(CompressedModule):
             if self.bias is not None:
                 self.bias.copy_(self.bias[index])
         self.refresh_orders()
-
-    def multiply_adds(self, a_first: bool | None = None) -> int:
-        """Multiply-adds per token in one contraction order (default: the chosen one); dense: in x out."""
-        r, m1, n1, m2, n2 = self.rank, self.m1, self.n1, self.m2, self.n2
-        if self.a_first if a_first is None else a_first:
-            return m1 * r * n1 * m2 + m2 * r * n2 * n1
-        return m2 * r * n2 * m1 + m1 * r * n1 * n2
 
     @classmethod
     def from_module(cls, module: nn.Module, factors: KroneckerFactors) -> KroneckerLinear:
@@ -97,26 +121,26 @@ class KroneckerLinear(CompressedModule):
         r, m1, n1, m2, n2 = self.rank, self.m1, self.n1, self.m2, self.n2
         a, b = self.a.to(x.dtype), self.b.to(x.dtype)
         x = x.reshape(-1, self.in_features)
-        if self.permutes_input:
-            x = x.index_select(1, self.input_index)
         tokens = x.shape[0]
-        # One large GEMM over all tokens, then a small one over the (slot, term) pairs.
+        if self.gather_in is not None:
+            x = x.index_select(1, self.gather_in)  # (tokens, m2 * m1)
         if self.a_first:
-            t = x.view(tokens, m1, m2).transpose(1, 2).reshape(tokens * m2, m1) @ a.view(m1, r * n1)
-            y = t.view(tokens, m2 * r, n1).transpose(1, 2) @ b.view(m2 * r, n2)
+            t = x.view(tokens * m2, m1) @ a.view(m1, r * n1)
+            y = b.view(m2 * r, n2).T @ t.view(tokens, m2 * r, n1)
         else:
-            t = x.view(tokens * m1, m2) @ b.view(m2, r * n2)
-            y = (t.view(tokens, m1 * r, n2).transpose(1, 2) @ a.view(m1 * r, n1)).transpose(1, 2)
+            t = b.view(n2 * r, m2) @ x.view(tokens, m2, m1)
+            y = t.view(tokens * n2, r * m1) @ a.view(r * m1, n1)
         y = y.reshape(tokens, self.out_features)
-        if self.permutes_output:
-            y = y.index_select(1, self.output_index)
+        if self.gather_out is not None:
+            y = y.index_select(1, self.gather_out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*lead, self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent W (in x out); only for export and tests, never used in forward."""
-        permuted = torch.einsum("arc,brd->abcd", self.a, self.b).reshape(self.in_features, self.out_features)
+        a, b = self.factors()
+        permuted = torch.einsum("rac,rbd->abcd", a, b).reshape(self.in_features, self.out_features)
         weight = torch.empty_like(permuted)
         weight[self.input_index] = permuted[:, self.output_index]
         return weight

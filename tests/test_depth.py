@@ -1,0 +1,77 @@
+"""Depth reduction (the DistilGPT-2 baseline): the kept blocks compute what they computed in the teacher,
+the KV cache still works after renumbering, and the result saves and loads."""
+
+import pytest
+import torch
+from test_architectures import llama_config
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+import tqcompressor as tq
+from tqcompressor.cli import main
+
+
+def gpt2(layers: int = 4) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=layers, n_head=2, vocab_size=120, n_positions=64)).eval()
+
+
+def greedy(model, ids, use_cache: bool) -> torch.Tensor:
+    return model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=0)
+
+
+def test_even_blocks_of_gpt2_equal_a_shallower_model_with_the_teachers_weights(tmp_path):
+    teacher = gpt2()
+    student = gpt2()
+    assert tq.keep_layers_(student) == [0, 2]
+    assert student.config.n_layer == 2 and len(student.transformer.h) == 2
+    reference = gpt2(layers=2)
+    renamed = {}
+    for key, value in teacher.state_dict().items():
+        parts = key.split(".")
+        if parts[:2] == ["transformer", "h"]:
+            if int(parts[2]) % 2:
+                continue
+            parts[2] = str(int(parts[2]) // 2)
+        renamed[".".join(parts)] = value
+    reference.load_state_dict(renamed)
+    ids = torch.randint(0, 120, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(greedy(student, ids, True), greedy(student, ids, False))
+    tq.save(student, tmp_path / "half")
+    with torch.no_grad():
+        torch.testing.assert_close(tq.load(tmp_path / "half")(ids).logits, student(ids).logits)
+
+
+def test_llama_blocks_are_renumbered_for_the_kv_cache():
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(llama_config(num_hidden_layers=4)).eval()
+    assert tq.keep_layers_(model, [1, 3]) == [1, 3]
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    assert model.config.num_hidden_layers == 2
+    ids = torch.randint(0, 120, (1, 8))
+    assert torch.equal(greedy(model, ids, True), greedy(model, ids, False))
+
+
+def test_bad_block_choices_fail_before_anything_changes():
+    model = gpt2()
+    for keep in ([4], [], "middle"):
+        with pytest.raises(ValueError, match=r"block indices|keep must be"):
+            tq.keep_layers_(model, keep)
+    assert len(model.transformer.h) == 4
+
+
+def test_cli_keeps_layers_alone_or_before_a_preset(tmp_path, capsys):
+    gpt2().save_pretrained(tmp_path / "teacher")
+    common = ["compress", "--model", str(tmp_path / "teacher")]
+    assert main([*common, "--keep-layers", "even", "--out", str(tmp_path / "half")]) == 0
+    assert tq.load(tmp_path / "half").config.n_layer == 2
+    assert main([*common, "--keep-layers", "odd", "--preset", "kngpt2", "--out", str(tmp_path / "both")]) == 0
+    both = tq.load(tmp_path / "both")
+    assert both.config.n_layer == 2 and isinstance(both.transformer.h[1].mlp.c_fc, tq.KroneckerLinear)
+    capsys.readouterr()
+    assert main([*common, "--keep-layers", "0,x", "--out", str(tmp_path / "bad")]) == 2
+    assert main([*common, "--out", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "comma-separated block indices" in err and "say what to do" in err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "nothing").exists()
