@@ -26,7 +26,7 @@ from .methods import is_compressed, module_class
 from .surgery import guard_hub_saving, set_submodule, set_untied_config
 from .tied_head import TiedEmbeddingHead
 
-FORMAT_VERSION = 2  # 2: Kronecker factors stored as (m1, r, n1) and (m2, r, n2)
+FORMAT_VERSION = 2  # 2: KroneckerLinear factors stored in the layout its matmuls read
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TIED_HEAD = "tied_embedding_head"

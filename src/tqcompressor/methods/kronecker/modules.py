@@ -21,8 +21,8 @@ class KroneckerLinear(CompressedModule):
     the dense layer's at r=4 with B 2x4), then a batched small one whose inner rows are long. The
     factors are stored in the layout those matmuls read, so a forward pass never copies a weight (at
     decode time reading A, about half the dense matrix at ½ size, is the whole cost):
-    A first (when m2 <= n2, e.g. into an MLP): ``a`` (m1, r, n1), ``b`` (m2, r, n2);
-    B first (out of an MLP): ``a`` (r, m1, n1), ``b`` (n2, r, m2).
+    A first (the cheaper order into an MLP, B 2x4): ``a`` (m1, r, n1), ``b`` (m2, r, n2);
+    B first (out of an MLP, B 4x2): ``a`` (r, m1, n1), ``b`` (n2, r, m2).
     The input permutation and the transposition the first GEMM needs are one gather, and so are the
     output permutation and the (n2, n1) layout the second GEMM leaves.
     """
