@@ -1,12 +1,13 @@
 """How fast compressed layers and models run against the dense original, and how long compression takes.
 
-    python benchmarks/speed.py [--parts layers models compression] [--rounds 7] [--decode-tokens 32]
+    python benchmarks/speed.py [--parts layers compiled models compression] [--rounds 7] [--decode-tokens 32]
 
 Layers: forward time over dense ``nn.Linear`` time measured in the same run (interleaved rounds,
 medians), at GPT-2 small and SmolLM2-135M MLP shapes, for Kronecker factorisations at ½ the dense
 parameters (r=1 B 2x1, r=2 B 2x2, r=4 B 2x4 / 4x2 as the presets use; with and without permutations)
 and low-rank at equal parameters; for 1 token (decode), 8 tokens and 8x1024 tokens (prefill), in float32
 and under bfloat16 autocast. Each record carries the multiply-adds per token next to the time.
+Compiled: the presets' r=4 permuted layers under ``torch.compile``, against eager, float32.
 Models: tokens/s of prefill (one 512-token prompt) and of greedy decode with the KV cache, original
 against compressed (every MLP projection halved: Kronecker + permutations, the same with the
 permutations folded by ``tq.fold_permutations``, and low-rank), for the house teacher (plus its tied
@@ -133,6 +134,44 @@ def measure_layers(rounds: int) -> list[dict]:
                         }
                     )
                     print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def measure_compiled(rounds: int) -> list[dict]:
+    """The presets' r=4 permuted layers under ``torch.compile`` against eager, float32 (dense: eager)."""
+    records = []
+    for shape_name, (rows, cols) in SHAPES.items():
+        variants = layer_variants(rows, cols)
+        name = next(n for n in variants if n.startswith("kronecker+perm r4"))
+        layer, multiply_adds = variants[name]
+        compiled = torch.compile(layer, dynamic=False)
+        for tokens in (1, 8192):
+            x = torch.randn(tokens, rows)
+
+            def call(module: nn.Module, x: torch.Tensor = x) -> Callable[[], object]:
+                def run():
+                    with torch.inference_mode():
+                        return module(x)
+
+                return run
+
+            calls = {"dense": call(variants["dense"][0]), "eager": call(layer), "compiled": call(compiled)}
+            times = interleaved_medians(calls, rounds if tokens > 8 else 4 * rounds)
+            records.append(
+                {
+                    "kind": "layer",
+                    "method": f"compiled {name}",
+                    "shape": f"{shape_name} {rows}x{cols}",
+                    "tokens": tokens,
+                    "dtype": "float32",
+                    "ratio_to_dense": times["compiled"] / times["dense"],
+                    "eager_ratio_to_dense": times["eager"] / times["dense"],
+                    "flops_ratio": multiply_adds / (rows * cols),
+                    "params_ratio": tq.count_parameters(layer) / (rows * cols + cols),
+                    "dense_ms": times["dense"] * 1e3,
+                }
+            )
+            print(json.dumps(records[-1]), flush=True)
     return records
 
 
@@ -275,7 +314,7 @@ def measure_compression(calibration_tokens: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["layers", "models", "compression"])
+    parser.add_argument("--parts", nargs="+", default=["layers", "compiled", "models", "compression"])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (x4 for 1 and 8 tokens)")
     parser.add_argument("--model-rounds", type=int, default=5, help="prompts per model (each then decoded)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -289,7 +328,7 @@ def main() -> None:
         write_report(json.loads(path.read_text()), args.out)
         return
     previous = json.loads(path.read_text()) if path.exists() else {"meta": {}, "records": []}
-    kinds = {"layers": "layer", "models": "model", "compression": "compression"}
+    kinds = {"layers": "layer", "compiled": "compiled", "models": "model", "compression": "compression"}
     data = {
         "meta": {
             "command": "python benchmarks/speed.py "
@@ -300,12 +339,14 @@ def main() -> None:
             f"torch {torch.__version__}",
         },
         # Parts not run this time keep their records from the last run (their own command is not recorded).
-        "records": [r for r in previous["records"] if r["kind"] not in {kinds[part] for part in args.parts}],
+        "records": [r for r in previous["records"] if record_kind(r) not in {kinds[part] for part in args.parts}],
     }
     if data["records"]:
         data["meta"]["command"] = f"{previous['meta']['command']}, then {data['meta']['command']}"
     if "layers" in args.parts:
         data["records"] += measure_layers(args.rounds)
+    if "compiled" in args.parts:
+        data["records"] += measure_compiled(args.rounds)
     if "models" in args.parts:
         data["records"] += measure_models(args.model_rounds, args.prompt_tokens, args.decode_tokens)
     if "compression" in args.parts:
@@ -313,6 +354,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
     write_report(data, args.out)
+
+
+def record_kind(record: dict) -> str:
+    """The part of the benchmark that made ``record`` (compiled layers are layer records)."""
+    return "compiled" if record.get("method", "").startswith("compiled ") else record["kind"]
 
 
 def write_report(data: dict, out: Path) -> None:
@@ -346,6 +392,15 @@ def write_report(data: dict, out: Path) -> None:
                 flops = next(iter(cells.values()))["flops_ratio"]
                 ratios = " | ".join(f"{cells[t]['ratio_to_dense']:.2f}" if t in cells else "—" for t in TOKENS)
                 lines.append(f"| {shape} | {method} | {flops:.2f} | {ratios} |")
+            lines.append("")
+        compiled = [r for r in layers if r["method"].startswith("compiled ")]
+        if compiled:
+            lines += ["`torch.compile` of the r=4 permuted layer against eager, float32, same run:", ""]
+            lines += [
+                f"- {r['shape']}, {r['tokens']} tokens: compiled {r['ratio_to_dense']:.2f}x dense, "
+                f"eager {r['eager_ratio_to_dense']:.2f}x"
+                for r in compiled
+            ]
             lines.append("")
         lines += targets(layers)
     models = [r for r in records if r["kind"] == "model"]
