@@ -464,8 +464,23 @@ def write_report(data: dict, out: Path) -> None:
 
 
 def targets(layers: list[dict]) -> list[str]:
-    """Issue targets for the layers the presets use (r=4) and low-rank, float32."""
-    lines = ["Targets (float32, layers at ½ parameters as the presets build them):", ""]
+    """Issue targets for the layers the presets use (r=4) and low-rank, float32, and where dense is faster."""
+    slower = [
+        f"{r['method']} at {r['shape']} ({r['ratio_to_dense']:.2f}x)"
+        for r in layers
+        if r["dtype"] == "float32"
+        and r["tokens"] == 1
+        and r["ratio_to_dense"] > 1
+        and " r4 " in f"{r['method']} "
+        and not r["method"].startswith("compiled ")
+    ]
+    lines = [
+        "Slower than dense at decode (float32), where `tq.materialize(model, pattern)` on those layers trades "
+        "their parameter saving for dense speed: " + ("; ".join(slower) if slower else "none") + ".",
+        "",
+        "Targets (float32, layers at ½ parameters as the presets build them):",
+        "",
+    ]
     for method_prefix in ("kronecker+perm r4", "kronecker r4", "lowrank"):
         rows = [r for r in layers if r["dtype"] == "float32" and r["method"].startswith(method_prefix)]
         decode = [r for r in rows if r["tokens"] == 1]
