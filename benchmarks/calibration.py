@@ -29,7 +29,7 @@ from tqcompressor.calibration import collect
 from tqcompressor.data import load_blocks
 from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_text
 from tqcompressor.loading import load_model
-from tqcompressor.presets import matching_svd_plan
+from tqcompressor.presets import halved_mlp_rules, matching_svd_plan
 from tqcompressor.surgery import resolve
 
 
@@ -38,19 +38,9 @@ def load_house_teacher() -> tuple[torch.nn.Module, object]:
 
 
 def mlp_halved(model, permute: bool, time_budget: float) -> tq.CompressionPlan:
-    config = model.config
-    width, inner = config.hidden_size, config.intermediate_size
     search = {"time_budget": time_budget} if permute else {}
-    grow = tq.KroneckerConfig(shape=(width // 2, inner // 4, 2, 4), rank=4, permute=permute, **search)
-    shrink = tq.KroneckerConfig(shape=(inner // 4, width // 2, 4, 2), rank=4, permute=permute, **search)
-    name = "mlp-half" + ("-perm" if permute else "")
-    return tq.CompressionPlan(
-        [
-            tq.Rule(r"model\.layers\.\d+\.mlp\.(gate|up)_proj", grow),
-            tq.Rule(r"model\.layers\.\d+\.mlp\.down_proj", shrink),
-        ],
-        name=name,
-    )
+    rules = halved_mlp_rules(model.config, r"\d+", permute, **search)
+    return tq.CompressionPlan(rules, name="mlp-half" + ("-perm" if permute else ""))
 
 
 def plans(name: str, model, time_budget: float) -> dict[str, tq.CompressionPlan]:

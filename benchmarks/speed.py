@@ -41,6 +41,7 @@ from tqcompressor.data import load_blocks
 from tqcompressor.loading import load_model
 from tqcompressor.methods.kronecker import KroneckerFactors, KroneckerLinear
 from tqcompressor.methods.lowrank import LowRankFactors, LowRankLinear, rank_for_params
+from tqcompressor.presets import halved_mlp_rules, matching_svd_plan
 
 SHAPES = {"gpt2 mlp in": (768, 3072), "gpt2 mlp out": (3072, 768), "smollm2 mlp in": (576, 1536)}
 SHAPES["smollm2 mlp out"] = (1536, 576)
@@ -80,6 +81,16 @@ def autocast(dtype: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
 
 
+def forward(module: nn.Module, x: torch.Tensor, dtype: str = "float32") -> Callable[[], object]:
+    """One inference forward pass of ``module`` on ``x``, as a call to time."""
+
+    def run():
+        with torch.inference_mode(), autocast(dtype):
+            return module(x)
+
+    return run
+
+
 def interleaved_medians(calls: dict[str, Callable[[], object]], rounds: int, min_seconds: float = 0.005) -> dict:
     """Median seconds per call of each callable, timed in turns so that machine noise hits all alike."""
     repeats = {}
@@ -106,16 +117,9 @@ def measure_layers(rounds: int) -> list[dict]:
         for tokens in TOKENS:
             x = torch.randn(tokens, rows)
             for dtype in ("float32", "bf16"):
-
-                def call(module: nn.Module, dtype: str = dtype, x: torch.Tensor = x) -> Callable[[], object]:
-                    def run():
-                        with torch.inference_mode(), autocast(dtype):
-                            return module(x)
-
-                    return run
-
                 times = interleaved_medians(
-                    {name: call(module) for name, (module, _) in variants.items()}, rounds if tokens > 8 else 4 * rounds
+                    {name: forward(module, x, dtype) for name, (module, _) in variants.items()},
+                    rounds if tokens > 8 else 4 * rounds,
                 )
                 for name, (module, multiply_adds) in variants.items():
                     if name == "dense":
@@ -148,14 +152,8 @@ def measure_compiled(rounds: int) -> list[dict]:
         for tokens in (1, 8192):
             x = torch.randn(tokens, rows)
 
-            def call(module: nn.Module, x: torch.Tensor = x) -> Callable[[], object]:
-                def run():
-                    with torch.inference_mode():
-                        return module(x)
-
-                return run
-
-            calls = {"dense": call(variants["dense"][0]), "eager": call(layer), "compiled": call(compiled)}
+            calls = {name: forward(module, x) for name, module in (("dense", variants["dense"][0]), ("eager", layer))}
+            calls["compiled"] = forward(compiled, x)
             times = interleaved_medians(calls, rounds if tokens > 8 else 4 * rounds)
             records.append(
                 {
@@ -177,20 +175,12 @@ def measure_compiled(rounds: int) -> list[dict]:
 
 def mlp_rules(model: nn.Module) -> dict[str, tq.CompressionPlan]:
     """Every MLP projection halved, as Kronecker (r=4, B 2x4 / 4x2; no search) and as low-rank."""
-    if model.config.model_type == "gpt2":
-        width, inner = model.config.n_embd, model.config.n_inner or 4 * model.config.n_embd
-        grow_name, shrink_name = r"transformer\.h\.\d+\.mlp\.c_fc", r"transformer\.h\.\d+\.mlp\.c_proj"
-    else:
-        width, inner = model.config.hidden_size, model.config.intermediate_size
-        grow_name, shrink_name = r"model\.layers\.\d+\.mlp\.(gate|up)_proj", r"model\.layers\.\d+\.mlp\.down_proj"
-    grow = tq.KroneckerConfig(shape=(width // 2, inner // 4, 2, 4), rank=4, permute=False)
-    shrink = tq.KroneckerConfig(shape=(inner // 4, width // 2, 4, 2), rank=4, permute=False)
-    rules = [tq.Rule(grow_name, grow), tq.Rule(shrink_name, shrink)]
+    rules = halved_mlp_rules(model.config, r"\d+", permute=False)
     if model.config.model_type == "gpt2":  # the preset's tied embedding ÷2 then ÷2 as well
-        embedding = tq.KroneckerConfig(embedding_factor=2, permute=False)
-        rules = [tq.Rule(r"transformer\.wte", embedding), *rules, tq.Rule(r"transformer\.wte", embedding)]
+        embedding = tq.Rule(r"transformer\.wte", tq.KroneckerConfig(embedding_factor=2, permute=False))
+        rules = [embedding, *rules, embedding]
     kronecker = tq.CompressionPlan(rules, name="kronecker+perm")
-    return {"kronecker+perm": kronecker, "lowrank": tq.presets.matching_svd_plan(model, kronecker)}
+    return {"kronecker+perm": kronecker, "lowrank": matching_svd_plan(model, kronecker)}
 
 
 def randomise_orders(model: nn.Module, seed: int = 0) -> None:
@@ -292,7 +282,7 @@ def measure_compression(calibration_tokens: int) -> list[dict]:
 
     model, tokenizer = load_smollm2()
     kronecker = mlp_rules(model)["kronecker+perm"]
-    plan = tq.presets.matching_svd_plan(model, kronecker)
+    plan = matching_svd_plan(model, kronecker)
     started = time.perf_counter()
     text = load_blocks(ASSETS / "corpus/gutenberg/train", tokenizer, 512, calibration_tokens, seed=0)
     stats = tq.calibrate(model, plan, torch.cat([text.train, text.heldout]), progress=False)

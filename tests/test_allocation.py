@@ -59,13 +59,17 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=120, n_positions=64)).eval()
 
 
+def one_layer(name: str, seed: int):
+    """A tiny GPT-2's module ``name`` and its calibration statistics on random tokens."""
+    model = tiny_gpt2()
+    ids = torch.randint(0, 120, (24, 32), generator=torch.Generator().manual_seed(seed))
+    return model.get_submodule(name), collect(model, [name], ids, progress=False).for_module(name)
+
+
 def test_low_rank_estimates_are_exact_and_kronecker_estimates_are_upper_bounds():
     # Estimates are relative squared output errors, comparable between layers of any output scale.
-    model = tiny_gpt2()
-    ids = torch.randint(0, 120, (24, 32), generator=torch.Generator().manual_seed(0))
     name = "transformer.h.0.mlp.c_fc"
-    stats = collect(model, [name], ids, progress=False).for_module(name)
-    module = model.get_submodule(name)
+    module, stats = one_layer(name, seed=0)
     weight = dense_weight(module)[0]
     for candidate in candidates(name, module, stats)[1:]:
         method = tq.get_method(candidate.config.method)
@@ -124,11 +128,8 @@ def test_compress_with_a_budget_in_python():
 
 def test_losses_do_not_depend_on_a_layers_output_scale():
     # Raw squared errors made large-output layers look precious and small ones free to cut.
-    model = tiny_gpt2()
-    ids = torch.randint(0, 120, (24, 32), generator=torch.Generator().manual_seed(1))
     name = "transformer.h.1.mlp.c_proj"
-    stats = collect(model, [name], ids, progress=False).for_module(name)
-    module = model.get_submodule(name)
+    module, stats = one_layer(name, seed=1)
     louder = copy.deepcopy(module)
     with torch.no_grad():
         louder.weight.mul_(1000.0)

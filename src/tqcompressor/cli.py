@@ -53,14 +53,15 @@ def _compress(args: argparse.Namespace) -> None:
     if args.plan:
         _refuse_preset_flags(args, "the plan file")
     _check_calibration_flags(args)
-    if not (args.preset or args.plan or args.target_params or args.target_ratio or args.keep_layers):
+    compresses = bool(args.preset or args.plan or args.target_params or args.target_ratio)
+    if not (compresses or args.keep_layers):
         raise ValueError("say what to do: --preset, --plan, --target-params, --target-ratio or --keep-layers")
     model, tokenizer = load_model(model_name, args.gguf_file)
     if args.keep_layers:
         keep = args.keep_layers if args.keep_layers in ("even", "odd") else _indices(args.keep_layers)
         kept = keep_layers_(model, keep)
         print(f"kept blocks {kept}: {count_parameters(model):,} parameters", file=sys.stderr)
-        if not (args.preset or args.plan or args.target_params or args.target_ratio):
+        if not compresses:
             if args.dense_head or args.time_budget is not None or args.calibration or args.calibration_stats:
                 raise ValueError("--dense-head, --time-budget and calibration apply to a preset, plan or budget")
             save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)

@@ -72,17 +72,23 @@ def architecture(config: PretrainedConfig) -> tuple[Architecture, int, int, int]
     return arch, width, inner, layers
 
 
-def paper_steps(config: PretrainedConfig, permute: bool = True, **search) -> list[CompressionPlan]:
-    """The paper's recipe as steps: token embedding ÷2, odd-layer MLPs 2x (r=4), token embedding ÷2."""
-    arch, width, inner, layers = architecture(config)
-    odd = "|".join(str(i) for i in range(1, layers, 2))
-    prefix = arch.layer.format(layers=odd)
-    embedding = Rule(arch.embedding, KroneckerConfig(embedding_factor=2, permute=permute, **search))
+def halved_mlp_rules(config: PretrainedConfig, layers: str, permute: bool = True, **search) -> list[Rule]:
+    r"""Every MLP projection of the blocks ``layers`` (a regex alternation of indices, e.g. ``1|3|5`` or
+    ``\d+``) at ½ its parameters, the paper's way."""
+    arch, width, inner, _ = architecture(config)
+    prefix = arch.layer.format(layers=layers)
     # A carries almost all parameters; B is 2x4 (into the MLP) or 4x2 (out of it); 4 terms halve the matrix.
     grow = KroneckerConfig(shape=(width // 2, inner // 4, 2, 4), rank=4, permute=permute, **search)
     shrink = KroneckerConfig(shape=(inner // 4, width // 2, 4, 2), rank=4, permute=permute, **search)
-    mlp = [Rule(prefix + re.escape(name), grow) for name in arch.mlp_in]
-    mlp += [Rule(prefix + re.escape(name), shrink) for name in arch.mlp_out]
+    rules = [Rule(prefix + re.escape(name), grow) for name in arch.mlp_in]
+    return rules + [Rule(prefix + re.escape(name), shrink) for name in arch.mlp_out]
+
+
+def paper_steps(config: PretrainedConfig, permute: bool = True, **search) -> list[CompressionPlan]:
+    """The paper's recipe as steps: token embedding ÷2, odd-layer MLPs 2x (r=4), token embedding ÷2."""
+    arch, _, _, layers = architecture(config)
+    embedding = Rule(arch.embedding, KroneckerConfig(embedding_factor=2, permute=permute, **search))
+    mlp = halved_mlp_rules(config, "|".join(str(i) for i in range(1, layers, 2)), permute, **search)
     name = "tqcompressedgpt2" if permute else "kngpt2"
     return [
         CompressionPlan([embedding], name=f"{name}-step1-embedding"),
