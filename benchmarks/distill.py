@@ -1,20 +1,30 @@
-"""Distillation recovery on the house teacher: multi-step vs one-shot, with and without permutations.
+"""The decisive comparison: distilled students of the house teacher at equal parameters and equal tokens.
 
-    python benchmarks/distill.py [--tokens 1000000] [--variants multi-step one-shot no-permutations]
+    python benchmarks/distill.py [--tokens 503808] [--seeds 0 1] [--budgets tq half] [--resume]
 
-Each variant compresses ../shared/assets/house-teacher with the tqcompressedgpt2 recipe (embedding ÷2,
-odd-layer MLPs, embedding ÷2) and distils from the teacher on corpus/gutenberg/train with the same
-total token budget (``--tokens``; multi-step variants share it equally between their three steps):
+Every student distils from ../shared/assets/house-teacher on corpus/gutenberg/train with the same
+tokens, optimiser settings and loss (KL + CE, T = 1). Two parameter budgets:
 
-- ``multi-step``: three steps, permutations searched, distillation after each step (the paper);
-- ``one-shot``: all three steps' compression at once, then one distillation, permutations searched;
-- ``no-permutations``: three steps as the paper but without permutations (KnGPT-2 shapes).
+- ``tq``: the ``tqcompressedgpt2`` size (14.1M: embedding ÷2 twice, odd layers' MLPs ½, r = 4);
+- ``half``: the half-depth student's own size (25.0M: every other block kept).
 
-It writes benchmarks/results/distill.json and distill.md: parameters, held-out Gutenberg and WikiText-2
-perplexity of the compressed model before distillation and of the final model, tokens used and
-tokens/s, plus a same-run timing of the fused distillation loss against the plain formula.
-The default budget (1M tokens per variant) is sized to finish in under an hour on 2 CPU cores;
-scale ``--tokens`` up on a GPU.
+Students (``variant``):
+
+- ``tq-multi-step``: the paper's steps (at ``half``: attention, then MLPs, every layer ½), distilling
+  after each step as one continuing run (one learning-rate schedule, optimizer state carried);
+- ``tq-multi-step-restart``: the same but each step restarts AdamW and its warm-up (the old behaviour);
+- ``tq-one-shot``: the same compression at once, then one distillation;
+- ``kngpt2``: the same shapes without permutations (one-shot at ``half``, steps at ``tq``);
+- ``calibrated``: truncated SVD at the same per-module sizes, fitted to calibration statistics
+  (whitened), the best uniform calibrated plan of benchmarks/calibration.py;
+- ``svd``: truncated SVD at the same sizes, data-free;
+- ``half-depth``: every other block of the teacher (DistilGPT-2's initialisation); at ``tq`` also a
+  low-rank embedding at the rank that reaches the budget;
+- references: ``teacher`` (no training) and ``teacher-continued`` (the teacher trained on the same
+  tokens with next-token loss only: the house teacher is undertrained, so distilling also trains).
+
+Writes benchmarks/results/distill.{json,md,png}; each finished run is appended to the JSON at once,
+so an interrupted benchmark continues with ``--resume``. The work folder keeps every run's models and logs.
 """
 
 from __future__ import annotations
@@ -22,229 +32,406 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import shutil
+import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
-from common import ASSETS, heldout_ids
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from common import ASSETS, RESULTS, heldout_ids
 
-from tqcompressor import count_parameters
+import tqcompressor as tq
+from tqcompressor.calibration import collect
 from tqcompressor.data import load_blocks
 from tqcompressor.distillation import DistillationLoss
 from tqcompressor.evaluation import perplexity, read_text
-from tqcompressor.schedule import Schedule, run_schedule, step_dir
-from tqcompressor.serialization import load
-from tqcompressor.surgery import compress_
-from tqcompressor.training import FINAL, TrainConfig
+from tqcompressor.loading import load_model
+from tqcompressor.methods.lowrank import LowRankConfig, rank_for_params
+from tqcompressor.plan import CompressionPlan, Rule
+from tqcompressor.presets import matching_svd_plan
+from tqcompressor.schedule import Schedule, ScheduleStep, run_schedule, step_dir
+from tqcompressor.surgery import resolve
+from tqcompressor.training import FINAL, LOG, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("multi-step", "one-shot", "no-permutations")
+VARIANTS = (
+    "tq-multi-step",
+    "tq-multi-step-restart",
+    "tq-one-shot",
+    "kngpt2",
+    "calibrated",
+    "svd",
+    "half-depth",
+    "teacher-continued",
+)
+MULTI_STEP = {"tq-multi-step": True, "tq-multi-step-restart": False}  # variant: continuous
+LAYERS = r"transformer\.h\.\d+\.{}"
 
 
-def schedule_for(variant: str, config, time_budget: float) -> Schedule:
-    if variant == "no-permutations":
-        schedule = Schedule.from_preset("kngpt2", config)  # nothing to search
-    else:
-        schedule = Schedule.from_preset("tqcompressedgpt2", config, time_budget=time_budget)
-    return schedule.one_shot() if variant == "one-shot" else schedule
+def half_budget_schedule(permute: bool, time_budget: float) -> Schedule:
+    """Every block's attention, then every block's MLP, at ½ (r = 4): the ``half`` budget's TQ steps."""
+    search = {"permute": True, "time_budget": time_budget} if permute else {"permute": False}
+    steps = []
+    for name, pattern in (("attention", r"attn\.(c_attn|c_proj)"), ("mlp", r"mlp\.(c_fc|c_proj)")):
+        rule = {"pattern": LAYERS.format(pattern), "method": "kronecker", "ratio": 0.5, **search}
+        steps.append(ScheduleStep(name, CompressionPlan.from_dict({"rules": [rule], "name": name})))
+    return Schedule(steps)
 
 
-def perplexities(model, texts: dict[str, list[int]], window: int) -> dict[str, float]:
-    model.eval()
-    return {f"{name}_ppl": perplexity(model, ids, max_length=window)["ppl"] for name, ids in texts.items()}
+def tq_schedule(budget: str, permute: bool, config, time_budget: float) -> Schedule:
+    if budget == "half":
+        return half_budget_schedule(permute, time_budget)
+    if permute:
+        return Schedule.from_preset("tqcompressedgpt2", config, time_budget=time_budget)
+    return Schedule.from_preset("kngpt2", config)
 
 
-def loss_speed(vocab: int, rows: int = 2040, repeats: int = 3) -> dict[str, float]:
-    """Seconds for forward + backward of KL + CE on (rows, vocab) bf16 logits: fused vs plain formula."""
-    torch.manual_seed(0)
-    student = torch.randn(1, rows + 1, vocab, dtype=torch.bfloat16)
-    teacher = SimpleNamespace(logits=torch.randn(1, rows + 1, vocab, dtype=torch.bfloat16))
-    ids = torch.randint(0, vocab, (1, rows + 1))
-    fused_loss = DistillationLoss(alpha=1.0, beta=1.0)
+def half_depth(teacher, budget_params: int | None):
+    """Every other block; with a budget, a low-rank (tied) embedding at the rank that reaches it."""
+    student = copy.deepcopy(teacher)
+    tq.keep_layers_(student, "even")
+    if budget_params is not None:
+        embedding = student.get_input_embeddings().weight
+        target = budget_params - (tq.count_parameters(student) - embedding.numel())
+        rank = rank_for_params(embedding.shape[0], embedding.shape[1], target)
+        plan = CompressionPlan([Rule(r"transformer\.wte", LowRankConfig(rank=rank))], name="half-depth-embedding")
+        tq.compress_(student, plan, progress=False)
+    return student
 
-    def fused():
-        logits = student.clone().requires_grad_(True)
-        fused_loss(SimpleNamespace(logits=logits), teacher, ids)["loss"].backward()
 
-    def plain():
-        logits = student.clone().requires_grad_(True)
-        s, t = logits[0, :-1].float(), teacher.logits[0, :-1].float()
-        ce = F.cross_entropy(s, ids[0, 1:])
-        kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean")
-        (ce + kl).backward()
+class Runner:
+    """Builds each student, distils it and evaluates it; caches what several runs share."""
 
-    timings = {}
-    for name, run in (("fused", fused), ("plain", plain)):
-        run()  # warm-up
+    def __init__(self, args):
+        self.args = args
+        self.teacher, self.tokenizer = load_model(args.teacher)
+        self.teacher.eval()
+        self.texts = {
+            "heldout": heldout_ids(self.tokenizer, args.eval_tokens),
+            "wikitext2": self.tokenizer(read_text("wikitext2"), verbose=False)["input_ids"][: args.eval_tokens + 1],
+        }
+        heldout_fraction = 0.02
+        self.data = load_blocks(
+            args.data,
+            self.tokenizer,
+            args.block_size,
+            max_tokens=int(args.tokens / (1 - heldout_fraction)) + 2 * args.block_size,
+            heldout_fraction=heldout_fraction,
+        )
+        self.config = TrainConfig(
+            tokens=args.tokens,
+            batch_size=args.batch_size,
+            micro_batch_size=args.micro_batch_size,
+            lr=args.lr,
+            eval_every=25,
+            checkpoint_every=100,
+            loss=DistillationLoss(alpha=1.0, beta=1.0),
+        )
+        self.statistics = {}
+        self.tq_params = None
+
+    def evaluate(self, model) -> dict[str, float]:
+        model.eval()
+        return {
+            f"{name}_ppl": perplexity(model, ids, max_length=self.args.window, progress=False)["ppl"]
+            for name, ids in self.texts.items()
+        }
+
+    def calibration(self, plan: CompressionPlan):
+        """Statistics of every module the plan compresses, from calibration text that training never
+        reads first (its own seed) but that comes from the same training books."""
+        names = tuple(dict.fromkeys(name for _, name in resolve(self.teacher, plan)))
+        if names not in self.statistics:
+            text = load_blocks(self.args.data, self.tokenizer, 512, self.args.calibration_tokens, seed=1)
+            blocks = torch.cat([text.train, text.heldout])
+            self.statistics[names] = collect(self.teacher, list(names), blocks, progress=False)
+        return self.statistics[names]
+
+    def budget_params(self, budget: str) -> int:
+        if budget == "half":
+            return tq.count_parameters(half_depth(self.teacher, None))
+        if self.tq_params is None:
+            plan = tq_schedule("tq", False, self.teacher.config, 0).one_shot().steps[0].plan
+            student = copy.deepcopy(self.teacher)
+            tq.compress_(student, plan, progress=False)
+            self.tq_params = tq.count_parameters(student)
+        return self.tq_params
+
+    def student(self, variant: str, budget: str):
+        """(the student before distillation, its compression seconds) for the single-stage variants."""
         started = time.perf_counter()
-        for _ in range(repeats):
-            run()
-        timings[f"{name}_seconds"] = (time.perf_counter() - started) / repeats
-    timings["speedup"] = timings["plain_seconds"] / timings["fused_seconds"]
-    return timings
+        if variant == "teacher-continued":
+            student = copy.deepcopy(self.teacher)
+        elif variant == "half-depth":
+            student = half_depth(self.teacher, None if budget == "half" else self.budget_params(budget))
+        else:
+            permute = variant == "tq-one-shot"
+            plan = tq_schedule(budget, permute, self.teacher.config, self.args.time_budget).one_shot().steps[0].plan
+            if variant in ("svd", "calibrated"):
+                plan = matching_svd_plan(self.teacher, plan)
+            calibration = self.calibration(plan) if variant == "calibrated" else None
+            student = copy.deepcopy(self.teacher)
+            tq.compress_(student, plan, calibration=calibration, progress=False)
+        return student, time.perf_counter() - started
+
+    def run(self, variant: str, budget: str, seed: int, work: Path) -> dict:
+        if work.exists():
+            shutil.rmtree(work)
+        torch.manual_seed(seed)
+        config = replace(self.config, seed=seed)
+        started = time.perf_counter()
+        record = {"variant": variant, "budget": budget, "seed": seed}
+        if variant in MULTI_STEP or (variant == "kngpt2" and budget == "tq"):
+            permute = variant != "kngpt2"
+            schedule = tq_schedule(budget, permute, self.teacher.config, self.args.time_budget)
+            before = copy.deepcopy(self.teacher)
+            tq.compress_(before, schedule.one_shot().steps[0].plan, progress=False)
+            record["before"] = self.evaluate(before)
+            continuous = MULTI_STEP.get(variant, True)
+            results = run_schedule(
+                self.teacher,
+                self.tokenizer,
+                schedule,
+                self.data,
+                config,
+                work,
+                self.args.tokens,
+                False,
+                False,
+                continuous=continuous,
+            )
+            final = tq.load(step_dir(work, len(schedule.steps), schedule.steps[-1]) / FINAL)
+            record["steps"] = [
+                {"step": r["step"], "params": r["params"], "tokens": r["tokens"], "curve": curve(work / folder)}
+                for r, folder in zip(results, sorted(p.name for p in work.iterdir()), strict=True)
+            ]
+            record["tokens"] = sum(r["tokens"] for r in results)
+        else:
+            student, record["compress_seconds"] = self.student(variant, budget)
+            record["before"] = self.evaluate(student)
+            if variant == "teacher-continued":
+                config = replace(config, loss=DistillationLoss(alpha=0.0, beta=1.0))
+            teacher = None if variant == "teacher-continued" else self.teacher
+            result = Trainer(student, teacher, self.data, config, work, self.tokenizer, progress=False).run()
+            final = tq.load(work / FINAL)
+            record["tokens"] = result["tokens"]
+            record["curve"] = curve(work)
+        record["params"] = tq.count_parameters(final)
+        record["after"] = self.evaluate(final)
+        record["seconds"] = time.perf_counter() - started
+        return record
+
+
+def curve(folder: Path) -> list[list[float]]:
+    """(tokens, held-out ppl on the training books' held-out slice) as the trainer logged them."""
+    records = [json.loads(line) for line in (folder / LOG).read_text().splitlines()]
+    return [[r["tokens"], r["heldout_ppl"]] for r in records if "heldout_ppl" in r]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", default=str(ASSETS / "house-teacher"))
     parser.add_argument("--data", default=str(ASSETS / "corpus/gutenberg/train"))
-    parser.add_argument("--tokens", type=int, default=1_000_000, help="training tokens per variant")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--tokens", type=int, default=503_808, help="training tokens per student")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--budgets", nargs="+", default=["tq", "half"], choices=["tq", "half"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--other-budget-seeds", type=int, default=1, help="seeds at budgets after the first (the issue: one)"
+    )
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-tokens", type=int, default=20_000, help="tokens per perplexity set")
-    parser.add_argument("--time-budget", type=float, default=10.0, help="permutation search seconds per layer")
+    parser.add_argument("--window", type=int, default=512, help="perplexity window")
+    parser.add_argument("--calibration-tokens", type=int, default=32_768)
+    parser.add_argument("--time-budget", type=float, default=5.0, help="permutation search seconds per layer")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks/work/distill", help="models and logs")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--resume", action="store_true", help="keep finished records in distill.json")
+    parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown and plot")
     args = parser.parse_args()
-
-    began = time.perf_counter()
-    # Whole optimizer steps for every step of every variant, so that all variants train on equal tokens.
-    unit = 3 * args.batch_size * args.block_size
-    args.tokens = max(1, round(args.tokens / unit)) * unit
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
-    window = 512
-    texts = {
-        "heldout": heldout_ids(tokenizer, args.eval_tokens),
-        "wikitext2": tokenizer(read_text("wikitext2"), verbose=False)["input_ids"][: args.eval_tokens + 1],
-    }
-    heldout_fraction = 0.02
-    data = load_blocks(
-        args.data,
-        tokenizer,
-        args.block_size,
-        max_tokens=int(args.tokens / (1 - heldout_fraction)) + 2 * args.block_size,
-        heldout_fraction=heldout_fraction,
-    )
-    config = TrainConfig(
-        tokens=args.tokens,
-        batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size,
-        lr=args.lr,
-        eval_every=25,
-        checkpoint_every=100,
-        loss=DistillationLoss(alpha=1.0, beta=1.0),
-    )
-    records = [{"variant": "teacher", "params": count_parameters(teacher), **perplexities(teacher, texts, window)}]
-    print(json.dumps(records[-1]), flush=True)
-    zero_shot: dict[str, dict] = {}
-    for variant in args.variants:
-        schedule = schedule_for(variant, teacher.config, args.time_budget)
-        permuted = variant != "no-permutations"
-        if permuted not in zero_shot:  # the full compression before any distillation, the "before" column
-            model = copy.deepcopy(teacher)
-            compress_(model, schedule.one_shot().steps[0].plan, progress=False)
-            zero_shot[permuted] = perplexities(model, texts, window)
-        work = args.work / variant
-        if work.exists():
-            shutil.rmtree(work)
-        started = time.perf_counter()
-        results = run_schedule(teacher, tokenizer, schedule, data, config, work, args.tokens, progress=True)
-        seconds = time.perf_counter() - started
-        final = load_final(work, schedule)
-        record = {
-            "variant": variant,
-            "params": count_parameters(final),
-            "before": zero_shot[permuted],
-            "after": perplexities(final, texts, window),
-            "tokens": sum(r["tokens"] for r in results),
-            "train_tokens_per_s": sum(r["tokens"] for r in results)
-            / sum(r["tokens"] / r["tokens_per_s"] for r in results),
-            "seconds": seconds,
-            "steps": [
-                {
-                    "step": r["step"],
-                    "params": r["params"],
-                    "tokens": r["tokens"],
-                    "train_heldout_ppl_before": r["heldout_ppl_before"],
-                    "train_heldout_ppl_after": r["heldout_ppl_after"],
-                }
-                for r in results
-            ],
-        }
-        records.append(record)
-        print(json.dumps(record), flush=True)
-
-    speed = loss_speed(teacher.config.vocab_size)
-    meta = {
-        "command": f"python benchmarks/distill.py --tokens {args.tokens} --variants {' '.join(args.variants)}",
+    path = args.out / "distill.json"
+    if args.from_json:
+        write_report(json.loads(path.read_text()), args.out)
+        return
+    # Whole optimizer steps for every step of every variant, so that all students train on equal tokens.
+    unit = 6 * args.batch_size * args.block_size
+    args.tokens = max(1, math.ceil(args.tokens / unit)) * unit
+    data = json.loads(path.read_text()) if args.resume and path.exists() else None
+    if data is None or data["meta"]["tokens"] != args.tokens:
+        data = {"meta": {}, "records": []}
+    runner = Runner(args)
+    data["meta"] = {
+        "command": "python benchmarks/distill.py "
+        + f"--tokens {args.tokens} --seeds {' '.join(map(str, args.seeds))} --budgets {' '.join(args.budgets)}",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "train_config": asdict(config) | {"tokens": args.tokens},
+        "tokens": args.tokens,
+        "train_config": asdict(runner.config),
         "block_size": args.block_size,
-        "eval": f"first {args.eval_tokens} tokens of each set, {window}-token windows",
-        "loss_speed": speed,
-        "total_seconds": time.perf_counter() - began,
+        "time_budget": args.time_budget,
+        "eval": f"first {args.eval_tokens} tokens of each set, {args.window}-token windows",
+        "budgets": {budget: runner.budget_params(budget) for budget in args.budgets},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distill.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
-    (args.out / "distill.md").write_text(markdown(records, meta))
-    print(markdown(records, meta))
+    if not any(r["variant"] == "teacher" for r in data["records"]):
+        teacher = runner.evaluate(runner.teacher)
+        params = tq.count_parameters(runner.teacher)
+        data["records"].append({"variant": "teacher", "budget": None, "seed": None, "params": params, "after": teacher})
+    done = {(r["variant"], r["budget"], r["seed"]) for r in data["records"]}
+    # Seed 0 of every row first, then the other seeds, then the other budget: a cut-short run has the rows.
+    order = [
+        (budget, variant, seed)
+        for i, budget in enumerate(args.budgets)
+        for seed in (args.seeds if i == 0 else args.seeds[: args.other_budget_seeds])
+        for variant in args.variants
+    ]
+    for budget, variant, seed in order:
+        if (variant, budget, seed) in done or (variant == "tq-multi-step-restart" and seed != args.seeds[0]):
+            continue
+        if variant == "teacher-continued" and budget != args.budgets[0]:
+            continue  # one reference at the teacher's own size serves both budgets
+        record = runner.run(variant, budget, seed, args.work / budget / variant / f"seed{seed}")
+        data["records"].append(record)
+        path.write_text(json.dumps(data, indent=1))
+        print(json.dumps({k: v for k, v in record.items() if k not in ("steps", "curve")}), flush=True)
+    path.write_text(json.dumps(data, indent=1))
+    write_report(data, args.out)
 
 
-def load_final(work: Path, schedule: Schedule):
-    return load(step_dir(work, len(schedule.steps), schedule.steps[-1]) / FINAL)
+def summary(records: list[dict]) -> dict[tuple[str, str], dict]:
+    """Mean, spread (max - min over seeds) and count of each (budget, variant)'s final perplexities."""
+    rows: dict[tuple[str, str], dict] = {}
+    for r in records:
+        if r["variant"] == "teacher":
+            continue
+        row = rows.setdefault((r["budget"], r["variant"]), {"runs": []})
+        row["runs"].append(r)
+    for row in rows.values():
+        for key in ("heldout_ppl", "wikitext2_ppl"):
+            values = [r["after"][key] for r in row["runs"]]
+            row[key] = statistics.mean(values)
+            row[f"{key}_spread"] = max(values) - min(values)
+        row["before"] = statistics.mean(r["before"]["heldout_ppl"] for r in row["runs"])
+        row["params"] = row["runs"][0]["params"]
+    return rows
 
 
-def markdown(records: list[dict], meta: dict) -> str:
-    teacher = records[0]
+def write_report(data: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta, records = data["meta"], data["records"]
+    teacher = next(r for r in records if r["variant"] == "teacher")
+    rows = summary(records)
     lines = [
-        "# Distillation recovery on the house teacher",
+        "# Distilled students of the house teacher at equal parameters and equal tokens",
         "",
-        f"Command: `{meta['command']}` on {meta['machine']}; {meta['total_seconds'] / 60:.0f} min in all.",
+        f"Command: `{meta['command']}` on {meta['machine']}.",
         f"Training: AdamW lr {meta['train_config']['lr']}, batch {meta['train_config']['batch_size']} x "
-        f"{meta['block_size']} tokens, bf16 autocast, loss KL + CE (T = 1), data corpus/gutenberg/train. "
-        f"Perplexity: {meta['eval']}.",
+        f"{meta['block_size']} tokens, {meta['tokens']:,} tokens per student, bf16 autocast, loss KL + CE (T = 1), "
+        f"data corpus/gutenberg/train; permutation search {meta['time_budget']} s per layer. Perplexity: "
+        f"{meta['eval']} (held-out Gutenberg books; WikiText-2).",
         "",
-        f"Teacher: {teacher['params']:,} params, held-out Gutenberg ppl {teacher['heldout_ppl']:.1f}, "
-        f"WikiText-2 ppl {teacher['wikitext2_ppl']:.0f}.",
+        f"Teacher: {teacher['params']:,} params, held-out ppl {teacher['after']['heldout_ppl']:.1f}, "
+        f"WikiText-2 ppl {teacher['after']['wikitext2_ppl']:.0f}. Budgets: "
+        + ", ".join(f"`{name}` {params:,}" for name, params in meta["budgets"].items())
+        + ".",
         "",
-        "| variant | params | held-out ppl before | held-out ppl after | WikiText-2 before | WikiText-2 after "
-        "| tokens | tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| budget | variant | params | seeds | held-out ppl before | held-out ppl after (mean) | spread | "
+        "WikiText-2 after | spread |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in records[1:]:
+    for (budget, variant), row in sorted(rows.items(), key=lambda item: (item[0][0], item[1]["heldout_ppl"])):
         lines.append(
-            f"| {r['variant']} | {r['params']:,} | {r['before']['heldout_ppl']:.1f} | {r['after']['heldout_ppl']:.1f} "
-            f"| {r['before']['wikitext2_ppl']:.0f} | {r['after']['wikitext2_ppl']:.0f} | {r['tokens']:,} "
-            f"| {r['train_tokens_per_s']:.0f} |"
+            f"| {budget} | {variant} | {row['params']:,} | {len(row['runs'])} | {row['before']:.1f} "
+            f"| {row['heldout_ppl']:.1f} | {row['heldout_ppl_spread']:.1f} | {row['wikitext2_ppl']:.0f} "
+            f"| {row['wikitext2_ppl_spread']:.0f} |"
         )
-    lines += [
-        "",
-        '"Before" is the full compression applied at once with no distillation. Per step (held-out slice of the',
-        "training books, as logged by the trainer):",
-        "",
-        "| variant | step | params | tokens | ppl at step start | ppl at step end |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for r in records[1:]:
-        for s in r["steps"]:
-            lines.append(
-                f"| {r['variant']} | {s['step']} | {s['params']:,} | {s['tokens']:,} "
-                f"| {s['train_heldout_ppl_before']:.1f} | {s['train_heldout_ppl_after']:.1f} |"
-            )
-    speed = meta["loss_speed"]
+    lines += ["", "Spread: max − min over seeds (0 with one seed). Winners per budget, students only:", ""]
+    for budget in meta["budgets"]:
+        students = sorted(
+            ((v, row) for (b, v), row in rows.items() if b == budget and v != "teacher-continued"),
+            key=lambda item: item[1]["heldout_ppl"],
+        )
+        if len(students) < 2:
+            continue
+        (best, first), (second_name, second) = students[0], students[1]
+        spread = max(first["heldout_ppl_spread"], second["heldout_ppl_spread"])
+        gap = second["heldout_ppl"] - first["heldout_ppl"]
+        verdict = "more than" if gap > spread else "within"
+        lines.append(
+            f"- `{budget}`: **{best}** {first['heldout_ppl']:.1f}, then {second_name} {second['heldout_ppl']:.1f} "
+            f"({gap / second['heldout_ppl']:.1%} lower; the gap is {verdict} the larger seed spread, {spread:.1f})."
+        )
+    multi = [r for r in records if r.get("steps")]
+    if multi:
+        lines += [
+            "",
+            "Multi-step runs, per step (held-out slice of the training books as the trainer logged it):",
+            "",
+            "| budget | variant | seed | step | params | tokens | ppl at step start | ppl at step end |",
+            "|---|---|---:|---|---:|---:|---:|---:|",
+        ]
+        for r in multi:
+            for s in r["steps"]:
+                lines.append(
+                    f"| {r['budget']} | {r['variant']} | {r['seed']} | {s['step']} | {s['params']:,} "
+                    f"| {s['tokens']:,} | {s['curve'][0][1]:.1f} | {s['curve'][-1][1]:.1f} |"
+                )
     lines += [
         "",
         "Read with care: the house teacher saw only 7.7M training tokens (see its README), so distilling on more",
-        "of its own training books also continues its training; a student can then beat the teacher. The rows",
-        "compare the variants with each other at equal tokens. One run and one seed each: the spread between",
-        "seeds was not measured.",
-        "",
-        f"Distillation loss, forward + backward on 2040 x vocab bf16 logits, same run: fused "
-        f"{speed['fused_seconds']:.2f} s, plain formula {speed['plain_seconds']:.2f} s ({speed['speedup']:.1f}x).",
+        "of its own training books also continues its training and a student can beat the teacher;",
+        "`teacher-continued` separates the two effects. Multi-step and one-shot runs train on the same number",
+        "of tokens; the multi-step steps read consecutive parts of the data.",
         "",
     ]
-    return "\n".join(lines)
+    (out / "distill.md").write_text("\n".join(lines))
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for (budget, variant), row in sorted(rows.items()):
+        left.errorbar(
+            row["params"] / 1e6,
+            row["heldout_ppl"],
+            yerr=row["heldout_ppl_spread"] / 2,
+            fmt="o" if budget == "tq" else "s",
+            capsize=3,
+            label=f"{variant} ({budget})",
+        )
+    left.axhline(teacher["after"]["heldout_ppl"], color="grey", linestyle="--", label="teacher")
+    left.set(xlabel="parameters (M)", ylabel="held-out ppl after distillation", title="students")
+    left.legend(fontsize=7)
+    for r in multi:
+        offset = 0
+        for s in r["steps"]:
+            tokens = [offset + t for t, _ in s["curve"]]
+            right.plot(
+                tokens,
+                [p for _, p in s["curve"]],
+                label=f"{r['variant']} {r['budget']} s{r['seed']}" if s is r["steps"][0] else None,
+                color=f"C{multi.index(r) % 10}",
+            )
+            offset = tokens[-1]
+    for r in records:
+        if r.get("curve") and r["variant"] == "tq-one-shot":
+            right.plot(
+                [t for t, _ in r["curve"]],
+                [p for _, p in r["curve"]],
+                linestyle=":",
+                label=f"tq-one-shot {r['budget']} s{r['seed']}",
+            )
+    right.set(xlabel="training tokens", ylabel="held-out ppl (training books)", yscale="log", title="per-step curves")
+    right.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "distill.png", dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -10,7 +11,14 @@ from tqcompressor.cli import main
 from tqcompressor.params import count_parameters
 from tqcompressor.schedule import Schedule, run_schedule
 from tqcompressor.serialization import load
-from tqcompressor.training import FINAL, METRICS
+from tqcompressor.training import FINAL, METRICS, Trainer
+from tqcompressor.training.continuation import (
+    FINAL_OPTIMIZER,
+    Continuation,
+    parameter_values,
+    read_optimizer_state,
+    unchanged_parameters,
+)
 
 
 def quick_preset(name: str = "tqcompressedgpt2") -> Schedule:
@@ -28,6 +36,13 @@ def test_preset_schedule_has_the_papers_three_steps_and_a_one_shot_form():
         r.pattern for step in schedule.steps for r in step.plan.rules
     ]
     assert all(not r.config.permute for step in quick_preset("kngpt2").steps for r in step.plan.rules)
+    assert schedule.share_tokens(400, [1, 1, 2]).token_budgets(None) == [100, 100, 200]
+    with pytest.raises(ValueError, match="3 steps"):
+        schedule.share_tokens(400, [1, 2])
+    with pytest.raises(ValueError, match="positive"):
+        schedule.share_tokens(400, [1, 0, 2])
+    with pytest.raises(ValueError, match="own token budgets"):
+        schedule.share_tokens(400, [1, 1, 2]).share_tokens(400, [1, 1, 1])
 
 
 def test_schedule_file_with_rules_plan_files_and_own_budgets(tmp_path):
@@ -195,11 +210,16 @@ def test_cli_distill_preset_student_and_user_errors(tmp_path, capsys):
         )
         == 2
     )
+    shares = ["--preset", "kngpt2", "--token-shares", "1", "2", "1"]
+    assert main(["distill", *common, *shares, "--out", str(tmp_path / "x6")]) == 2  # shares of what?
+    assert main(["distill", *common, *shares[2:], "--student", str(student), "--out", str(tmp_path / "x7")]) == 2
+    assert main(["distill", *common, *shares[:-1], "--tokens", "64", "--out", str(tmp_path / "x8")]) == 2
     err = capsys.readouterr().err
-    assert err.count("tqcompressor: error:") == 6 and "Traceback" not in err
+    assert err.count("tqcompressor: error:") == 9 and "Traceback" not in err
+    assert "give both" in err and "--token-shares" in err and "2 token shares for a schedule of 3 steps" in err
     assert "vocabulary" in err and "does not exist" in err
     assert "'time_budget' tunes the permutation search" in err and "--dense-head apply to presets only" in err
-    assert not any((tmp_path / name).exists() for name in ("x1", "x2", "x3", "x4", "x5"))
+    assert not any((tmp_path / f"x{i}").exists() for i in range(1, 9))
 
 
 def test_a_step_without_rules_only_distils(tmp_path):
@@ -218,3 +238,77 @@ def test_a_step_without_rules_only_distils(tmp_path):
     assert results[0]["params"] == results[1]["params"] < count_parameters(tiny_model())
     assert (tmp_path / "01-mlp" / "compressed").is_dir() and not (tmp_path / "02-polish" / "compressed").exists()
     assert (tmp_path / "02-polish" / FINAL / "model.safetensors").is_file()
+
+
+def test_distil_only_steps_of_a_continuous_run_equal_one_long_run(tmp_path):
+    teacher, tokens = tiny_model(), 24 * 8 * 4
+    polish = Schedule.from_dict({"steps": [{"name": "first"}, {"name": "second"}]})
+    one = Trainer(
+        copy.deepcopy(teacher), teacher, pattern_blocks(), config(tokens=tokens), tmp_path / "one", progress=False
+    )
+    one.run()
+    ids = pattern_blocks().heldout[:4]
+    expected = one.student.eval()(ids).logits
+    for continuous in (True, False):
+        out = tmp_path / f"continuous-{continuous}"
+        run_schedule(
+            teacher, None, polish, pattern_blocks(), config(), out, tokens, progress=False, continuous=continuous
+        )
+        logits = load(out / "02-second" / FINAL).eval()(ids).logits
+        if continuous:
+            torch.testing.assert_close(logits, expected)
+        else:  # a fresh optimizer and schedule at the second step: another trajectory
+            assert (logits - expected).abs().max() > 1e-3
+        assert (out / "01-first" / FINAL_OPTIMIZER).is_file() == continuous
+        assert not (out / "02-second" / FINAL_OPTIMIZER).exists()  # nothing follows the last step
+
+
+def test_a_compression_step_keeps_the_moments_of_what_it_left_unchanged_and_warms_up_the_rest(tmp_path):
+    teacher = tiny_model()
+    mlp = {"pattern": r"transformer\.h\.1\.mlp\.c_fc", "ratio": 0.5, "iterations": 1}
+    schedule = Schedule.from_dict({"steps": [{"name": "polish"}, {"name": "mlp", "rules": [mlp]}]})
+    run_schedule(teacher, None, schedule, pattern_blocks(), config(), tmp_path / "run", 24 * 8 * 4, progress=False)
+    moments = read_optimizer_state(tmp_path / "run" / "01-polish" / FINAL_OPTIMIZER)
+    compressed = load(tmp_path / "run" / "02-mlp" / "compressed")
+    kept = unchanged_parameters(parameter_values(load(tmp_path / "run" / "01-polish" / FINAL)), compressed)
+    assert "transformer.h.1.mlp.c_fc.weight" in moments
+    assert "transformer.h.0.attn.c_attn.weight" in kept
+    new = {name for name, _ in compressed.named_parameters()} - kept
+    assert new and all(name.startswith("transformer.h.1.mlp.c_fc.") for name in new)
+
+    continuation = Continuation(2, 4, {name: moments[name] for name in kept})
+    settings = config(tokens=24 * 8 * 2, warmup_fraction=0.5)
+    trainer = Trainer(
+        compressed, teacher, pattern_blocks(), settings, tmp_path / "probe", progress=False, continuation=continuation
+    )
+    parameters = dict(trainer.student.named_parameters())
+    state = trainer.optimizer.state[parameters["transformer.h.0.attn.c_attn.weight"]]
+    assert torch.equal(state["exp_avg"], moments["transformer.h.0.attn.c_attn.weight"]["exp_avg"])
+    assert all(parameters[name] not in trainer.optimizer.state for name in new)
+    lr = trainer._set_learning_rates()
+    assert lr == settings.lr_at(2, 4)  # the run's schedule, not a new warm-up from zero
+    rates = {group["fresh"]: group["lr"] for group in trainer.optimizer.param_groups}
+    assert rates[False] == lr and rates[True] == pytest.approx(lr / 2)  # new factors ramp over the warm-up
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Continuation(4, 4), "outside"),
+        (lambda: Continuation(0, 4, {"x": {}}, restart=True), "cannot carry"),
+        (lambda: Continuation(3, 4), "overrun"),
+        (lambda: Continuation(0, 4, {"transformer.nope": {}}), "does not train"),
+    ],
+)
+def test_a_continuation_that_does_not_fit_the_stage_is_refused(tmp_path, make, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(
+            tiny_model(),
+            tiny_model(),
+            pattern_blocks(),
+            config(tokens=24 * 8 * 2),
+            tmp_path,
+            progress=False,
+            continuation=make(),
+        )
+    assert not tmp_path.joinpath("checkpoint").exists()

@@ -223,8 +223,11 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _distill(args: argparse.Namespace) -> None:
-    if args.student and (args.schedule or args.preset or args.one_shot):
-        raise ValueError("--student distils one saved model; it cannot be combined with --schedule/--preset/--one-shot")
+    if args.student and (args.schedule or args.preset or args.one_shot or args.token_shares or args.restart_each_step):
+        raise ValueError(
+            "--student distils one saved model; it cannot be combined with --schedule/--preset/--one-shot/"
+            "--token-shares/--restart-each-step"
+        )
     if not (args.student or args.schedule or args.preset):
         raise ValueError("give --schedule FILE, --preset NAME, or --student DIR")
     if not args.preset:
@@ -248,6 +251,10 @@ def _distill(args: argparse.Namespace) -> None:
             schedule = Schedule.from_preset(args.preset, teacher.config, tie_head=not args.dense_head, **search)
         if args.one_shot:
             schedule = schedule.one_shot()
+        if args.token_shares:
+            if not args.tokens:
+                raise ValueError("--token-shares splits --tokens: give both")
+            schedule = schedule.share_tokens(args.tokens, args.token_shares)
         schedule.check(teacher)
         budgets = schedule.token_budgets(args.tokens)
     if not budgets or not all(budgets):
@@ -282,7 +289,17 @@ def _distill(args: argparse.Namespace) -> None:
         results = [Trainer(student, teacher, data, config, out, tokenizer, args.resume, progress).run()]
     else:
         results = run_schedule(
-            teacher, tokenizer, schedule, data, config, out, args.tokens, args.resume, progress, evaluate_step
+            teacher,
+            tokenizer,
+            schedule,
+            data,
+            config,
+            out,
+            args.tokens,
+            args.resume,
+            progress,
+            evaluate_step,
+            continuous=not args.restart_each_step,
         )
     if not process_state().is_main_process:
         return  # under torchrun / accelerate launch, one summary is enough
@@ -356,6 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--one-shot", action="store_true", help="apply all steps at once, then distil once")
     d.add_argument("--data", required=True, help="text file, folder, JSONL, or a Hub dataset name")
     d.add_argument("--tokens", type=int, help="training tokens in total (shared equally by the steps)")
+    d.add_argument(
+        "--token-shares",
+        type=float,
+        nargs="+",
+        metavar="SHARE",
+        help="split --tokens between the steps in these proportions (e.g. 1 1 2; default equal)",
+    )
+    d.add_argument(
+        "--restart-each-step",
+        action="store_true",
+        help="fresh AdamW and learning-rate warm-up at every step (default: one schedule over the run, "
+        "optimizer state kept for parameters a step leaves unchanged)",
+    )
     d.add_argument("--data-tokens", type=int, help="tokens to read from --data (default: enough for one pass)")
     d.add_argument("--heldout-fraction", type=float, default=0.02)
     d.add_argument("--out", required=True)

@@ -29,6 +29,13 @@ from .presets import preset_steps
 from .serialization import load, recover_interrupted_write, save
 from .surgery import compress_, resolve
 from .training import CHECKPOINT, FINAL, METRICS, TrainConfig, Trainer, process_state
+from .training.continuation import (
+    FINAL_OPTIMIZER,
+    Continuation,
+    parameter_values,
+    read_optimizer_state,
+    unchanged_parameters,
+)
 
 COMPRESSED = "compressed"  # a step's model right after compression, before distillation
 
@@ -101,7 +108,19 @@ class Schedule:
         rules = [rule for step in self.steps if step.plan for rule in step.plan.rules]
         tie = all(step.plan.tie_head for step in self.steps if step.plan)
         tokens = sum(step.tokens for step in self.steps) if all(s.tokens for s in self.steps) else None
-        return Schedule([ScheduleStep("one-shot", CompressionPlan(rules, name="one-shot", tie_head=tie), tokens)])
+        plan = CompressionPlan(rules, name="one-shot", tie_head=tie) if rules else None
+        return Schedule([ScheduleStep("one-shot", plan, tokens)])
+
+    def share_tokens(self, total: int, shares: list[float]) -> Schedule:
+        """The schedule with ``total`` tokens split between its steps in proportion to ``shares``."""
+        if len(shares) != len(self.steps):
+            raise ValueError(f"{len(shares)} token shares for a schedule of {len(self.steps)} steps")
+        if any(share <= 0 for share in shares):
+            raise ValueError(f"token shares must be positive, got {shares}")
+        if any(step.tokens is not None for step in self.steps):
+            raise ValueError("the schedule's steps already have their own token budgets; give shares or budgets")
+        tokens = [max(1, round(total * share / sum(shares))) for share in shares]
+        return Schedule([replace(step, tokens=n) for step, n in zip(self.steps, tokens, strict=True)])
 
     def token_budgets(self, total: int | None) -> list[int]:
         fixed = sum(step.tokens or 0 for step in self.steps)
@@ -122,7 +141,9 @@ class Schedule:
                     resolve(model, step.plan)
                 except ValueError as err:
                     raise ValueError(f"schedule step {step.name!r}: {err}") from err
-        resolve(model, self.one_shot().steps[0].plan)  # widths as the earlier steps leave them
+        merged = self.one_shot().steps[0].plan
+        if merged is not None:
+            resolve(model, merged)  # widths as the earlier steps leave them
 
 
 def step_dir(out: Path, index: int, step: ScheduleStep) -> Path:
@@ -140,15 +161,22 @@ def run_schedule(
     resume: bool = False,
     progress: bool = True,
     evaluate=None,
+    continuous: bool = True,
 ) -> list[dict]:
     """Run every step; each leaves ``NN-name/{compressed,model}/``, its log and metrics in ``out``.
     ``evaluate(model) -> dict`` adds metrics of each step's model before and after distillation.
-    With ``resume``, finished steps are loaded and skipped and an interrupted one continues."""
+    With ``resume``, finished steps are loaded and skipped and an interrupted one continues.
+
+    ``continuous`` (the default) runs the steps as one training run: one warm-up + cosine learning-rate
+    schedule over all steps, and the parameters a step leaves unchanged keep their optimizer state
+    (``training.continuation``). Without it every step restarts AdamW and its schedule. Either way each
+    step reads the data from where the step before it stopped."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"{out} is not empty (pass --resume to continue the run there)")
     schedule.check(teacher)
     budgets = schedule.token_budgets(total_tokens)
+    step_counts = [replace(config, tokens=tokens).steps(data.block_size) for tokens in budgets]
     student, results = copy.deepcopy(teacher), []
     for index, (step, tokens) in enumerate(zip(schedule.steps, budgets, strict=True), 1):
         folder = step_dir(out, index, step)
@@ -160,8 +188,14 @@ def run_schedule(
             recover_interrupted_write(folder / CHECKPOINT)
         trainer_resumes = resume and (folder / CHECKPOINT).is_dir()
         compression = None
+        continuation = Continuation(sum(step_counts[: index - 1]), sum(step_counts), restart=not continuous)
         if not trainer_resumes:
+            previous = parameter_values(student) if continuous and index > 1 else None
             student, compression = _start_step(student, step, folder, tokenizer)
+            if previous is not None:
+                kept = unchanged_parameters(previous, student)
+                moments = read_optimizer_state(step_dir(out, index - 1, schedule.steps[index - 2]) / FINAL_OPTIMIZER)
+                continuation.optimizer_state = {name: moments[name] for name in kept if name in moments}
         before = evaluate(student) if evaluate and not trainer_resumes else None
 
         def describe(trained: nn.Module, name=step.name, compression=compression, before=before) -> dict:
@@ -175,7 +209,16 @@ def run_schedule(
             return extra
 
         trainer = Trainer(
-            student, teacher, data, replace(config, tokens=tokens), folder, tokenizer, trainer_resumes, progress
+            student,
+            teacher,
+            data,
+            replace(config, tokens=tokens),
+            folder,
+            tokenizer,
+            trainer_resumes,
+            progress,
+            continuation,
+            keep_optimizer=continuous and index < len(schedule.steps),
         )
         metrics = trainer.run(describe=describe)
         results.append(metrics if metrics["finished"] else {"step": step.name, **metrics})

@@ -40,17 +40,14 @@ def optimization_step(
     data: TokenBlocks,
     config: TrainConfig,
     step: int,
-    total_steps: int,
     bf16: bool,
 ) -> tuple[dict[str, float], int]:
-    """(the global mean of each loss term, grad norm and lr; the sequences this process saw)."""
+    """(the global mean of each loss term and the grad norm; the sequences this process saw). The caller
+    sets the learning rates."""
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)  # dropout, reproducible per step
     indices = batch_indices(len(data.train), config.batch_size, step, config.seed)
     share = indices.view(world, -1)[rank].split(config.micro_batch_size)
-    lr = config.lr_at(step, total_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     model.train()
     sums: dict[str, float] = {}
     for i, micro in enumerate(share):
@@ -69,4 +66,4 @@ def optimization_step(
     if world > 1:  # report the global mean of each term, not rank 0's share
         reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
         sums = dict(zip(sums, reduced.tolist(), strict=True))
-    return {**sums, "lr": lr}, sum(len(micro) for micro in share)
+    return sums, sum(len(micro) for micro in share)

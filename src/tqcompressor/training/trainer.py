@@ -25,6 +25,7 @@ from ..plots import plot_training
 from ..serialization import recover_interrupted_write, save, write_file_atomically
 from .checkpoint import CHECKPOINT, read_checkpoint, restore_optimizer, write_checkpoint
 from .config import TrainConfig
+from .continuation import FINAL_OPTIMIZER, Continuation, optimizer_state_by_name, write_optimizer_state
 from .evaluation import heldout_loss
 from .step import optimization_step
 
@@ -59,7 +60,11 @@ class Trainer:
         tokenizer=None,
         resume: bool = False,
         progress: bool = True,
+        continuation: Continuation | None = None,
+        keep_optimizer: bool = False,
     ):
+        """``continuation`` places this stage inside a longer run (see ``continuation``);
+        ``keep_optimizer`` writes the final optimizer state beside the final model for the next stage."""
         self.accelerator = Accelerator(cpu=on_cpu_only())
         self.config, self.data, self.out, self.tokenizer = config, data, Path(out), tokenizer
         self.progress = progress and self.accelerator.is_main_process
@@ -75,6 +80,17 @@ class Trainer:
         if teacher is not None:
             _check_compatible(student, teacher)
         self.step, self.history = 0, []
+        self.keep_optimizer = keep_optimizer
+        self.first_step, self.run_steps, self.restart = 0, self.total_steps, False
+        if continuation is not None:
+            self.first_step, self.run_steps = continuation.first_step, continuation.run_steps
+            self.restart = continuation.restart
+            if self.first_step + self.total_steps > self.run_steps:
+                raise ValueError(
+                    f"this stage's {self.total_steps} steps from step {self.first_step} overrun the "
+                    f"{self.run_steps}-step run"
+                )
+        carried = dict(continuation.optimizer_state) if continuation is not None else {}
         state = None
         if resume:
             recover_interrupted_write(self.out / CHECKPOINT)
@@ -82,6 +98,13 @@ class Trainer:
         if resume and (self.out / CHECKPOINT).is_dir():
             student, state = read_checkpoint(self.out)
             config.check_resumes(state["config"])
+            position = [self.first_step, self.run_steps, self.restart]
+            if state.get("run", [0, self.total_steps, False]) != position:
+                raise ValueError(
+                    f"cannot resume: the checkpoint's stage has (first step, run steps, restart) "
+                    f"{state.get('run')}, this one {position}"
+                )
+            carried = {name: {} for name in state.get("carried", [])}  # the checkpoint holds their moments
             self.step, self.history = state["step"], state["history"]
             if self.accelerator.is_main_process:
                 # Lines logged after the checkpoint (or half-written by a killed run) would repeat or break.
@@ -94,19 +117,57 @@ class Trainer:
         self.student = student.to(device)
         self.teacher = None if teacher is None else teacher.to(device).eval().requires_grad_(False)
         self._choose_trainable()
-        decay = [p for p in self.student.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.student.parameters() if p.requires_grad and p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr,
-            betas=(0.9, 0.95),
-        )
+        self.carried = sorted(carried)
+        self.optimizer = self._optimizer(carried)
         if state is not None:
             restore_optimizer(self.optimizer, self.out, state)
         self.model = self.accelerator.prepare_model(self.student)
         self.bf16 = config.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
         self.stop_requested = False
         self.local_sequences = 0  # this process's share since start or resume (global = all processes)
+
+    def _optimizer(self, carried: dict[str, dict[str, torch.Tensor]]) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices only; parameters in ``carried`` start from their moments."""
+        parameters = dict(self.student.named_parameters())
+        unknown = sorted(
+            name for name, moments in carried.items() if name not in parameters or not parameters[name].requires_grad
+        )
+        if unknown:
+            raise ValueError(f"optimizer state given for parameters the student does not train: {unknown[:3]}")
+        groups = []
+        for fresh in (False, True):
+            for decay in (True, False):
+                params = [
+                    p
+                    for name, p in parameters.items()
+                    if p.requires_grad and (p.ndim >= 2) == decay and (name not in carried) == fresh
+                ]
+                if params:
+                    weight_decay = self.config.weight_decay if decay else 0.0
+                    groups.append({"params": params, "weight_decay": weight_decay, "fresh": fresh})
+        optimizer = torch.optim.AdamW(groups, lr=self.config.lr, betas=(0.9, 0.95))
+        for name, moments in carried.items():
+            if moments:
+                p = parameters[name]
+                optimizer.state[p] = {
+                    key: value.to(p.device) if value.ndim else value.clone() for key, value in moments.items()
+                }
+        return optimizer
+
+    def learning_rate(self, step: int) -> float:
+        """The schedule at this stage's ``step``: the run's, or the stage's own when it restarts."""
+        if self.restart:
+            return self.config.lr_at(step, self.total_steps)
+        return self.config.lr_at(self.first_step + step, self.run_steps)
+
+    def _set_learning_rates(self) -> float:
+        lr = self.learning_rate(self.step)
+        # Parameters a later stage created have zero moments: they warm up over the run's warm-up length.
+        ramp = min(1.0, (self.step + 1) / max(1, round(self.config.warmup_fraction * self.run_steps)))
+        continuing = self.first_step > 0 and not self.restart
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * ramp if group["fresh"] and continuing else lr
+        return lr
 
     @property
     def tokens_per_step(self) -> int:
@@ -124,6 +185,7 @@ class Trainer:
             module.requires_grad_(True)
 
     def train_step(self) -> dict[str, float]:
+        lr = self._set_learning_rates()
         metrics, sequences = optimization_step(
             self.accelerator,
             self.model,
@@ -131,13 +193,12 @@ class Trainer:
             self.optimizer,
             self.data,
             self.config,
-            self.step,
-            self.total_steps,
+            self.first_step + self.step,  # the run's position: the data moves on from stage to stage
             self.bf16,
         )
         self.step += 1
         self.local_sequences += sequences
-        return metrics
+        return {**metrics, "lr": lr}
 
     def evaluate(self) -> dict[str, float]:
         blocks = self.data.heldout[: self.config.eval_blocks]
@@ -155,6 +216,8 @@ class Trainer:
             state = {
                 "step": self.step,
                 "total_steps": self.total_steps,
+                "run": [self.first_step, self.run_steps, self.restart],
+                "carried": self.carried,
                 "config": asdict(self.config),
                 "history": self.history,
             }
@@ -228,6 +291,9 @@ class Trainer:
             metrics.update(describe(self.student))
         if self.accelerator.is_main_process:
             save(self.student, self.out / FINAL, self.tokenizer, overwrite=True)
+            if self.keep_optimizer:
+                state = optimizer_state_by_name(self.optimizer, self.student)
+                write_file_atomically(self.out / FINAL_OPTIMIZER, lambda path: write_optimizer_state(state, path))
             write_file_atomically(self.out / METRICS, lambda path: path.write_text(json.dumps(metrics, indent=2)))
             plot_training(self.history, self.out / CURVE)
             checkpoint = self.out / CHECKPOINT
