@@ -9,6 +9,13 @@ the layers with the largest outputs (SmolLM2's down_proj) stayed dense while the
 projections were cut to the bone, and the model broke. The allocation is a greedy walk down each
 layer's lower convex hull of (parameters, loss), always taking the step that frees parameters at the
 least loss per parameter.
+
+The token embedding is a candidate too (low-rank, rows weighted by calibration token frequency; a head
+tied to it follows it and is counted once). Equal relative error is not equal harm, though: with
+``sensitivity`` blocks, every module is measured once, ASVD-style: the KL divergence of the model's
+next-token distribution from the original's, on those blocks, with only that module replaced by its
+probe candidate (low-rank near half its parameters), over the probe's estimated loss. Each candidate's
+loss is then its estimate times that factor: the quadratic model KL ≈ s · ‖XΔ‖²/‖XW‖² fitted per module.
 """
 
 from __future__ import annotations
@@ -16,23 +23,24 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .calibration import CalibrationStats
 from .linalg import whitening_factor
-from .methods import MethodConfig
+from .methods import MethodConfig, get_method, is_embedding
 from .methods.kronecker import KroneckerConfig, propose_kronecker_shape
 from .methods.kronecker.calibrated import calibrated_factors
 from .methods.lowrank import LowRankConfig
 from .methods.targets import LINEAR_TYPES, dense_weight
 from .params import count_parameters
 from .plan import CompressionPlan, Rule
-from .statistics import InputStats
+from .statistics import InputStats, TokenStats
 
-RANK_FRACTIONS = (0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)  # of the rank that keeps the dense count
+# Of the rank that keeps the dense count; fine steps, so that large modules (an embedding) can meet a budget.
+RANK_FRACTIONS = (0.875, 0.75, 0.625, 0.5, 0.4375, 0.375, 0.3125, 0.25, 0.1875, 0.125, 0.0625)
 KRONECKER_RATIOS = (0.5, 0.25, 0.125)
 
 
@@ -42,20 +50,30 @@ class Candidate:
     config: MethodConfig | None  # None: keep the dense weight
     params: int  # the weight's parameters after (a bias is kept as it is)
     loss: float  # estimated relative squared output error on the calibration inputs
+    sensitivity: float = 1.0  # measured harm per unit of that error (1 when not measured)
+
+    @property
+    def cost(self) -> float:
+        """What the allocation minimises the sum of."""
+        return self.loss * self.sensitivity
 
     @property
     def method(self) -> str:
         return "dense" if self.config is None else self.config.method
 
 
-def candidates(name: str, module: nn.Module, stats: InputStats) -> list[Candidate]:
-    """Every candidate for one linear layer, cheapest estimate first."""
-    weight, _, _ = dense_weight(module)
-    w = weight.detach().double()
-    rows, cols = w.shape
-    c = stats.second_moment.double()
-    whitened = whitening_factor(c).T @ w
-    energy = torch.linalg.svdvals(whitened) ** 2
+def candidates(name: str, module: nn.Module, stats: InputStats | TokenStats) -> list[Candidate]:
+    """Every candidate for one linear layer or token embedding, cheapest estimate first."""
+    if is_embedding(module):
+        weight = module.weight.detach()
+        # Each token's row weighs as often as it occurs (smoothed), as the calibrated low-rank fit weighs it.
+        scaled = stats.weights().sqrt()[:, None] * weight.double()
+    else:
+        weight, _, _ = dense_weight(module)
+        weight = weight.detach()
+        scaled = whitening_factor(stats.second_moment.double()).T @ weight.double()
+    rows, cols = weight.shape
+    energy = torch.linalg.svdvals(scaled) ** 2
     total = float(energy.sum()) or 1.0  # ‖Sᵀ W‖² = tr(Wᵀ C W), the layer's output energy
     tail = energy.flip(0).cumsum(0).flip(0) / total  # tail[k] = Σ_{i >= k} σ_i², relative
     found = [Candidate(name, None, rows * cols, 0.0)]
@@ -64,6 +82,9 @@ def candidates(name: str, module: nn.Module, stats: InputStats) -> list[Candidat
         rank = max(1, int(full * fraction))
         if rank < min(rows, cols):
             found.append(Candidate(name, LowRankConfig(rank=rank), rank * (rows + cols), float(tail[rank])))
+    if is_embedding(module):
+        return found
+    c = stats.second_moment.double()
     for ratio in KRONECKER_RATIOS:
         try:
             shape = propose_kronecker_shape(rows, cols, ratio)
@@ -79,10 +100,10 @@ def lower_hull(options: list[Candidate]) -> list[Candidate]:
     """The candidates on the lower convex hull of (params, loss), from the most parameters down: the only
     ones a marginal-loss greedy (or the Lagrangian optimum) ever picks."""
     pareto: list[Candidate] = []
-    for candidate in sorted(options, key=lambda c: (-c.params, c.loss)):
+    for candidate in sorted(options, key=lambda c: (-c.params, c.cost)):
         if pareto and candidate.params == pareto[-1].params:
             continue  # as many parameters, no less loss
-        while pareto and pareto[-1].loss >= candidate.loss:
+        while pareto and pareto[-1].cost >= candidate.cost:
             pareto.pop()  # more parameters for no less loss: dominated
         pareto.append(candidate)
     hull: list[Candidate] = []
@@ -95,7 +116,7 @@ def lower_hull(options: list[Candidate]) -> list[Candidate]:
 
 def _slope(more: Candidate, fewer: Candidate) -> float:
     """Loss added per parameter freed going from ``more`` to ``fewer`` parameters."""
-    return (fewer.loss - more.loss) / max(more.params - fewer.params, 1)
+    return (fewer.cost - more.cost) / max(more.params - fewer.params, 1)
 
 
 def allocate(options: dict[str, list[Candidate]], saving: int) -> dict[str, Candidate]:
@@ -116,6 +137,25 @@ def allocate(options: dict[str, list[Candidate]], saving: int) -> dict[str, Cand
         hull = hulls[name]
         freed += hull[position[name]].params - hull[position[name] + 1].params
         position[name] += 1
+    # The last steps may have freed more than needed (an embedding's rank steps are large): give back
+    # the steps whose parameters the budget can spare, most loss regained per parameter first.
+    while True:
+        backs = [
+            (
+                name,
+                h[position[name]].cost - h[position[name] - 1].cost,
+                h[position[name] - 1].params - h[position[name]].params,
+            )
+            for name, h in hulls.items()
+            if position[name] > 0
+        ]
+        backs = [(name, gain / added) for name, gain, added in backs if freed - added >= saving and gain > 0]
+        if not backs:
+            break
+        name, _ = max(backs, key=lambda back: back[1])
+        hull = hulls[name]
+        freed -= hull[position[name] - 1].params - hull[position[name]].params
+        position[name] -= 1
     return {name: hull[position[name]] for name, hull in hulls.items()}
 
 
@@ -125,14 +165,18 @@ class Allocation:
     chosen: dict[str, Candidate]
     params: int  # the model's parameter count after compression
     seconds: float
+    sensitivity: dict[str, float] | None = None  # KL per unit of relative loss, per module (if measured)
 
     def table(self) -> str:
-        lines = [f"{'module':48} {'method':10} {'structure':30} {'params':>10} {'rel. error':>10}"]
+        lines = [f"{'module':48} {'method':10} {'structure':30} {'params':>10} {'rel. error':>10} {'sensitivity':>11}"]
         for name, candidate in self.chosen.items():
             fields = {} if candidate.config is None else candidate.config.to_dict()
             structure = ", ".join(f"{k}={v}" for k, v in fields.items() if k != "permute")
             error = math.sqrt(candidate.loss)
-            lines.append(f"{name:48} {candidate.method:10} {structure:30} {candidate.params:>10,} {error:>10.4g}")
+            measured = f"{candidate.sensitivity:>11.4g}" if self.sensitivity else f"{'-':>11}"
+            lines.append(
+                f"{name:48} {candidate.method:10} {structure:30} {candidate.params:>10,} {error:>10.4g} {measured}"
+            )
         lines.append(f"parameters after: {self.params:,}; search {self.seconds:.1f} s")
         return "\n".join(lines)
 
@@ -144,13 +188,82 @@ def linear_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES) and module is not head]
 
 
-def allocation_plan(model: nn.Module, stats: CalibrationStats, target_params: int) -> Allocation:
+def compressible_modules(model: nn.Module) -> list[str]:
+    """What the allocator chooses for: every linear layer but the head, and the token embedding."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if getter is not None else None
+    names = [name for name, module in model.named_modules() if module is embedding and isinstance(module, nn.Embedding)]
+    return names + linear_layers(model)
+
+
+def probe(found: list[Candidate]) -> Candidate:
+    """The candidate a sensitivity measurement applies: low-rank nearest half the dense parameters."""
+    dense = found[0].params
+    low_rank = [c for c in found if c.method == "lowrank" and c.loss > 0] or [c for c in found[1:] if c.loss > 0]
+    return min(low_rank, key=lambda c: abs(c.params - dense / 2))
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    model: nn.Module,
+    options: dict[str, list[Candidate]],
+    stats: CalibrationStats,
+    blocks: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Per module: KL(original ‖ model with only that module at its probe) on ``blocks`` (sequences x
+    tokens, mean over next-token positions) divided by the probe's estimated loss."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    batches = blocks.split(batch_size)
+    reference = [model(batch).logits.float().log_softmax(-1) for batch in batches]
+
+    def divergence() -> float:
+        total = 0.0
+        for batch, target in zip(batches, reference, strict=True):
+            log_probs = model(batch).logits.float().log_softmax(-1)
+            total += float((target.exp() * (target - log_probs)).sum(-1).sum())
+        return total / blocks.numel()
+
+    sensitivity = {}
+    for name, found in tqdm(options.items(), desc="sensitivity", disable=not progress):
+        module, candidate = model.get_submodule(name), probe(found)
+        layer, _ = get_method(candidate.config.method).fit(module, candidate.config, stats.for_module(name))
+        original = module.weight.detach().clone()
+        # Same parameter, new values: a head tied to an embedding sees the probe too.
+        module.weight.copy_(layer.to_dense().weight.to(original.dtype))
+        try:
+            sensitivity[name] = max(divergence(), 0.0) / candidate.loss
+        finally:
+            module.weight.copy_(original)
+    model.train(was_training)
+    return sensitivity
+
+
+def allocation_plan(
+    model: nn.Module,
+    stats: CalibrationStats,
+    target_params: int,
+    sensitivity_blocks: torch.Tensor | None = None,
+    progress: bool = False,
+) -> Allocation:
     """The plan whose fit leaves ``model`` with at most ``target_params`` parameters at the least
-    estimated loss; ``stats`` must cover ``linear_layers(model)``."""
+    estimated loss. It chooses for the ``compressible_modules(model)`` that ``stats`` describe (collect
+    them for all, or leave out what must stay dense). With ``sensitivity_blocks`` (token ids, sequences x
+    tokens) each module's losses are weighted by its measured sensitivity."""
     started = time.perf_counter()
-    names = linear_layers(model)
+    names = [name for name in compressible_modules(model) if name in stats.owner]
+    if not names:
+        raise ValueError("the calibration statistics describe none of the model's linear layers or token embedding")
     stats.check(model, names)
     options = {name: candidates(name, model.get_submodule(name), stats.for_module(name)) for name in names}
+    sensitivity = None
+    if sensitivity_blocks is not None:
+        sensitivity = measure_sensitivity(model, options, stats, sensitivity_blocks, progress=progress)
+        options = {name: [replace(c, sensitivity=sensitivity[name]) for c in options[name]] for name in options}
     total = count_parameters(model)
     smallest = total - sum(max(c.params for c in found) - min(c.params for c in found) for found in options.values())
     if not smallest <= target_params <= total:
@@ -163,4 +276,4 @@ def allocation_plan(model: nn.Module, stats: CalibrationStats, target_params: in
         raise ValueError(f"a budget of {target_params:,} parameters needs no compression (the model has {total:,})")
     after = total - sum(options[name][0].params - c.params for name, c in chosen.items())
     plan = CompressionPlan(rules, name=f"auto-{target_params}", description="chosen by the budget allocation")
-    return Allocation(plan, chosen, after, time.perf_counter() - started)
+    return Allocation(plan, chosen, after, time.perf_counter() - started, sensitivity)

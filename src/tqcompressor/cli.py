@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .allocation import allocation_plan, linear_layers
+from .allocation import allocation_plan, compressible_modules
 from .assets import default_model
 from .calibration import CalibrationStats, collect, compress_sequentially
 from .data import load_blocks
@@ -32,6 +32,7 @@ from .surgery import compress_, resolve
 from .training import FINAL, METRICS, TrainConfig, Trainer, process_state
 
 DEFAULT_CALIBRATION_TOKENS = 262_144
+DEFAULT_SENSITIVITY_TOKENS = 1024  # one forward pass per module over these
 
 
 def _refuse_preset_flags(args: argparse.Namespace, source: str) -> None:
@@ -53,7 +54,14 @@ def _compress(args: argparse.Namespace) -> None:
     if args.plan:
         _refuse_preset_flags(args, "the plan file")
     _check_calibration_flags(args)
-    compresses = bool(args.preset or args.plan or args.target_params or args.target_ratio)
+    budget = bool(args.target_params or args.target_ratio)
+    if (args.sensitivity or args.sensitivity_tokens is not None) and not budget:
+        raise ValueError("--sensitivity and --sensitivity-tokens weigh a budget's choices: give --target-params/ratio")
+    if args.sensitivity_tokens is not None and not args.sensitivity:
+        raise ValueError("--sensitivity-tokens applies to --sensitivity only")
+    if args.sensitivity and not args.calibration:
+        raise ValueError("--sensitivity measures on the --calibration text: give --calibration DATA")
+    compresses = bool(args.preset or args.plan or budget)
     if not (compresses or args.keep_layers):
         raise ValueError("say what to do: --preset, --plan, --target-params, --target-ratio or --keep-layers")
     model, tokenizer = load_model(model_name, args.gguf_file)
@@ -67,7 +75,7 @@ def _compress(args: argparse.Namespace) -> None:
             save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
             print(f"saved to {out}")
             return
-    if args.target_params or args.target_ratio:
+    if budget:
         _compress_to_budget(args, model, tokenizer, out)
         return
     if args.plan:
@@ -101,9 +109,14 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
         raise ValueError("--sequential, --dense-head and --time-budget do not apply to a budget")
     if args.target_ratio is not None and not 0 < args.target_ratio < 1:
         raise ValueError(f"--target-ratio must be between 0 and 1, got {args.target_ratio}")
-    stats = _calibration(args, model, tokenizer, linear_layers(model))
+    stats = _calibration(args, model, tokenizer, compressible_modules(model))
     target = args.target_params or round(args.target_ratio * count_parameters(model))
-    allocation = allocation_plan(model, stats, target)
+    probe_blocks = None
+    if args.sensitivity:
+        blocks = _calibration_blocks(args, model, tokenizer)
+        wanted = args.sensitivity_tokens or DEFAULT_SENSITIVITY_TOKENS
+        probe_blocks = blocks[: max(1, math.ceil(wanted / blocks.shape[1]))]
+    allocation = allocation_plan(model, stats, target, probe_blocks, progress=not args.quiet)
     report = compress_(model, allocation.plan, calibration=stats, progress=not args.quiet)
 
     def write_allocation(folder: Path) -> None:
@@ -331,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--plan", help="YAML or JSON plan file")
     which.add_argument("--target-params", type=int, help="choose every layer's method and size for this budget")
     which.add_argument("--target-ratio", type=float, help="the same, as a share of the model's parameters")
+    c.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="with a budget: measure how much each module's compression changes the output (KL on part of "
+        "the --calibration text, one pass per module) and weigh its choices by it",
+    )
+    c.add_argument(
+        "--sensitivity-tokens",
+        type=int,
+        help=f"calibration tokens it measures on (default {DEFAULT_SENSITIVITY_TOKENS})",
+    )
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--dense-head", action="store_true", help="keep a separate dense LM head (counted in full)")

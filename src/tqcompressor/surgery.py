@@ -178,13 +178,14 @@ def compress_(
     ``plan``: a ``CompressionPlan``, a preset name (``preset_options`` such as ``tie_head`` or
     ``time_budget`` go to the preset), or the ``Path`` of a plan file. ``calibration``: statistics
     from ``calibrate(model, plan, blocks)``; every layer is then fitted to its real inputs.
-    ``target_params`` instead of a plan: the allocation chooses each linear layer's method and size
-    (needs ``calibration`` of every linear layer: ``collect(model, linear_layers(model), blocks)``)."""
+    ``target_params`` instead of a plan: the allocation chooses the method and size of every module
+    ``calibration`` describes (``collect(model, compressible_modules(model), blocks)``: the linear layers
+    but the head, and the token embedding)."""
     if target_params is not None:
         if plan is not None or preset_options:
             raise ValueError("target_params chooses the plan: give a plan (or preset) or a budget, not both")
         if calibration is None:
-            raise ValueError("target_params needs calibration statistics of every linear layer (--calibration)")
+            raise ValueError("target_params needs calibration statistics of the modules to choose for (--calibration)")
         from .allocation import allocation_plan
 
         plan = allocation_plan(model, calibration, target_params).plan
