@@ -166,7 +166,7 @@ class Trainer:
         ramp = min(1.0, (self.step + 1) / max(1, round(self.config.warmup_fraction * self.run_steps)))
         continuing = self.first_step > 0 and not self.restart
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * ramp if group["fresh"] and continuing else lr
+            group["lr"] = lr * ramp if group.get("fresh", False) and continuing else lr
         return lr
 
     @property
