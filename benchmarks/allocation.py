@@ -196,8 +196,11 @@ def write_report(data: dict) -> None:
                     verdict = "met" if change >= 0.2 else "missed"
                     lines.append(
                         f"- {model} at {ratio:.2f}: {plan} {rows[plan]['heldout_ppl']:.1f} vs {uniform['plan']} "
-                        f"{uniform['heldout_ppl']:.1f}: {change:+.0%} ({verdict})"
+                        f"{uniform['heldout_ppl']:.1f}: {change:.0%} lower ({verdict})"
                     )
+    for model in meta.get("models", []):
+        if not any(r["model"] == model and r["plan"] != "dense" for r in records):
+            lines.append(f"- {model}: no compressed row yet (`--resume` continues the run)")
     lines += where_chosen(records)
     (RESULTS / "allocation.md").write_text("\n".join(lines) + "\n")
 

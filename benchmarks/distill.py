@@ -276,6 +276,9 @@ def main() -> None:
         "time_budget": args.time_budget,
         "eval": f"first {args.eval_tokens} tokens of each set, {args.window}-token windows",
         "budgets": {budget: runner.budget_params(budget) for budget in args.budgets},
+        "seeds": args.seeds,
+        "other_budget_seeds": args.other_budget_seeds,
+        "variants": list(VARIANTS),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     if not any(r["variant"] == "teacher" for r in data["records"]):
@@ -363,13 +366,41 @@ def write_report(data: dict, out: Path) -> None:
         if len(students) < 2:
             continue
         (best, first), (second_name, second) = students[0], students[1]
-        spread = max(first["heldout_ppl_spread"], second["heldout_ppl_spread"])
         gap = second["heldout_ppl"] - first["heldout_ppl"]
-        verdict = "more than" if gap > spread else "within"
+        if min(len(first["runs"]), len(second["runs"])) < 2:
+            verdict = "one seed of at least one of them: the seed spread is not measured, so this is no verdict"
+        else:
+            spread = max(first["heldout_ppl_spread"], second["heldout_ppl_spread"])
+            verdict = f"the gap is {'more than' if gap > spread else 'within'} the larger seed spread, {spread:.1f}"
         lines.append(
             f"- `{budget}`: **{best}** {first['heldout_ppl']:.1f}, then {second_name} {second['heldout_ppl']:.1f} "
-            f"({gap / second['heldout_ppl']:.1%} lower; the gap is {verdict} the larger seed spread, {spread:.1f})."
+            f"({gap / second['heldout_ppl']:.1%} lower; {verdict})."
         )
+        paired = {v: row["heldout_ppl"] for (b, v), row in rows.items() if b == budget}
+        if {"tq-multi-step", "tq-multi-step-restart", "tq-one-shot"} <= set(paired):
+            multi, restart, once = (paired[v] for v in ("tq-multi-step", "tq-multi-step-restart", "tq-one-shot"))
+            lines.append(
+                f"- `{budget}`, multi-step: one continuing run {multi:.1f} against restarting every step "
+                f"{restart:.1f} ({1 - multi / restart:.1%} lower); one-shot {once:.1f} "
+                f"({'better' if once < multi else 'worse'} than multi-step by {abs(1 - once / multi):.1%})."
+            )
+    expected = [
+        (budget, variant, seed)
+        for i, budget in enumerate(meta["budgets"])
+        for seed in (meta["seeds"] if i == 0 else meta["seeds"][: meta["other_budget_seeds"]])
+        for variant in meta["variants"]
+        if not (variant == "tq-multi-step-restart" and seed != meta["seeds"][0])
+        and not (variant == "teacher-continued" and i > 0)
+    ]
+    present = {(r["budget"], r["variant"], r["seed"]) for r in records}
+    missing = [key for key in expected if key not in present]
+    if missing:
+        lines += [
+            "",
+            f"Not run yet ({len(missing)} runs; `--resume` continues): "
+            + ", ".join(f"{v} at `{b}` seed {s}" for b, v, s in missing)
+            + ".",
+        ]
     multi = [r for r in records if r.get("steps")]
     if multi:
         lines += [
