@@ -196,7 +196,8 @@ def write_report(data: dict) -> None:
                     verdict = "met" if change >= 0.2 else "missed"
                     lines.append(
                         f"- {model} at {ratio:.2f}: {plan} {rows[plan]['heldout_ppl']:.1f} vs {uniform['plan']} "
-                        f"{uniform['heldout_ppl']:.1f}: {change:.0%} lower ({verdict})"
+                        f"{uniform['heldout_ppl']:.1f}: {abs(change):.0%} {'lower' if change >= 0 else 'higher'} "
+                        f"({verdict})"
                     )
     for model in meta.get("models", []):
         if not any(r["model"] == model and r["plan"] != "dense" for r in records):
