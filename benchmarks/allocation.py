@@ -1,23 +1,26 @@
 """Budget allocation against uniform plans at the same size, calibrated, no distillation.
 
-    python benchmarks/allocation.py [--models house-teacher smollm2-135m] [--ratios 0.7 0.5]
+    python benchmarks/allocation.py [--models house-teacher smollm2-135m gpt2-small-random] [--ratios 0.7 0.5]
         [--calibration-tokens 32768] [--sensitivity-tokens 1024] [--max-tokens 8000] [--resume]
 
 Plans per model and budget (every one fitted to the same calibration statistics):
 
-- ``auto``: the allocator's choice among dense, whitened low-rank and Kronecker for every linear layer
-  but the head, and low-rank for the token embedding (tied head counted once), by estimated relative
-  output error;
+- ``auto``: the allocator's choice among dense, whitened low-rank and Kronecker with and without
+  permutations for every linear layer but the head, and low-rank or Kronecker for the token embedding
+  (tied head counted once), by estimated relative output error;
 - ``auto-sensitivity``: the same with every module's losses weighted by its measured sensitivity (KL
   of the output with that module alone at a probe, on ``--sensitivity-tokens`` calibration tokens);
-- a uniform plan at the same size: SmolLM2: every linear layer low-rank at one rank ratio
-  (``uniform-svd``); house teacher: the best uniform calibrated plan of benchmarks/calibration.py,
-  truncated SVD at the ``tqcompressedgpt2`` module sizes, calibrated (``uniform-svd-tq``).
+- uniform plans at the same size: SmolLM2: every linear layer low-rank at one rank ratio
+  (``uniform-svd``), or Kronecker at that ratio without permutations (``uniform-kronecker``; a
+  permutation search on all 210 layers would take most of an hour here); house teacher: the best
+  uniform calibrated plan of benchmarks/calibration.py, truncated SVD at the ``tqcompressedgpt2``
+  module sizes, calibrated (``uniform-svd-tq``).
 
 House teacher at the ``tqcompressedgpt2`` size (14.1M); SmolLM2-135M (``../shared/assets/smollm2/fetch.sh``)
-at ``--ratios`` of its parameters. Calibration text: ``corpus/gutenberg/train``; held-out perplexity on
-``corpus/gutenberg/heldout`` (SmolLM2 also WikiText-2 and LAMBADA). Records are appended to
-benchmarks/results/allocation.json as they finish (``--resume`` keeps them); allocation.md is rewritten.
+at ``--ratios`` of its parameters; ``gpt2-small-random`` only times the search (both plans, at 60%).
+Calibration text: ``corpus/gutenberg/train``; held-out perplexity on ``corpus/gutenberg/heldout``
+(SmolLM2 also WikiText-2 and LAMBADA). Records are appended to benchmarks/results/allocation.json as
+they finish (``--resume`` keeps them; delete a record to redo it); allocation.md is rewritten.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from collections import Counter
 
 import torch
 from common import ASSETS, RESULTS, heldout_ids, load_smollm2
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
 from tqcompressor.allocation import allocation_plan, compressible_modules, linear_layers
@@ -42,25 +46,45 @@ from tqcompressor.loading import load_model
 from tqcompressor.presets import matching_svd_plan
 from tqcompressor.surgery import planned_parameters
 
+# What the allocator offered every layer when a record was made (older records lack the field).
+CANDIDATES = "low-rank; Kronecker with and without permutations; embedding low-rank and Kronecker"
+GPT2_SMALL_RATIO = 0.6
+MODELS = ["house-teacher", "smollm2-135m", "gpt2-small-random"]
 
-def uniform_svd(model, names: list[str], target: int) -> tq.CompressionPlan:
-    """Every layer in ``names`` low-rank at the one ratio whose total is ``target`` (ranks rounded)."""
+
+def linear_ratio(model, names: list[str], target: int) -> float:
+    """The share of the layers in ``names`` to keep so that the whole model has ``target`` parameters."""
     linear = sum(model.get_submodule(n).weight.numel() for n in names)
-    ratio = 1 - (tq.count_parameters(model) - target) / linear
-    config = tq.LowRankConfig(ratio=ratio)
-    return tq.CompressionPlan([tq.Rule(re.escape(n), config) for n in names], name=f"uniform-svd-{ratio:.3f}")
+    return 1 - (tq.count_parameters(model) - target) / linear
 
 
-def budgets(name: str, model, ratios: list[float]) -> list[tuple[float, int, str, tq.CompressionPlan]]:
-    """(target ratio, target params, uniform plan's name, uniform plan) per budget."""
+def uniform_plan(model, names: list[str], target: int, method: str) -> tq.CompressionPlan:
+    """Every layer in ``names`` at one ratio whose total is ``target``: low-rank (ranks rounded) or
+    Kronecker without permutations (shapes proposed per layer, so the total lands near the target)."""
+    ratio = linear_ratio(model, names, target)
+    config = tq.LowRankConfig(ratio=ratio) if method == "svd" else tq.KroneckerConfig(ratio=ratio, permute=False)
+    return tq.CompressionPlan([tq.Rule(re.escape(n), config) for n in names], name=f"uniform-{method}-{ratio:.3f}")
+
+
+def budgets(name: str, model, ratios: list[float]) -> list[tuple[float, int, dict[str, tq.CompressionPlan]]]:
+    """(target ratio, target params, uniform plans by record name) per budget."""
     if name == "house-teacher":
         preset = tq.preset("tqcompressedgpt2", model.config)
         size = planned_parameters(model, preset)
-        return [(size / tq.count_parameters(model), size, "uniform-svd-tq", matching_svd_plan(model, preset))]
+        return [(size / tq.count_parameters(model), size, {"uniform-svd-tq": matching_svd_plan(model, preset)})]
     total = tq.count_parameters(model)
-    return [
-        (r, round(r * total), "uniform-svd", uniform_svd(model, linear_layers(model), round(r * total))) for r in ratios
-    ]
+    found = []
+    for ratio in ratios:
+        target = round(ratio * total)
+        plans = {f"uniform-{m}": uniform_plan(model, linear_layers(model), target, m) for m in ("svd", "kronecker")}
+        found.append((ratio, target, plans))
+    return found
+
+
+def label(candidate) -> str:
+    """The method, and whether a Kronecker candidate searches permutations."""
+    permuted = candidate.method == "kronecker" and candidate.config.permute is not False
+    return f"{candidate.method}{'+perm' if permuted else ''}"
 
 
 def evaluate(model, texts: dict[str, list[int]], passages, tokenizer) -> dict:
@@ -97,7 +121,7 @@ def run_model(name: str, args, data: dict, path) -> None:
     stats = collect(model, compressible_modules(model), blocks, progress=False)
     calibration_seconds = time.perf_counter() - started
     probe_blocks = blocks[: max(1, args.sensitivity_tokens // blocks.shape[1])]
-    for ratio, target, uniform_name, uniform in budgets(name, model, args.ratios):
+    for ratio, target, uniforms in budgets(name, model, args.ratios):
         plans = {}
         for plan_name, sensitivity in (("auto", None), ("auto-sensitivity", probe_blocks)):
             if (name, plan_name, ratio) not in done:
@@ -111,18 +135,21 @@ def run_model(name: str, args, data: dict, path) -> None:
                 "plan": plan_name,
                 "target_ratio": ratio,
                 "target_params": target,
+                "candidates": CANDIDATES,
                 "search_seconds": allocation.seconds,
                 "calibration_seconds": calibration_seconds,
                 "compress_seconds": time.perf_counter() - started,
-                "chosen": dict(Counter(c.method for c in chosen.values())),
+                "chosen": dict(Counter(label(c) for c in chosen.values())),
                 "layers": {
-                    n: {"method": c.method, "params": c.params, "dense": model.get_submodule(n).weight.numel()}
+                    n: {"method": label(c), "params": c.params, "dense": model.get_submodule(n).weight.numel()}
                     for n, c in chosen.items()
                 },
             }
             record(row, compressed)
             del compressed
-        if (name, uniform_name, ratio) not in done:
+        for uniform_name, uniform in uniforms.items():
+            if (name, uniform_name, ratio) in done:
+                continue
             compressed = copy.deepcopy(model)
             started = time.perf_counter()
             tq.compress_(compressed, uniform, calibration=stats, progress=False)
@@ -130,9 +157,42 @@ def run_model(name: str, args, data: dict, path) -> None:
             record({**row, "compress_seconds": time.perf_counter() - started}, compressed)
 
 
+def time_gpt2_small(args, data: dict, path) -> None:
+    """The allocation's cost at GPT-2-small size (random weights from ``GPT2Config()``; no quality)."""
+    if any(r["model"] == "gpt2-small-random" for r in data["records"]):
+        return
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).eval()
+    tokenizer = load_model(str(ASSETS / "house-teacher"))[1]  # the GPT-2 tokenizer
+    text = load_blocks(ASSETS / "corpus/gutenberg/train", tokenizer, 512, args.calibration_tokens, seed=0)
+    blocks = torch.cat([text.train, text.heldout])
+    started = time.perf_counter()
+    stats = collect(model, compressible_modules(model), blocks, progress=False)
+    calibration_seconds = time.perf_counter() - started
+    target = round(GPT2_SMALL_RATIO * tq.count_parameters(model))
+    probe_blocks = blocks[: max(1, args.sensitivity_tokens // blocks.shape[1])]
+    for plan_name, sensitivity in (("auto", None), ("auto-sensitivity", probe_blocks)):
+        allocation = allocation_plan(model, stats, target, sensitivity)
+        row = {
+            "model": "gpt2-small-random",
+            "plan": plan_name,
+            "target_ratio": GPT2_SMALL_RATIO,
+            "target_params": target,
+            "params": allocation.params,
+            "candidates": CANDIDATES,
+            "calibration_tokens": int(blocks.numel()),
+            "calibration_seconds": calibration_seconds,
+            "search_seconds": allocation.seconds,
+            "chosen": dict(Counter(label(c) for c in allocation.chosen.values())),
+        }
+        data["records"].append(row)
+        path.write_text(json.dumps(data, indent=1))
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["house-teacher", "smollm2-135m"])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5], help="SmolLM2 budgets")
     parser.add_argument("--calibration-tokens", type=int, default=32_768)
     parser.add_argument("--sensitivity-tokens", type=int, default=1024)
@@ -146,19 +206,24 @@ def main() -> None:
     if data is None or "models" not in data["meta"]:
         data = {"meta": {"models": args.models}, "records": []}
     if not args.from_json:
+        command = "python benchmarks/allocation.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k not in ("from_json", "resume")
+        )
+        meta = data["meta"]
+        earlier = meta.get("commands", [meta["command"]] if "command" in meta else [])
         data["meta"] = {
-            "command": "python benchmarks/allocation.py "
-            + " ".join(
-                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in vars(args).items()
-                if k not in ("from_json", "resume")
-            ),
+            "commands": [*earlier, command + (" --resume" if args.resume else "")],
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "models": args.models,
+            "models": list(dict.fromkeys([*meta.get("models", []), *args.models])),
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
         for name in args.models:
-            run_model(name, args, data, path)
+            if name == "gpt2-small-random":
+                time_gpt2_small(args, data, path)
+            else:
+                run_model(name, args, data, path)
     write_report(data)
 
 
@@ -167,13 +232,20 @@ def write_report(data: dict) -> None:
     lines = [
         "# Budget allocation against uniform plans (calibrated, no distillation)",
         "",
-        f"Command: `{meta['command']}` on {meta['machine']}.",
+        "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + f". Machine: {meta['machine']}.",
         "",
         "| model | plan | target | params | held-out ppl | WikiText-2 ppl | LAMBADA acc | chosen | search s |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for r in records:
+    models = list(dict.fromkeys(r["model"] for r in records))
+    quality = sorted(
+        (r for r in records if "heldout_ppl" in r),
+        key=lambda r: (models.index(r["model"]), -(r["target_ratio"] or 1.0), r["plan"]),
+    )
+    for r in quality:
         chosen = ", ".join(f"{k} {v}" for k, v in r.get("chosen", {}).items())
+        if r["plan"].startswith("auto") and "candidates" not in r:
+            chosen += " †"
         wikitext = f"{r['wikitext2_ppl']:.1f}" if "wikitext2_ppl" in r else "—"
         acc = f"{r['lambada_acc']:.3f}" if "lambada_acc" in r else "—"
         target = f"{r['target_ratio']:.2f}" if r.get("target_ratio") else "1.00"
@@ -181,10 +253,13 @@ def write_report(data: dict) -> None:
             f"| {r['model']} | {r['plan']} | {target} | {r['params']:,} | {r['heldout_ppl']:.1f} | {wikitext} "
             f"| {acc} | {chosen} | {r.get('search_seconds', 0):.0f} |"
         )
-    lines += ["", "Auto against the best uniform plan at the same budget (target: ≥ 20% lower held-out ppl):", ""]
-    for model in dict.fromkeys(r["model"] for r in records):
-        for ratio in dict.fromkeys(r["target_ratio"] for r in records if r["model"] == model and r["target_ratio"]):
-            rows = {r["plan"]: r for r in records if r["model"] == model and r["target_ratio"] == ratio}
+    if any(r["plan"].startswith("auto") and "candidates" not in r for r in quality):
+        lines += ["", "† made before the allocator offered permuted Kronecker and Kronecker embedding candidates."]
+    lines += ["", f"Candidates now: {CANDIDATES}.", ""]
+    lines += ["Auto against the best uniform plan at the same budget (target: ≥ 20% lower held-out ppl):", ""]
+    for model in dict.fromkeys(r["model"] for r in quality):
+        for ratio in dict.fromkeys(r["target_ratio"] for r in quality if r["model"] == model and r["target_ratio"]):
+            rows = {r["plan"]: r for r in quality if r["model"] == model and r["target_ratio"] == ratio}
             uniform = min(
                 (r for p, r in rows.items() if p.startswith("uniform")), key=lambda r: r["heldout_ppl"], default=None
             )
@@ -202,7 +277,16 @@ def write_report(data: dict) -> None:
     for model in meta.get("models", []):
         if not any(r["model"] == model and r["plan"] != "dense" for r in records):
             lines.append(f"- {model}: no compressed row yet (`--resume` continues the run)")
-    lines += where_chosen(records)
+    lines += where_chosen(quality)
+    timed = [r for r in records if r["model"] == "gpt2-small-random"]
+    if timed:
+        lines += ["", "Allocation time at GPT-2-small size (random weights from `GPT2Config()`, 124M; no quality):", ""]
+        for r in timed:
+            chosen = ", ".join(f"{k} {v}" for k, v in r["chosen"].items())
+            lines.append(
+                f"- {r['plan']} at {r['target_ratio']:.2f}: search {r['search_seconds']:.0f} s after "
+                f"{r['calibration_seconds']:.0f} s of calibration on {r['calibration_tokens']:,} tokens; chose {chosen}"
+            )
     (RESULTS / "allocation.md").write_text("\n".join(lines) + "\n")
 
 

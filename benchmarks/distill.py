@@ -13,6 +13,7 @@ Students (``variant``):
 - ``tq-multi-step``: the paper's steps (at ``half``: attention, then MLPs, every layer ½), distilling
   after each step as one continuing run (one learning-rate schedule, optimizer state carried);
 - ``tq-multi-step-restart``: the same but each step restarts AdamW and its warm-up (the old behaviour);
+- ``tq-multi-step-shares``: continuing, with the tokens split 1 : 1 : 4 between the steps;
 - ``tq-one-shot``: the same compression at once, then one distillation;
 - ``kngpt2``: the same shapes without permutations (one-shot at ``half``, steps at ``tq``);
 - ``calibrated``: truncated SVD at the same per-module sizes, fitted to calibration statistics
@@ -60,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = (
     "tq-multi-step",
     "tq-multi-step-restart",
+    "tq-multi-step-shares",
     "tq-one-shot",
     "kngpt2",
     "calibrated",
@@ -67,7 +69,12 @@ VARIANTS = (
     "half-depth",
     "teacher-continued",
 )
-MULTI_STEP = {"tq-multi-step": True, "tq-multi-step-restart": False}  # variant: continuous
+MULTI_STEP = {"tq-multi-step": True, "tq-multi-step-restart": False, "tq-multi-step-shares": True}  # continuous?
+# Token shares of the three steps at the ``tq`` budget: the third step (embedding ÷2 again) does the
+# most damage, so it gets two thirds of the tokens (whole optimizer steps: 1/6 and 4/6 of the total).
+SHARES = {"tq-multi-step-shares": (1, 1, 4)}
+# Diagnostic variants: one seed at the first budget only.
+DIAGNOSTIC = ("tq-multi-step-restart", "tq-multi-step-shares")
 LAYERS = r"transformer\.h\.\d+\.{}"
 
 
@@ -187,6 +194,8 @@ class Runner:
         if variant in MULTI_STEP or (variant == "kngpt2" and budget == "tq"):
             permute = variant != "kngpt2"
             schedule = tq_schedule(budget, permute, self.teacher.config, self.args.time_budget)
+            if variant in SHARES:
+                schedule = schedule.share_tokens(self.args.tokens, list(SHARES[variant]))
             before = copy.deepcopy(self.teacher)
             tq.compress_(before, schedule.one_shot().steps[0].plan, progress=False)
             record["before"] = self.evaluate(before)
@@ -285,25 +294,30 @@ def main() -> None:
         teacher = runner.evaluate(runner.teacher)
         params = tq.count_parameters(runner.teacher)
         data["records"].append({"variant": "teacher", "budget": None, "seed": None, "params": params, "after": teacher})
-    done = {(r["variant"], r["budget"], r["seed"]) for r in data["records"]}
-    # Seed 0 of every row first, then the other seeds, then the other budget: a cut-short run has the rows.
-    order = [
-        (budget, variant, seed)
-        for i, budget in enumerate(args.budgets)
-        for seed in (args.seeds if i == 0 else args.seeds[: args.other_budget_seeds])
-        for variant in args.variants
-    ]
-    for budget, variant, seed in order:
-        if (variant, budget, seed) in done or (variant == "tq-multi-step-restart" and seed != args.seeds[0]):
+    done = {(r["budget"], r["variant"], r["seed"]) for r in data["records"]}
+    for budget, variant, seed in planned_runs(args.budgets, args.seeds, args.other_budget_seeds, args.variants):
+        if (budget, variant, seed) in done:
             continue
-        if variant == "teacher-continued" and budget != args.budgets[0]:
-            continue  # one reference at the teacher's own size serves both budgets
         record = runner.run(variant, budget, seed, args.work / budget / variant / f"seed{seed}")
         data["records"].append(record)
         path.write_text(json.dumps(data, indent=1))
         print(json.dumps({k: v for k, v in record.items() if k not in ("steps", "curve")}), flush=True)
     path.write_text(json.dumps(data, indent=1))
     write_report(data, args.out)
+
+
+def planned_runs(budgets: list[str], seeds: list[int], other_budget_seeds: int, variants: list[str]) -> list:
+    """(budget, variant, seed) in the order they run: every row's first seed, then the other seeds, then
+    the other budget, so that a cut-short benchmark has whole rows."""
+    return [
+        (budget, variant, seed)
+        for i, budget in enumerate(budgets)
+        for seed in (seeds if i == 0 else seeds[:other_budget_seeds])
+        for variant in variants
+        if not (variant in DIAGNOSTIC and (i > 0 or seed != seeds[0]))
+        # one reference at the teacher's own size serves both budgets
+        and not (variant == "teacher-continued" and i > 0)
+    ]
 
 
 def summary(records: list[dict]) -> dict[tuple[str, str], dict]:
@@ -384,14 +398,13 @@ def write_report(data: dict, out: Path) -> None:
                 f"{restart:.1f} ({1 - multi / restart:.1%} lower); one-shot {once:.1f} "
                 f"({'better' if once < multi else 'worse'} than multi-step by {abs(1 - once / multi):.1%})."
             )
-    expected = [
-        (budget, variant, seed)
-        for i, budget in enumerate(meta["budgets"])
-        for seed in (meta["seeds"] if i == 0 else meta["seeds"][: meta["other_budget_seeds"]])
-        for variant in meta["variants"]
-        if not (variant == "tq-multi-step-restart" and seed != meta["seeds"][0])
-        and not (variant == "teacher-continued" and i > 0)
-    ]
+        if {"tq-multi-step", "tq-multi-step-shares"} <= set(paired):
+            shares = paired["tq-multi-step-shares"]
+            lines.append(
+                f"- `{budget}`, multi-step with tokens 1 : 1 : 4 between the steps: {shares:.1f} against equal "
+                f"shares {paired['tq-multi-step']:.1f} (one seed each)."
+            )
+    expected = planned_runs(list(meta["budgets"]), meta["seeds"], meta["other_budget_seeds"], meta["variants"])
     present = {(r["budget"], r["variant"], r["seed"]) for r in records}
     missing = [key for key in expected if key not in present]
     if missing:

@@ -1,17 +1,18 @@
-"""Budget-driven compression: choose, per linear layer, dense, low-rank at some rank, or a Kronecker
-shape, so that the total estimated loss is smallest within a parameter budget.
+"""Budget-driven compression: choose, per module, to keep it dense or one of the candidates the
+registered methods offer, so that the total estimated loss is smallest within a parameter budget.
 
-A candidate's loss is its relative squared output error, tr(Δᵀ C Δ) / tr(Wᵀ C W), estimated from the
-statistics without fitting: exact for whitened low-rank (the tail of the singular values of SᵀW), and
-for Kronecker the closed-form Kronecker-whitened fit, an upper bound that the installed fit (ALS
-refinement) only lowers. Relative, because absolute errors are in each layer's own units: summed raw,
+Every method prices its own candidates (``CompressionMethod.estimates``) from the statistics without
+fitting them in full: low-rank exactly (the tail of the singular values of SᵀW), Kronecker by its
+closed-form Kronecker-whitened fit with and without a short column search, which the installed fit
+(longer search, ALS refinement) lowers. A candidate's loss is its relative squared output error,
+tr(Δᵀ C Δ) / tr(Wᵀ C W). Relative, because absolute errors are in each layer's own units: summed raw,
 the layers with the largest outputs (SmolLM2's down_proj) stayed dense while the small-output q/k
 projections were cut to the bone, and the model broke. The allocation is a greedy walk down each
 layer's lower convex hull of (parameters, loss), always taking the step that frees parameters at the
 least loss per parameter.
 
-The token embedding is a candidate too (low-rank, rows weighted by calibration token frequency; a head
-tied to it follows it and is counted once). Equal relative error is not equal harm, though: with
+The token embedding is a candidate too (its rows weighted by calibration token frequency; a head tied
+to it follows it and is counted once). Equal relative error is not equal harm, though: with
 ``sensitivity`` blocks, every module is measured once, ASVD-style: the KL divergence of the model's
 next-token distribution from the original's, on those blocks, with only that module replaced by its
 probe candidate (low-rank near half its parameters), over the probe's estimated loss. Each candidate's
@@ -27,21 +28,14 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .calibration import CalibrationStats
-from .linalg import whitening_factor
-from .methods import MethodConfig, get_method, is_embedding
-from .methods.kronecker import KroneckerConfig, propose_kronecker_shape
-from .methods.kronecker.calibrated import calibrated_factors
-from .methods.lowrank import LowRankConfig
-from .methods.targets import LINEAR_TYPES, dense_weight
+from .methods import MethodConfig, get_method, method_names
+from .methods.targets import LINEAR_TYPES
 from .params import count_parameters
 from .plan import CompressionPlan, Rule
 from .statistics import InputStats, TokenStats
-
-# Of the rank that keeps the dense count; fine steps, so that large modules (an embedding) can meet a budget.
-RANK_FRACTIONS = (0.875, 0.75, 0.625, 0.5, 0.4375, 0.375, 0.3125, 0.25, 0.1875, 0.125, 0.0625)
-KRONECKER_RATIOS = (0.5, 0.25, 0.125)
 
 
 @dataclass
@@ -63,36 +57,10 @@ class Candidate:
 
 
 def candidates(name: str, module: nn.Module, stats: InputStats | TokenStats) -> list[Candidate]:
-    """Every candidate for one linear layer or token embedding, cheapest estimate first."""
-    if is_embedding(module):
-        weight = module.weight.detach()
-        # Each token's row weighs as often as it occurs (smoothed), as the calibrated low-rank fit weighs it.
-        scaled = stats.weights().sqrt()[:, None] * weight.double()
-    else:
-        weight, _, _ = dense_weight(module)
-        weight = weight.detach()
-        scaled = whitening_factor(stats.second_moment.double()).T @ weight.double()
-    rows, cols = weight.shape
-    energy = torch.linalg.svdvals(scaled) ** 2
-    total = float(energy.sum()) or 1.0  # ‖Sᵀ W‖² = tr(Wᵀ C W), the layer's output energy
-    tail = energy.flip(0).cumsum(0).flip(0) / total  # tail[k] = Σ_{i >= k} σ_i², relative
-    found = [Candidate(name, None, rows * cols, 0.0)]
-    full = rows * cols // (rows + cols)
-    for fraction in RANK_FRACTIONS:
-        rank = max(1, int(full * fraction))
-        if rank < min(rows, cols):
-            found.append(Candidate(name, LowRankConfig(rank=rank), rank * (rows + cols), float(tail[rank])))
-    if is_embedding(module):
-        return found
-    c = stats.second_moment.double()
-    for ratio in KRONECKER_RATIOS:
-        try:
-            shape = propose_kronecker_shape(rows, cols, ratio)
-        except ValueError:
-            continue
-        _, history = calibrated_factors(weight.detach(), shape, c, iterations=0)
-        config = KroneckerConfig(shape=(shape.m1, shape.n1, shape.m2, shape.n2), rank=shape.rank, permute=False)
-        found.append(Candidate(name, config, shape.num_params, history[0] ** 2))
+    """Keeping ``module`` dense, then every registered method's estimates for it."""
+    found = [Candidate(name, None, module.weight.numel(), 0.0)]
+    for method in method_names():
+        found += [Candidate(name, e.config, e.params, e.loss) for e in get_method(method).estimates(module, stats)]
     return found
 
 
@@ -171,7 +139,7 @@ class Allocation:
         lines = [f"{'module':48} {'method':10} {'structure':30} {'params':>10} {'rel. error':>10} {'sensitivity':>11}"]
         for name, candidate in self.chosen.items():
             fields = {} if candidate.config is None else candidate.config.to_dict()
-            structure = ", ".join(f"{k}={v}" for k, v in fields.items() if k != "permute")
+            structure = ", ".join(f"{k}={v}" for k, v in fields.items())
             error = math.sqrt(candidate.loss)
             measured = f"{candidate.sensitivity:>11.4g}" if self.sensitivity else f"{'-':>11}"
             lines.append(
@@ -214,8 +182,6 @@ def measure_sensitivity(
 ) -> dict[str, float]:
     """Per module: KL(original ‖ model with only that module at its probe) on ``blocks`` (sequences x
     tokens, mean over next-token positions) divided by the probe's estimated loss."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     batches = blocks.split(batch_size)
@@ -260,16 +226,16 @@ def allocation_plan(
         raise ValueError("the calibration statistics describe none of the model's linear layers or token embedding")
     stats.check(model, names)
     options = {name: candidates(name, model.get_submodule(name), stats.for_module(name)) for name in names}
-    sensitivity = None
-    if sensitivity_blocks is not None:
-        sensitivity = measure_sensitivity(model, options, stats, sensitivity_blocks, progress=progress)
-        options = {name: [replace(c, sensitivity=sensitivity[name]) for c in options[name]] for name in options}
     total = count_parameters(model)
     smallest = total - sum(max(c.params for c in found) - min(c.params for c in found) for found in options.values())
     if not smallest <= target_params <= total:
         raise ValueError(
             f"a budget of {target_params:,} parameters is out of reach: choose between {smallest:,} and {total:,}"
         )
+    sensitivity = None
+    if sensitivity_blocks is not None:
+        sensitivity = measure_sensitivity(model, options, stats, sensitivity_blocks, progress=progress)
+        options = {name: [replace(c, sensitivity=sensitivity[name]) for c in options[name]] for name in options}
     chosen = allocate(options, total - target_params)
     rules = [Rule(re.escape(name), c.config) for name, c in chosen.items() if c.config is not None]
     if not rules:

@@ -2,12 +2,13 @@
 else finds methods through ``registry``."""
 
 from . import kronecker, lowrank
-from .base import CompressedModule, CompressionMethod, FitReport, MethodConfig
+from .base import CompressedModule, CompressionMethod, Estimate, FitReport, MethodConfig
 from .registry import get_method, is_compressed, is_embedding, method_names, module_class, register, unregister
 
 __all__ = [
     "CompressedModule",
     "CompressionMethod",
+    "Estimate",
     "FitReport",
     "MethodConfig",
     "get_method",

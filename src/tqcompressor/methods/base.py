@@ -109,6 +109,17 @@ class FitReport:
     details: dict[str, float] = field(default_factory=dict)  # further errors a method measured
 
 
+@dataclass
+class Estimate:
+    """A config a parameter budget may choose for one module, priced without fitting it in full."""
+
+    config: MethodConfig
+    params: int  # the weight's parameters after (a bias is kept as it is)
+    # Relative squared output error on the calibration inputs, tr(ΔᵀCΔ) / tr(WᵀCW) (rows weighted by
+    # token frequency for an embedding): exact, or an upper bound that the installed fit only lowers.
+    loss: float
+
+
 class CompressionMethod(ABC):
     """One registered method. ``plan`` and ``parameters`` work from shapes alone; ``fit`` computes."""
 
@@ -130,3 +141,8 @@ class CompressionMethod(ABC):
     @abstractmethod
     def parameters(self, config: MethodConfig, rows: int, cols: int) -> int:
         """Parameters that compressing a ``rows x cols`` matrix (no bias) with ``config`` keeps."""
+
+    def estimates(self, module: nn.Module, stats: Any) -> list[Estimate]:
+        """The configs this method offers a budget allocation for ``module``, from its calibration
+        ``stats`` alone; none unless the method says how to price them."""
+        return []

@@ -3,7 +3,7 @@ and (as kron(E', b)[:, p]) for embedding tables."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -11,7 +11,7 @@ from torch import nn
 
 from ...linalg import calibrated_error, weighted_error
 from ...statistics import InputStats, TokenStats
-from ..base import CompressionMethod, FitReport, MethodConfig
+from ..base import CompressionMethod, Estimate, FitReport, MethodConfig
 from ..registry import register
 from ..targets import LINEAR_TYPES, dense_weight, relative_error
 from .calibrated import calibrated_factors, kronecker_whitened
@@ -23,6 +23,12 @@ from .shapes import KroneckerShape, propose_kronecker_shape
 # 15 s per layer: the GPT-2 small preset (14 searched matrices) then compresses in minutes on 2 cores;
 # at 60 s the search used its whole budget on every layer and took 12.7 minutes (benchmarks/speed.py).
 SEARCH_DEFAULTS = {"iterations": 6, "restarts": 0, "seed": 0, "time_budget": 15.0}
+# Offered to a budget: linear layers at these ratios of their parameters, embeddings divided by these.
+ESTIMATE_RATIOS = (0.5, 0.25, 0.125)
+ESTIMATE_EMBEDDING_FACTORS = (2, 4, 8)
+# A permuted candidate is priced by a search this short; the fit it stands for searches with the
+# configured budget, which only goes further along the same deterministic path.
+ESTIMATE_SEARCH_SECONDS = 0.5
 
 
 @dataclass
@@ -148,6 +154,49 @@ class KroneckerMethod(CompressionMethod):
         if config.embedding_factor is not None:
             return rows * config.embedding_width(cols) + config.embedding_factor
         return config.linear_shape(rows, cols).num_params
+
+    def estimates(self, module: nn.Module, stats: InputStats | TokenStats) -> list[Estimate]:
+        if isinstance(module, nn.Embedding):
+            return self._embedding_estimates(module, stats)
+        if not isinstance(module, LINEAR_TYPES):
+            return []
+        weight = dense_weight(module)[0].detach()
+        c = stats.second_moment.double()
+        found = []
+        for ratio in ESTIMATE_RATIOS:
+            try:
+                shape = propose_kronecker_shape(*weight.shape, ratio)
+            except ValueError:
+                continue
+            fields = {"shape": (shape.m1, shape.n1, shape.m2, shape.n2), "rank": shape.rank}
+            # The closed-form start in the identity order: the installed fit starts there too and refines.
+            plain = calibrated_factors(weight, shape, c, iterations=0)[1][0] ** 2
+            found.append(Estimate(KroneckerConfig(**fields, permute=False), shape.num_params, plain))
+            if shape.n2 == 1:
+                continue  # no column order to search
+            # One of the orders the installed fit tries: columns searched on the Kronecker-whitened W. The
+            # fit searches longer and refines every order, so it lands lower unless its longer search
+            # finds a column order that fits the whitened W better and the calibrated objective worse.
+            config = KroneckerConfig(**fields)
+            whitened, _, _ = kronecker_whitened(weight, c, shape.m1, shape.m2)
+            quick = replace(config, time_budget=ESTIMATE_SEARCH_SECONDS)
+            columns = self._search(whitened, shape, quick, rows=False).factors.col_perm
+            permuted = calibrated_factors(weight, shape, c, None, columns, iterations=0)[1][0] ** 2
+            found.append(Estimate(config, shape.num_params, min(plain, permuted)))
+        return found
+
+    def _embedding_estimates(self, module: nn.Embedding, stats: TokenStats) -> list[Estimate]:
+        """Fitted outright on the frequency-weighted objective with a short column search: cheap, since
+        B is 1 x k, and an upper bound of the installed fit, whose longer search only goes further."""
+        vocab, width = module.weight.shape
+        found = []
+        for factor in ESTIMATE_EMBEDDING_FACTORS:
+            if width % factor:
+                continue
+            config = KroneckerConfig(embedding_factor=factor)
+            _, report = self._fit_embedding(module, replace(config, time_budget=ESTIMATE_SEARCH_SECONDS), stats)
+            found.append(Estimate(config, self.parameters(config, vocab, width), report.error**2))
+        return found
 
     def fit(self, module: nn.Module, config: KroneckerConfig, stats: InputStats | TokenStats | None = None):
         if isinstance(module, LINEAR_TYPES):

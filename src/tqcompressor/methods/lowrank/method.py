@@ -9,13 +9,17 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ...linalg import calibrated_error, weighted_error
+from ...linalg import calibrated_error, weighted_error, whitening_factor
 from ...statistics import InputStats, TokenStats
-from ..base import CompressionMethod, FitReport, MethodConfig
+from ..base import CompressionMethod, Estimate, FitReport, MethodConfig
 from ..registry import register
 from ..targets import LINEAR_TYPES, dense_weight
 from .factors import rank_for_params, scaled_svd, truncated_svd, whitened_svd
 from .modules import LowRankEmbedding, LowRankLinear
+
+# Offered to a budget, as fractions of the rank that keeps the dense count; fine steps, so that large
+# modules (an embedding) can meet a budget.
+RANK_FRACTIONS = (0.875, 0.75, 0.625, 0.5, 0.4375, 0.375, 0.3125, 0.25, 0.1875, 0.125, 0.0625)
 
 
 @dataclass
@@ -69,6 +73,28 @@ class LowRankMethod(CompressionMethod):
 
     def parameters(self, config: LowRankConfig, rows: int, cols: int) -> int:
         return config.rank_for(rows, cols) * (rows + cols)
+
+    def estimates(self, module: nn.Module, stats: InputStats | TokenStats) -> list[Estimate]:
+        """Exact: the calibrated fit at rank k loses the tail of the singular values of SᵀW (whitened
+        rows) or of W with rows scaled by the square root of their token frequency (embeddings)."""
+        if isinstance(module, nn.Embedding):
+            weight = module.weight.detach()
+            scaled = stats.weights().sqrt()[:, None] * weight.double()
+        elif isinstance(module, LINEAR_TYPES):
+            weight = dense_weight(module)[0].detach()
+            scaled = whitening_factor(stats.second_moment.double()).T @ weight.double()
+        else:
+            return []
+        rows, cols = weight.shape
+        energy = torch.linalg.svdvals(scaled) ** 2
+        tail = energy.flip(0).cumsum(0).flip(0) / (float(energy.sum()) or 1.0)  # Σ_{i >= k} σ_i², relative
+        full = rows * cols // (rows + cols)
+        ranks = sorted({max(1, int(full * fraction)) for fraction in RANK_FRACTIONS}, reverse=True)
+        return [
+            Estimate(LowRankConfig(rank=rank), rank * (rows + cols), float(tail[rank]))
+            for rank in ranks
+            if rank < min(rows, cols)
+        ]
 
     def fit(self, module: nn.Module, config: LowRankConfig, stats: InputStats | TokenStats | None = None):
         embedding = isinstance(module, nn.Embedding)
