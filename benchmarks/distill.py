@@ -338,6 +338,12 @@ def summary(records: list[dict]) -> dict[tuple[str, str], dict]:
     return rows
 
 
+def described(variant: str, row: dict) -> str:
+    seeds = len(row["runs"])
+    spread = f", spread {row['heldout_ppl_spread']:.1f}" if seeds > 1 else ""
+    return f"{variant} {row['heldout_ppl']:.1f} ({seeds} seed{'s' if seeds > 1 else ''}{spread})"
+
+
 def write_report(data: dict, out: Path) -> None:
     import matplotlib
 
@@ -390,20 +396,22 @@ def write_report(data: dict, out: Path) -> None:
             f"- `{budget}`: **{best}** {first['heldout_ppl']:.1f}, then {second_name} {second['heldout_ppl']:.1f} "
             f"({gap / second['heldout_ppl']:.1%} lower; {verdict})."
         )
-        paired = {v: row["heldout_ppl"] for (b, v), row in rows.items() if b == budget}
-        if {"tq-multi-step", "tq-multi-step-restart", "tq-one-shot"} <= set(paired):
-            multi, restart, once = (paired[v] for v in ("tq-multi-step", "tq-multi-step-restart", "tq-one-shot"))
-            lines.append(
-                f"- `{budget}`, multi-step: one continuing run {multi:.1f} against restarting every step "
-                f"{restart:.1f} ({1 - multi / restart:.1%} lower); one-shot {once:.1f} "
-                f"({'better' if once < multi else 'worse'} than multi-step by {abs(1 - once / multi):.1%})."
-            )
-        if {"tq-multi-step", "tq-multi-step-shares"} <= set(paired):
-            shares = paired["tq-multi-step-shares"]
-            lines.append(
-                f"- `{budget}`, multi-step with tokens 1 : 1 : 4 between the steps: {shares:.1f} against equal "
-                f"shares {paired['tq-multi-step']:.1f} (one seed each)."
-            )
+        here = {v: row for (b, v), row in rows.items() if b == budget}
+
+        comparisons = [
+            ("multi-step, continuing vs restarting", "tq-multi-step", "tq-multi-step-restart"),
+            ("multi-step vs one-shot", "tq-multi-step", "tq-one-shot"),
+            ("token shares 1 : 1 : 4 vs equal", "tq-multi-step-shares", "tq-multi-step"),
+            ("the paper's claim, TQ vs DistilGPT-2-style", "tq-one-shot", "half-depth"),
+            ("the paper's claim, TQ vs KnGPT-2", "tq-one-shot", "kngpt2"),
+        ]
+        for title, left, right in comparisons:
+            if left in here and right in here:
+                change = 1 - here[left]["heldout_ppl"] / here[right]["heldout_ppl"]
+                lines.append(
+                    f"- `{budget}`, {title}: {described(left, here[left])} against {described(right, here[right])}: "
+                    f"{abs(change):.1%} {'lower' if change >= 0 else 'higher'}."
+                )
     expected = planned_runs(list(meta["budgets"]), meta["seeds"], meta["other_budget_seeds"], meta["variants"])
     present = {(r["budget"], r["variant"], r["seed"]) for r in records}
     missing = [key for key in expected if key not in present]
@@ -429,6 +437,24 @@ def write_report(data: dict, out: Path) -> None:
                     f"| {r['budget']} | {r['variant']} | {r['seed']} | {s['step']} | {s['params']:,} "
                     f"| {s['tokens']:,} | {s['curve'][0][1]:.1f} | {s['curve'][-1][1]:.1f} |"
                 )
+        jumps = [
+            (r, before["curve"][-1][1], after["curve"][0][1], after["curve"][-1][1])
+            for r in multi
+            for before, after in zip(r["steps"], r["steps"][1:], strict=False)
+            if after["curve"][0][1] > 1.5 * before["curve"][-1][1]
+        ]
+        if jumps:
+            lines += [
+                "",
+                "Why multi-step can trail one-shot: a step that compresses again throws away much of what the "
+                "previous steps' distillation bought, and the tokens left for it may not recover it "
+                "(ppl at the end of the step before, at the start and at the end of that step):",
+                "",
+            ]
+            lines += [
+                f"- {r['variant']} `{r['budget']}` seed {r['seed']}: {end:.1f} → {start:.1f} → {final:.1f}"
+                for r, end, start, final in jumps
+            ]
     lines += [
         "",
         "Read with care: the house teacher saw only 7.7M training tokens (see its README), so distilling on more",
