@@ -116,7 +116,8 @@ class Estimate:
     config: MethodConfig
     params: int  # the weight's parameters after (a bias is kept as it is)
     # Relative squared output error on the calibration inputs, tr(ΔᵀCΔ) / tr(WᵀCW) (rows weighted by
-    # token frequency for an embedding): exact, or an upper bound that the installed fit only lowers.
+    # token frequency for an embedding): exact, or a start that the installed fit refines (its own
+    # docstring says whether that is a strict upper bound).
     loss: float
 
 
