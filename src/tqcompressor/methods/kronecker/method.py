@@ -178,9 +178,7 @@ class KroneckerMethod(CompressionMethod):
             # fit searches longer and refines every order, so it lands lower unless its longer search
             # finds a column order that fits the whitened W better and the calibrated objective worse.
             config = KroneckerConfig(**fields)
-            whitened, _, _ = kronecker_whitened(weight, c, shape.m1, shape.m2)
-            quick = replace(config, time_budget=ESTIMATE_SEARCH_SECONDS)
-            columns = self._search(whitened, shape, quick, rows=False).factors.col_perm
+            columns = self._whitened_columns(weight, shape, c, replace(config, time_budget=ESTIMATE_SEARCH_SECONDS))
             permuted = calibrated_factors(weight, shape, c, None, columns, iterations=0)[1][0] ** 2
             found.append(Estimate(config, shape.num_params, min(plain, permuted)))
         return found
@@ -219,6 +217,14 @@ class KroneckerMethod(CompressionMethod):
             **settings,
         )
 
+    def _whitened_columns(
+        self, weight: torch.Tensor, shape: KroneckerShape, c: torch.Tensor, config: KroneckerConfig, share: int = 1
+    ) -> torch.Tensor:
+        """The column order the configured search finds on the Kronecker-whitened W (whitening by
+        S₁ ⊗ S₂ keeps W's columns, so the order applies to W)."""
+        whitened, _, _ = kronecker_whitened(weight, c, shape.m1, shape.m2)
+        return self._search(whitened, shape, config, rows=False, share=share).factors.col_perm
+
     def _fit_linear(self, module: nn.Module, config: KroneckerConfig) -> tuple[KroneckerLinear, FitReport]:
         weight, bias, layout = dense_weight(module)
         shape = config.linear_shape(*weight.shape)
@@ -252,8 +258,7 @@ class KroneckerMethod(CompressionMethod):
             order = frobenius.factors
             fitted["frobenius-search"] = calibrated_factors(weight, shape, c, order.row_perm, order.col_perm)
             if config.permute in (True, "cols"):
-                whitened, _, _ = kronecker_whitened(weight, c, shape.m1, shape.m2)
-                columns = self._search(whitened, shape, config, rows=False, share=searches).factors.col_perm
+                columns = self._whitened_columns(weight, shape, c, config, share=searches)
                 fitted["whitened-columns"] = calibrated_factors(weight, shape, c, None, columns)
             if config.permute in (True, "rows"):
                 scale = c.diagonal().clamp_min(0).sqrt().to(weight)[:, None]
