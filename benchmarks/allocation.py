@@ -95,6 +95,17 @@ def evaluate(model, texts: dict[str, list[int]], passages, tokenizer) -> dict:
     return record
 
 
+def calibrate(model, tokenizer, args):
+    """(statistics of every compressible module, their seconds, the calibration blocks, the first
+    ``--sensitivity-tokens`` of them for the sensitivity probe)."""
+    text = load_blocks(ASSETS / "corpus/gutenberg/train", tokenizer, 512, args.calibration_tokens, seed=0)
+    blocks = torch.cat([text.train, text.heldout])
+    started = time.perf_counter()
+    stats = collect(model, compressible_modules(model), blocks, progress=False)
+    seconds = time.perf_counter() - started
+    return stats, seconds, blocks, blocks[: max(1, args.sensitivity_tokens // blocks.shape[1])]
+
+
 def run_model(name: str, args, data: dict, path) -> None:
     done = {(r["model"], r["plan"], r.get("target_ratio")) for r in data["records"]}
     model, tokenizer = load_smollm2() if name == "smollm2-135m" else load_model(str(ASSETS / "house-teacher"))
@@ -115,12 +126,7 @@ def run_model(name: str, args, data: dict, path) -> None:
 
     if (name, "dense", None) not in done:
         record({"plan": "dense", "target_ratio": None}, model)
-    text = load_blocks(ASSETS / "corpus/gutenberg/train", tokenizer, 512, args.calibration_tokens, seed=0)
-    blocks = torch.cat([text.train, text.heldout])
-    started = time.perf_counter()
-    stats = collect(model, compressible_modules(model), blocks, progress=False)
-    calibration_seconds = time.perf_counter() - started
-    probe_blocks = blocks[: max(1, args.sensitivity_tokens // blocks.shape[1])]
+    stats, calibration_seconds, _, probe_blocks = calibrate(model, tokenizer, args)
     for ratio, target, uniforms in budgets(name, model, args.ratios):
         plans = {}
         for plan_name, sensitivity in (("auto", None), ("auto-sensitivity", probe_blocks)):
@@ -164,13 +170,8 @@ def time_gpt2_small(args, data: dict, path) -> None:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config()).eval()
     tokenizer = load_model(str(ASSETS / "house-teacher"))[1]  # the GPT-2 tokenizer
-    text = load_blocks(ASSETS / "corpus/gutenberg/train", tokenizer, 512, args.calibration_tokens, seed=0)
-    blocks = torch.cat([text.train, text.heldout])
-    started = time.perf_counter()
-    stats = collect(model, compressible_modules(model), blocks, progress=False)
-    calibration_seconds = time.perf_counter() - started
+    stats, calibration_seconds, blocks, probe_blocks = calibrate(model, tokenizer, args)
     target = round(GPT2_SMALL_RATIO * tq.count_parameters(model))
-    probe_blocks = blocks[: max(1, args.sensitivity_tokens // blocks.shape[1])]
     for plan_name, sensitivity in (("auto", None), ("auto-sensitivity", probe_blocks)):
         allocation = allocation_plan(model, stats, target, sensitivity)
         row = {

@@ -73,6 +73,14 @@ MULTI_STEP = {"tq-multi-step": True, "tq-multi-step-restart": False, "tq-multi-s
 # Token shares of the three steps at the ``tq`` budget: the third step (embedding ÷2 again) does the
 # most damage, so it gets two thirds of the tokens (whole optimizer steps: 1/6 and 4/6 of the total).
 SHARES = {"tq-multi-step-shares": (1, 1, 4)}
+# What the report sets side by side at each budget: (title, variant, against variant).
+COMPARISONS = (
+    ("multi-step, continuing vs restarting", "tq-multi-step", "tq-multi-step-restart"),
+    ("multi-step vs one-shot", "tq-multi-step", "tq-one-shot"),
+    ("token shares 1 : 1 : 4 vs equal", "tq-multi-step-shares", "tq-multi-step"),
+    ("the paper's claim, TQ vs DistilGPT-2-style", "tq-one-shot", "half-depth"),
+    ("the paper's claim, TQ vs KnGPT-2", "tq-one-shot", "kngpt2"),
+)
 # Diagnostic variants: one seed at the first budget only.
 DIAGNOSTIC = ("tq-multi-step-restart", "tq-multi-step-shares")
 LAYERS = r"transformer\.h\.\d+\.{}"
@@ -397,15 +405,7 @@ def write_report(data: dict, out: Path) -> None:
             f"({gap / second['heldout_ppl']:.1%} lower; {verdict})."
         )
         here = {v: row for (b, v), row in rows.items() if b == budget}
-
-        comparisons = [
-            ("multi-step, continuing vs restarting", "tq-multi-step", "tq-multi-step-restart"),
-            ("multi-step vs one-shot", "tq-multi-step", "tq-one-shot"),
-            ("token shares 1 : 1 : 4 vs equal", "tq-multi-step-shares", "tq-multi-step"),
-            ("the paper's claim, TQ vs DistilGPT-2-style", "tq-one-shot", "half-depth"),
-            ("the paper's claim, TQ vs KnGPT-2", "tq-one-shot", "kngpt2"),
-        ]
-        for title, left, right in comparisons:
+        for title, left, right in COMPARISONS:
             if left in here and right in here:
                 change = 1 - here[left]["heldout_ppl"] / here[right]["heldout_ppl"]
                 lines.append(
