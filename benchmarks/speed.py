@@ -385,7 +385,11 @@ def write_report(data: dict, out: Path) -> None:
             lines.append("")
         compiled = [r for r in layers if r["method"].startswith("compiled ")]
         if compiled:
-            lines += ["`torch.compile` of the r=4 permuted layer against eager, float32, same run:", ""]
+            lines += [
+                "`torch.compile` of the r=4 permuted layer against eager, float32, both from the run that "
+                "measured `--parts compiled`:",
+                "",
+            ]
             lines += [
                 f"- {r['shape']}, {r['tokens']} tokens: compiled {r['ratio_to_dense']:.2f}x dense, "
                 f"eager {r['eager_ratio_to_dense']:.2f}x"

@@ -63,13 +63,14 @@ def test_kronecker_linear_forward_and_gradients_equal_the_dense_layer(kind, dims
     torch.testing.assert_close(layer.b.grad, probe.b.grad, rtol=1e-9, atol=1e-9)
 
 
-def test_both_contraction_orders_compute_the_dense_product():
+@pytest.mark.parametrize("tokens", [1, 7])  # one token takes the decode path (plain 2-D matmuls)
+def test_both_contraction_orders_compute_the_dense_product(tokens):
     chosen = set()
     for shape in (KroneckerShape(4, 6, 3, 5, 2), KroneckerShape(6, 4, 5, 3, 2)):
         factors = _permuted_factors(torch.randn(shape.in_features, shape.out_features, dtype=torch.float64), shape)
         layer = KroneckerLinear(factors, torch.randn(shape.out_features, dtype=torch.float64))
         chosen.add(layer.a_first)
-        x = torch.randn(7, shape.in_features, dtype=torch.float64)
+        x = torch.randn(1, tokens, shape.in_features, dtype=torch.float64)
         expected = x @ factors.reconstruct() + layer.bias
         torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
     assert chosen == {True, False}

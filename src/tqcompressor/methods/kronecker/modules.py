@@ -22,7 +22,8 @@ class KroneckerLinear(CompressedModule):
     factors are stored in the layout those matmuls read, so a forward pass never copies a weight (at
     decode time reading A, about half the dense matrix at ½ size, is the whole cost):
     A first (the cheaper order into an MLP, B 2x4): ``a`` (m1, r, n1), ``b`` (m2, r, n2);
-    B first (out of an MLP, B 4x2): ``a`` (r, m1, n1), ``b`` (n2, r, m2).
+    B first (out of an MLP, B 4x2): ``a`` (r, m1, n1), ``b`` (n2, r, m2); for one token (decode) and n2 > 1
+    these layers contract with A first all the same, since then reading A once is what costs.
     The input permutation and the transposition the first GEMM needs are one gather, and so are the
     output permutation and the (n2, n1) layout the second GEMM leaves.
     """
@@ -117,20 +118,29 @@ class KroneckerLinear(CompressedModule):
         return cls(factors, torch.zeros(n1 * n2) if spec["bias"] else None, spec["layout"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # At decode each layer costs tens of microseconds, so Python-level work here shows up in tokens/s:
+        # no dtype casts that do nothing, and plain 2-D matmuls for one token (a broadcast batched
+        # matmul costs about twice as much at that size).
         lead = x.shape[:-1]
-        r, m1, n1, m2, n2 = self.rank, self.m1, self.n1, self.m2, self.n2
-        a, b = self.a.to(x.dtype), self.b.to(x.dtype)
+        a, b = self.a, self.b
+        if a.dtype != x.dtype:
+            a, b = a.to(x.dtype), b.to(x.dtype)
         x = x.reshape(-1, self.in_features)
-        tokens = x.shape[0]
+        one_token = x.shape[0] == 1
         if self.gather_in is not None:
             x = x.index_select(1, self.gather_in)  # (tokens, m2 * m1)
         if self.a_first:
-            t = x.view(tokens * m2, m1) @ a.view(m1, r * n1)
-            y = b.view(m2 * r, n2).T @ t.view(tokens, m2 * r, n1)
+            t = x.view(-1, self.m1) @ a.view(self.m1, -1)  # (tokens * m2, r * n1)
+            y = b.view(-1, self.n2).T @ (t.view(-1, self.n1) if one_token else t.view(len(x), -1, self.n1))
+        elif one_token and self.n2 > 1:
+            # r small products that read A once beat the GEMM of n2 rows that B first leaves, though
+            # they cost more multiply-adds (SmolLM2's down_proj at ½: 21 against 39 µs); same layout.
+            t = x.view(self.m2, self.m1) @ a  # (r, m2, n1)
+            y = b.view(self.n2, -1) @ t.view(-1, self.n1)
         else:
-            t = b.view(n2 * r, m2) @ x.view(tokens, m2, m1)
-            y = t.view(tokens * n2, r * m1) @ a.view(r * m1, n1)
-        y = y.reshape(tokens, self.out_features)
+            t = b.view(-1, self.m2) @ x.view(len(x), self.m2, self.m1)  # (tokens, n2 * r, m1)
+            y = t.view(-1, self.rank * self.m1) @ a.view(-1, self.n1)
+        y = y.reshape(-1, self.out_features)
         if self.gather_out is not None:
             y = y.index_select(1, self.gather_out)
         if self.bias is not None:
