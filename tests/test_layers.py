@@ -89,16 +89,17 @@ def test_identity_orders_skip_their_gathers_and_loaded_orders_are_honoured():
     torch.testing.assert_close(plain(x), x @ permuted.dense_weight(), rtol=1e-12, atol=1e-12)
 
 
-def test_kronecker_linear_runs_under_bf16_autocast_and_in_float32():
-    shape = KroneckerShape(384, 768, 2, 4, 4)
-    dense = nn.Linear(768, 3072)
-    layer = KroneckerLinear.from_module(dense, _permuted_factors(dense.weight.detach().T, shape))
-    x = torch.randn(2, 3, 768)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.05)
-    assert count_parameters(layer) == 4 * (384 * 768 + 8) + 3072
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_kronecker_linear_runs_under_bf16_autocast_and_in_float32(tokens):
+    for shape in (KroneckerShape(384, 768, 2, 4, 4), KroneckerShape(192, 1536, 4, 2, 4)):  # A first, B first
+        dense = nn.Linear(shape.in_features, shape.out_features)
+        layer = KroneckerLinear.from_module(dense, _permuted_factors(dense.weight.detach().T, shape))
+        x = torch.randn(1, tokens, shape.in_features)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.05)
+        assert count_parameters(layer) == 4 * (shape.m1 * shape.n1 + shape.m2 * shape.n2) + shape.out_features
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
