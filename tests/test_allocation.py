@@ -218,9 +218,18 @@ def test_a_budget_is_met_and_its_plan_file_reruns(tmp_path, capsys):
     table = (tmp_path / "weighted" / "allocation.txt").read_text().splitlines()
     assert table[0].split()[-1] == "sensitivity" and all(line.split()[-1] != "-" for line in table[1:-1])
     assert tq.count_parameters(tq.load(tmp_path / "weighted")) <= target
+    only = [*plain, "--methods", "kronecker", "--out", str(tmp_path / "kron")]
+    assert main(only) == 0
+    chosen = tq.CompressionPlan.load(tmp_path / "kron" / "allocation.yaml").rules
+    assert chosen and {rule.config.method for rule in chosen} == {"kronecker"}
+    assert tq.count_parameters(tq.load(tmp_path / "kron")) <= target
     capsys.readouterr()
     tiny = ["compress", "--model", str(tmp_path / "tiny")]
     plan = str(tmp_path / "auto" / "allocation.yaml")
+    assert main([*plain, "--methods", "lowrank", "svd", "--out", str(tmp_path / "s4")]) == 2
+    assert main([*base, "--plan", plan, "--methods", "lowrank", "--out", str(tmp_path / "s5")]) == 2
+    err = capsys.readouterr().err
+    assert "registered methods (kronecker, lowrank), got ['lowrank', 'svd']" in err and "--methods concern" in err
     assert main([*base, "--plan", plan, "--no-sensitivity", "--out", str(tmp_path / "s1")]) == 2
     assert main([*plain, "--sensitivity-tokens", "64", "--out", str(tmp_path / "s2")]) == 2
     stats_only = [*tiny, "--calibration-stats", str(tmp_path / "nope"), "--target-params", str(target)]
@@ -241,7 +250,20 @@ def test_a_budget_is_met_and_its_plan_file_reruns(tmp_path, capsys):
     assert "out of reach: choose between" in err and "between 0 and 1" in err and "need --calibration" in err
     with pytest.raises(SystemExit):  # argparse: a budget and a plan exclude each other
         main([*rerun, "--target-params", "10", "--out", str(tmp_path / "w")])
-    assert not any((tmp_path / name).exists() for name in ["x", "y", "z", "w", "s1", "s2", "s3"])
+    assert not any((tmp_path / name).exists() for name in ["x", "y", "z", "w", "s1", "s2", "s3", "s4", "s5"])
+
+
+def test_only_the_offered_methods_are_priced():
+    name = "transformer.h.1.mlp.c_proj"
+    module, stats = one_layer(name, seed=0)
+    every = {c.method for c in candidates(name, module, stats)}
+    assert every == {"dense", "lowrank", "kronecker"}
+    assert {c.method for c in candidates(name, module, stats, ["lowrank"])} == {"dense", "lowrank"}
+    model = tiny_gpt2()
+    ids = torch.randint(0, 120, (8, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect(model, linear_layers(model), ids, progress=False)
+    with pytest.raises(ValueError, match="registered methods"):
+        allocation_plan(model, stats, tq.count_parameters(model) - 8_000, methods=["tucker"])
 
 
 def test_compress_with_a_budget_in_python():

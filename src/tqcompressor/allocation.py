@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -56,10 +57,21 @@ class Candidate:
         return "dense" if self.config is None else self.config.method
 
 
-def candidates(name: str, module: nn.Module, stats: InputStats | TokenStats) -> list[Candidate]:
-    """Keeping ``module`` dense, then every registered method's estimates for it."""
+def offered_methods(methods: Sequence[str] | None = None) -> list[str]:
+    """``methods`` checked against the registry; None: every registered method."""
+    if methods is None:
+        return method_names()
+    if not methods or set(methods) - set(method_names()):
+        raise ValueError(f"offer candidates of registered methods ({', '.join(method_names())}), got {list(methods)}")
+    return list(methods)
+
+
+def candidates(
+    name: str, module: nn.Module, stats: InputStats | TokenStats, methods: Sequence[str] | None = None
+) -> list[Candidate]:
+    """Keeping ``module`` dense, then the estimates of ``methods`` (default: every registered one) for it."""
     found = [Candidate(name, None, module.weight.numel(), 0.0)]
-    for method in method_names():
+    for method in offered_methods(methods):
         found += [Candidate(name, e.config, e.params, e.loss) for e in get_method(method).estimates(module, stats)]
     return found
 
@@ -215,17 +227,21 @@ def allocation_plan(
     target_params: int,
     sensitivity_blocks: torch.Tensor | None = None,
     progress: bool = False,
+    methods: Sequence[str] | None = None,
 ) -> Allocation:
     """The plan whose fit leaves ``model`` with at most ``target_params`` parameters at the least
     estimated loss. It chooses for the ``compressible_modules(model)`` that ``stats`` describe (collect
     them for all, or leave out what must stay dense). With ``sensitivity_blocks`` (token ids, sequences x
-    tokens) each module's losses are weighted by its measured sensitivity."""
+    tokens) each module's losses are weighted by its measured sensitivity. ``methods``: the registered
+    methods whose candidates are offered (default: all; pricing permuted Kronecker candidates is most of
+    the search's time)."""
     started = time.perf_counter()
+    methods = offered_methods(methods)
     names = [name for name in compressible_modules(model) if name in stats.owner]
     if not names:
         raise ValueError("the calibration statistics describe none of the model's linear layers or token embedding")
     stats.check(model, names)
-    options = {name: candidates(name, model.get_submodule(name), stats.for_module(name)) for name in names}
+    options = {name: candidates(name, model.get_submodule(name), stats.for_module(name), methods) for name in names}
     total = count_parameters(model)
     smallest = total - sum(max(c.params for c in found) - min(c.params for c in found) for found in options.values())
     if not smallest <= target_params <= total:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .allocation import allocation_plan, compressible_modules
+from .allocation import allocation_plan, compressible_modules, offered_methods
 from .assets import default_model
 from .calibration import CalibrationStats, collect, compress_sequentially
 from .data import load_blocks
@@ -55,10 +55,13 @@ def _compress(args: argparse.Namespace) -> None:
         _refuse_preset_flags(args, "the plan file")
     _check_calibration_flags(args)
     budget = bool(args.target_params or args.target_ratio)
-    if (args.no_sensitivity or args.sensitivity_tokens is not None) and not budget:
+    if (args.no_sensitivity or args.sensitivity_tokens is not None or args.methods) and not budget:
         raise ValueError(
-            "--no-sensitivity and --sensitivity-tokens concern a budget's choices: give --target-params/ratio"
+            "--no-sensitivity, --sensitivity-tokens and --methods concern a budget's choices: "
+            "give --target-params/ratio"
         )
+    if args.methods:
+        offered_methods(args.methods)  # before calibration, which can take minutes
     if args.sensitivity_tokens is not None and args.no_sensitivity:
         raise ValueError("--sensitivity-tokens sets the measurement that --no-sensitivity turns off: give one")
     compresses = bool(args.preset or args.plan or budget)
@@ -121,7 +124,7 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
         blocks = _calibration_blocks(args, model, tokenizer)
         wanted = args.sensitivity_tokens or DEFAULT_SENSITIVITY_TOKENS
         probe_blocks = blocks[: max(1, math.ceil(wanted / blocks.shape[1]))]
-    allocation = allocation_plan(model, stats, target, probe_blocks, progress=not args.quiet)
+    allocation = allocation_plan(model, stats, target, probe_blocks, progress=not args.quiet, methods=args.methods)
     report = compress_(model, allocation.plan, calibration=stats, progress=not args.quiet)
 
     def write_allocation(folder: Path) -> None:
@@ -360,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--sensitivity-tokens",
         type=int,
         help=f"calibration tokens the sensitivity is measured on (default {DEFAULT_SENSITIVITY_TOKENS})",
+    )
+    c.add_argument(
+        "--methods",
+        nargs="+",
+        help="with a budget: the registered methods whose candidates are offered (default: all); "
+        "'--methods lowrank' skips pricing Kronecker candidates, most of the search's time",
     )
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
