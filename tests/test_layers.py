@@ -63,7 +63,7 @@ def test_kronecker_linear_forward_and_gradients_equal_the_dense_layer(kind, dims
     torch.testing.assert_close(layer.b.grad, probe.b.grad, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("tokens", [1, 7])  # one token takes the decode path (plain 2-D matmuls)
+@pytest.mark.parametrize("tokens", [0, 1, 7])  # one token takes the decode path (plain 2-D matmuls)
 def test_both_contraction_orders_compute_the_dense_product(tokens):
     chosen = set()
     for shape in (KroneckerShape(4, 6, 3, 5, 2), KroneckerShape(6, 4, 5, 3, 2)):

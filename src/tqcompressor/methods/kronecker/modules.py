@@ -122,25 +122,26 @@ class KroneckerLinear(CompressedModule):
         # no dtype casts that do nothing, and plain 2-D matmuls for one token (a broadcast batched
         # matmul costs about twice as much at that size).
         lead = x.shape[:-1]
+        r, m1, n1, m2, n2 = self.rank, self.m1, self.n1, self.m2, self.n2
         a, b = self.a, self.b
         if a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
         x = x.reshape(-1, self.in_features)
-        one_token = x.shape[0] == 1
+        tokens = x.shape[0]
         if self.gather_in is not None:
             x = x.index_select(1, self.gather_in)  # (tokens, m2 * m1)
         if self.a_first:
-            t = x.view(-1, self.m1) @ a.view(self.m1, -1)  # (tokens * m2, r * n1)
-            y = b.view(-1, self.n2).T @ (t.view(-1, self.n1) if one_token else t.view(len(x), -1, self.n1))
-        elif one_token and self.n2 > 1:
+            t = x.view(tokens * m2, m1) @ a.view(m1, r * n1)
+            y = b.view(m2 * r, n2).T @ (t.view(m2 * r, n1) if tokens == 1 else t.view(tokens, m2 * r, n1))
+        elif tokens == 1 and n2 > 1:
             # r small products that read A once beat the GEMM of n2 rows that B first leaves, though
             # they cost more multiply-adds (SmolLM2's down_proj at ½: 21 against 39 µs); same layout.
-            t = x.view(self.m2, self.m1) @ a  # (r, m2, n1)
-            y = b.view(self.n2, -1) @ t.view(-1, self.n1)
+            t = x.view(m2, m1) @ a  # (r, m2, n1)
+            y = b.view(n2, r * m2) @ t.view(r * m2, n1)
         else:
-            t = b.view(-1, self.m2) @ x.view(len(x), self.m2, self.m1)  # (tokens, n2 * r, m1)
-            y = t.view(-1, self.rank * self.m1) @ a.view(-1, self.n1)
-        y = y.reshape(-1, self.out_features)
+            t = b.view(n2 * r, m2) @ x.view(tokens, m2, m1)
+            y = t.view(tokens * n2, r * m1) @ a.view(r * m1, n1)
+        y = y.reshape(tokens, self.out_features)
         if self.gather_out is not None:
             y = y.index_select(1, self.gather_out)
         if self.bias is not None:
