@@ -218,6 +218,16 @@ def test_a_budget_is_met_and_its_plan_file_reruns(tmp_path, capsys):
     table = (tmp_path / "weighted" / "allocation.txt").read_text().splitlines()
     assert table[0].split()[-1] == "sensitivity" and all(line.split()[-1] != "-" for line in table[1:-1])
     assert tq.count_parameters(tq.load(tmp_path / "weighted")) <= target
+    deeper = [*base, "--target-ratio", "0.045", "--no-sensitivity"]  # low enough to cut linear layers too
+    assert main([*deeper, "--out", str(tmp_path / "deep")]) == 0
+    assert main([*deeper, "--sequential", "--out", str(tmp_path / "seq")]) == 0
+    assert (tmp_path / "seq" / "allocation.yaml").read_text() == (tmp_path / "deep" / "allocation.yaml").read_text()
+    sequential, at_once = tq.load(tmp_path / "seq"), tq.load(tmp_path / "deep")
+    assert tq.count_parameters(sequential) == tq.count_parameters(at_once)
+    # The last compressed layer was fitted on inputs that the compressed blocks before it changed.
+    compressed = [n for n, m in at_once.named_modules() if isinstance(m, tq.CompressedModule) and m.kind == "linear"]
+    last = compressed[-1]
+    assert not torch.allclose(sequential.get_submodule(last).dense_weight(), at_once.get_submodule(last).dense_weight())
     only = [*plain, "--methods", "kronecker", "--out", str(tmp_path / "kron")]
     assert main(only) == 0
     chosen = tq.CompressionPlan.load(tmp_path / "kron" / "allocation.yaml").rules
