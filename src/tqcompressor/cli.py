@@ -119,7 +119,7 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
         raise ValueError(f"--target-ratio must be between 0 and 1, got {args.target_ratio}")
     stats = _calibration(args, model, tokenizer, compressible_modules(model))
     target = args.target_params or round(args.target_ratio * count_parameters(model))
-    blocks = _calibration_blocks(args, model, tokenizer) if args.calibration else None
+    blocks = _calibration_blocks(args, model, tokenizer) if args.sequential or not args.no_sensitivity else None
     probe_blocks = None
     if not args.no_sensitivity:
         wanted = args.sensitivity_tokens or DEFAULT_SENSITIVITY_TOKENS
