@@ -1,7 +1,7 @@
 """Budget allocation against uniform plans at the same size, calibrated, no distillation.
 
     python benchmarks/allocation.py [--models house-teacher smollm2-135m gpt2-small-random] [--ratios 0.7 0.5]
-        [--calibration-tokens 32768] [--sensitivity-tokens 1024] [--max-tokens 8000] [--resume]
+        [--calibration-tokens 32768] [--sensitivity-tokens 1024] [--max-tokens 8000] [--sequential] [--resume]
 
 Plans per model and budget (every one fitted to the same calibration statistics):
 
@@ -10,6 +10,8 @@ Plans per model and budget (every one fitted to the same calibration statistics)
   (tied head counted once), by estimated relative output error;
 - ``auto-sensitivity``: the same with every module's losses weighted by its measured sensitivity (KL
   of the output with that module alone at a probe, on ``--sensitivity-tokens`` calibration tokens);
+- ``auto-sensitivity-sequential`` (with ``--sequential``): the same choice among low-rank candidates
+  only, fitted one block at a time, each block calibrated on the model compressed so far;
 - uniform plans at the same size: SmolLM2: every linear layer low-rank at one rank ratio
   (``uniform-svd``), or Kronecker at that ratio without permutations (``uniform-kronecker``; a
   permutation search on all 210 layers would take most of an hour here); house teacher: the best
@@ -39,7 +41,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
 from tqcompressor.allocation import allocation_plan, compressible_modules, linear_layers
-from tqcompressor.calibration import collect
+from tqcompressor.calibration import collect, compress_sequentially
 from tqcompressor.data import load_blocks
 from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_text
 from tqcompressor.loading import load_model
@@ -49,6 +51,9 @@ from tqcompressor.surgery import planned_parameters
 # What the allocator offered every layer when a record was made (older records lack the field).
 CANDIDATES = "low-rank; Kronecker with and without permutations; embedding low-rank and Kronecker"
 GPT2_SMALL_RATIO = 0.6
+# Auto with sensitivity, low-rank candidates only (Kronecker was never chosen, and pricing it is most of
+# the search), fitted one block at a time on the model compressed so far.
+SEQUENTIAL = "auto-sensitivity-sequential"
 MODELS = ["house-teacher", "smollm2-135m", "gpt2-small-random"]
 
 
@@ -126,22 +131,27 @@ def run_model(name: str, args, data: dict, path) -> None:
 
     if (name, "dense", None) not in done:
         record({"plan": "dense", "target_ratio": None}, model)
-    stats, calibration_seconds, _, probe_blocks = calibrate(model, tokenizer, args)
+    stats, calibration_seconds, blocks, probe_blocks = calibrate(model, tokenizer, args)
     for ratio, target, uniforms in budgets(name, model, args.ratios):
         plans = {}
         for plan_name, sensitivity in (("auto", None), ("auto-sensitivity", probe_blocks)):
             if (name, plan_name, ratio) not in done:
                 plans[plan_name] = allocation_plan(model, stats, target, sensitivity)
+        if args.sequential and (name, SEQUENTIAL, ratio) not in done:
+            plans[SEQUENTIAL] = allocation_plan(model, stats, target, probe_blocks, methods=["lowrank"])
         for plan_name, allocation in plans.items():
             compressed = copy.deepcopy(model)
             started = time.perf_counter()
-            tq.compress_(compressed, allocation.plan, calibration=stats, progress=False)
+            if plan_name == SEQUENTIAL:
+                compress_sequentially(compressed, allocation.plan, blocks, progress=False)
+            else:
+                tq.compress_(compressed, allocation.plan, calibration=stats, progress=False)
             chosen = allocation.chosen
             row = {
                 "plan": plan_name,
                 "target_ratio": ratio,
                 "target_params": target,
-                "candidates": CANDIDATES,
+                "candidates": "low-rank" if plan_name == SEQUENTIAL else CANDIDATES,
                 "search_seconds": allocation.seconds,
                 "calibration_seconds": calibration_seconds,
                 "compress_seconds": time.perf_counter() - started,
@@ -199,6 +209,7 @@ def main() -> None:
     parser.add_argument("--sensitivity-tokens", type=int, default=1024)
     parser.add_argument("--max-tokens", type=int, default=8_000)
     parser.add_argument("--lambada-passages", type=int, default=200, help="SmolLM2 only")
+    parser.add_argument("--sequential", action="store_true", help=f"also the {SEQUENTIAL} plan")
     parser.add_argument("--resume", action="store_true", help="keep finished records in allocation.json")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown")
     args = parser.parse_args()
@@ -207,10 +218,13 @@ def main() -> None:
     if data is None or "models" not in data["meta"]:
         data = {"meta": {"models": args.models}, "records": []}
     if not args.from_json:
+
+        def flag(key: str, value) -> str:
+            shown = "" if value is True else f" {' '.join(map(str, value)) if isinstance(value, list) else value}"
+            return f"--{key.replace('_', '-')}{shown}"
+
         command = "python benchmarks/allocation.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items()
-            if k not in ("from_json", "resume")
+            flag(k, v) for k, v in vars(args).items() if k not in ("from_json", "resume") and v is not False
         )
         meta = data["meta"]
         earlier = meta.get("commands", [meta["command"]] if "command" in meta else [])
@@ -266,7 +280,7 @@ def write_report(data: dict) -> None:
             )
             if uniform is None:
                 continue
-            for plan in ("auto", "auto-sensitivity"):
+            for plan in ("auto", "auto-sensitivity", SEQUENTIAL):
                 if plan in rows:
                     change = 1 - rows[plan]["heldout_ppl"] / uniform["heldout_ppl"]
                     verdict = "met" if change >= 0.2 else "missed"
