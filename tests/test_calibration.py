@@ -298,7 +298,8 @@ def test_sequential_calibration_feeds_each_block_the_compressed_blocks_before_it
     assert [layer.name for layer in report.layers] == [
         f"transformer.h.{i}.mlp.c_{p}" for i in (0, 1) for p in ("fc", "proj")
     ]
-    assert report.params_after == tq.count_parameters(sequential) and "sequentially, 2 groups" in report.notes[0]
+    assert report.params_after == tq.count_parameters(sequential)
+    assert "sequentially, 2 groups (2 on kept block inputs)" in report.notes[0]
     assert len(sequential.tqcompressor_history) == 1
     # Block 0 sees the original inputs either way; block 1 sees block 0's compressed output.
     for name in ("u", "v"):
@@ -313,10 +314,81 @@ def test_sequential_calibration_feeds_each_block_the_compressed_blocks_before_it
     tq.compress_(by_hand, first, calibration=tq.calibrate(by_hand, first, ids, progress=False), progress=False)
     tq.compress_(by_hand, second, calibration=tq.calibrate(by_hand, second, ids, progress=False), progress=False)
     for (name, x), (_, y) in zip(by_hand.state_dict().items(), sequential.state_dict().items(), strict=True):
-        assert torch.equal(x, y), name
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
     # With a lossless plan the blocks see the same inputs, so both modes agree.
     exact = tq.CompressionPlan([tq.Rule(r"transformer\.h\.\d+\.mlp\.c_fc", tq.LowRankConfig(rank=32))])
     a, b = tiny_gpt2(), tiny_gpt2()
     tq.compress_(a, exact, calibration=tq.calibrate(a, exact, ids, progress=False), progress=False)
     compress_sequentially(b, exact, ids, progress=False)
     torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def _without_kept_inputs(monkeypatch):
+    from tqcompressor.calibration import _StackReplay
+
+    monkeypatch.setattr(_StackReplay, "capture", classmethod(lambda cls, *args, **kwargs: None))
+
+
+def _assert_same_weights(a: nn.Module, b: nn.Module):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_sequential_calibration_on_kept_block_inputs_equals_running_the_whole_model(architecture, monkeypatch):
+    """Blocks between compressed ones (gpt2's h.1) run as they are; LLaMA's blocks take rotary tables and
+    a mask as keywords: both must reach each block as the whole model would pass them."""
+    from tqcompressor.calibration import compress_sequentially
+
+    ids = blocks(count=16)
+    if architecture == "gpt2":
+
+        def build():
+            torch.manual_seed(0)
+            return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=120, n_positions=64))
+
+        pattern, groups = r"transformer\.h\.[02]\.(mlp|attn)\.c_\w+", 2
+    else:
+
+        def build():
+            torch.manual_seed(0)
+            return LlamaForCausalLM(llama_config(num_hidden_layers=3))
+
+        pattern, groups = r"model\.layers\.\d+\.(mlp|self_attn)\.\w+_proj", 3
+    plan = tq.CompressionPlan([tq.Rule(pattern, tq.LowRankConfig(rank=3))])
+    kept = build()
+    note = compress_sequentially(kept, plan, ids, progress=False).notes[0]
+    assert f"{groups} groups ({groups} on kept block inputs)" in note
+    _without_kept_inputs(monkeypatch)
+    whole = build()
+    assert "(0 on kept block inputs)" in compress_sequentially(whole, plan, ids, progress=False).notes[0]
+    _assert_same_weights(kept, whole)
+    assert not torch.allclose(kept(ids).logits, build()(ids).logits, atol=1e-3)  # the plan is lossy
+
+
+class _ParallelBlocks(nn.Module):
+    """Blocks that all read the embedding, not each other: running them as a chain would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(120, 24)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 24)) for _ in range(2))
+        self.head = nn.Linear(24, 120)
+
+    def forward(self, ids):
+        hidden = self.embed(ids)
+        return self.head(sum(block(hidden) for block in self.blocks))
+
+
+def test_sequential_calibration_runs_the_whole_model_where_blocks_do_not_form_a_chain(monkeypatch):
+    from tqcompressor.calibration import compress_sequentially
+
+    ids = blocks(count=16)
+    plan = tq.CompressionPlan([tq.Rule(r"blocks\.\d+\.[02]", tq.LowRankConfig(rank=3))])
+    model = _ParallelBlocks()
+    assert "(0 on kept block inputs)" in compress_sequentially(model, plan, ids, progress=False).notes[0]
+    _without_kept_inputs(monkeypatch)
+    reference = _ParallelBlocks()
+    compress_sequentially(reference, plan, ids, progress=False)
+    _assert_same_weights(model, reference)
