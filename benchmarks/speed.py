@@ -58,10 +58,13 @@ def kronecker_layers(rows: int, cols: int) -> dict[str, tuple[int, int, int, int
     }
 
 
-def layer_variants(rows: int, cols: int) -> dict[str, tuple[nn.Module, int]]:
-    """name -> (module, multiply-adds per token), all at about half the dense parameters."""
+def layer_variants(rows: int, cols: int) -> dict[str, tuple[nn.Module, Callable[[int], int]]]:
+    """name -> (module, multiply-adds per token at a number of tokens), all at about half the dense
+    parameters."""
     g = torch.Generator().manual_seed(0)
-    variants: dict[str, tuple[nn.Module, int]] = {"dense": (nn.Linear(rows, cols), rows * cols)}
+    variants: dict[str, tuple[nn.Module, Callable[[int], int]]] = {
+        "dense": (nn.Linear(rows, cols), lambda tokens: rows * cols)
+    }
     bias = torch.randn(cols, generator=g)
     for name, (m1, n1, m2, n2, r) in kronecker_layers(rows, cols).items():
         a, b = torch.randn(r, m1, n1, generator=g), torch.randn(r, m2, n2, generator=g)
@@ -70,10 +73,10 @@ def layer_variants(rows: int, cols: int) -> dict[str, tuple[nn.Module, int]]:
             if not permute:
                 orders = (torch.arange(rows), torch.arange(cols))
             layer = KroneckerLinear(KroneckerFactors(a, b, *orders), bias)
-            variants[f"kronecker{'+perm' if permute else ''} {name}"] = (layer, layer.multiply_adds())
+            variants[f"kronecker{'+perm' if permute else ''} {name}"] = (layer, layer.multiply_adds)
     rank = rank_for_params(rows, cols, rows * cols // 2)
     u, v = torch.randn(rows, rank, generator=g), torch.randn(rank, cols, generator=g)
-    variants[f"lowrank r{rank}"] = (LowRankLinear(LowRankFactors(u, v), bias), rank * (rows + cols))
+    variants[f"lowrank r{rank}"] = (LowRankLinear(LowRankFactors(u, v), bias), lambda tokens: rank * (rows + cols))
     return variants
 
 
@@ -132,7 +135,7 @@ def measure_layers(rounds: int) -> list[dict]:
                             "tokens": tokens,
                             "dtype": dtype,
                             "ratio_to_dense": times[name] / times["dense"],
-                            "flops_ratio": multiply_adds / (rows * cols),
+                            "flops_ratio": multiply_adds(tokens) / (rows * cols),
                             "params_ratio": tq.count_parameters(module) / (rows * cols + cols),
                             "dense_ms": times["dense"] * 1e3,
                         }
@@ -164,7 +167,7 @@ def measure_compiled(rounds: int) -> list[dict]:
                     "dtype": "float32",
                     "ratio_to_dense": times["compiled"] / times["dense"],
                     "eager_ratio_to_dense": times["eager"] / times["dense"],
-                    "flops_ratio": multiply_adds / (rows * cols),
+                    "flops_ratio": multiply_adds(tokens) / (rows * cols),
                     "params_ratio": tq.count_parameters(layer) / (rows * cols + cols),
                     "dense_ms": times["dense"] * 1e3,
                 }
@@ -364,8 +367,8 @@ def write_report(data: dict, out: Path) -> None:
         f"Command: `{data['meta']['command']}` on {data['meta']['machine']}.",
         "Times are ratios to the dense module or model measured in the same run (interleaved rounds, medians); "
         "below 1 is faster than dense. FLOPs: multiply-adds per token over the dense layer's, in the "
-        "contraction order used from 8 tokens on; at 1 token the layers that contract with B first and whose "
-        "B has more than one column (here r4 B4x2) contract with A first instead, at 2.01x dense, to read A once.",
+        "contraction order the layer takes at that many tokens; where they differ by token count (B-first "
+        "layers contract with A first for one token, to read A once) the column gives 1 token / more.",
     ]
     layers = [r for r in records if r["kind"] == "layer"]
     if layers:
@@ -381,9 +384,9 @@ def write_report(data: dict, out: Path) -> None:
             for shape, method in rows:
                 key = (shape, method, dtype)
                 cells = {r["tokens"]: r for r in layers if (r["shape"], r["method"], r["dtype"]) == key}
-                flops = next(iter(cells.values()))["flops_ratio"]
+                flops = " / ".join(dict.fromkeys(f"{cells[t]['flops_ratio']:.2f}" for t in TOKENS if t in cells))
                 ratios = " | ".join(f"{cells[t]['ratio_to_dense']:.2f}" if t in cells else "—" for t in TOKENS)
-                lines.append(f"| {shape} | {method} | {flops:.2f} | {ratios} |")
+                lines.append(f"| {shape} | {method} | {flops} | {ratios} |")
             lines.append("")
         compiled = [r for r in layers if r["method"].startswith("compiled ")]
         if compiled:

@@ -76,6 +76,21 @@ def test_both_contraction_orders_compute_the_dense_product(tokens):
     assert chosen == {True, False}
 
 
+def test_kronecker_multiply_adds_count_what_forward_computes_at_each_token_count():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    b_first = None
+    for shape in (KroneckerShape(4, 6, 3, 5, 2), KroneckerShape(6, 4, 5, 3, 2)):
+        layer = KroneckerLinear(_permuted_factors(torch.randn(shape.in_features, shape.out_features), shape))
+        b_first = layer if not layer.a_first else b_first
+        for tokens in (1, 7):
+            with FlopCounterMode(display=False) as counter:
+                layer(torch.randn(tokens, shape.in_features))
+            assert counter.get_total_flops() == 2 * tokens * layer.multiply_adds(tokens)
+    assert b_first.contracts_a_first(1) and not b_first.contracts_a_first(7)
+    assert b_first.multiply_adds(1) != b_first.multiply_adds(7)
+
+
 def test_identity_orders_skip_their_gathers_and_loaded_orders_are_honoured():
     shape = KroneckerShape(4, 6, 3, 5, 2)
     weight = torch.randn(12, 30, dtype=torch.float64)

@@ -38,7 +38,7 @@ class KroneckerLinear(CompressedModule):
         self.in_features, self.out_features = shape.in_features, shape.out_features
         self.layout = layout
         # Contract with A first unless that costs more multiply-adds (both orders give the same result).
-        self.a_first = self.multiply_adds(a_first=True) <= self.multiply_adds(a_first=False)
+        self.a_first = self._multiply_adds(a_first=True) <= self._multiply_adds(a_first=False)
         if self.a_first:
             self.a = self.parameter(factors.a.permute(1, 0, 2))
             self.b = self.parameter(factors.b.permute(1, 0, 2))
@@ -75,10 +75,18 @@ class KroneckerLinear(CompressedModule):
         self.register_buffer("gather_in", gather_in, persistent=False)
         self.register_buffer("gather_out", gather_out, persistent=False)
 
-    def multiply_adds(self, a_first: bool | None = None) -> int:
-        """Multiply-adds per token in one contraction order (default: the chosen one); dense: in x out."""
+    def contracts_a_first(self, tokens: int) -> bool:
+        """The order forward takes for ``tokens`` tokens: B-first layers whose B has more than one column
+        contract with A first for a single token, where reading A once is what costs."""
+        return self.a_first or (tokens == 1 and self.n2 > 1)
+
+    def multiply_adds(self, tokens: int) -> int:
+        """Multiply-adds per token of a forward over ``tokens`` tokens; the dense layer's are in x out."""
+        return self._multiply_adds(self.contracts_a_first(tokens))
+
+    def _multiply_adds(self, a_first: bool) -> int:
         r, m1, n1, m2, n2 = self.rank, self.m1, self.n1, self.m2, self.n2
-        if self.a_first if a_first is None else a_first:
+        if a_first:
             return m1 * r * n1 * m2 + m2 * r * n2 * n1
         return m2 * r * n2 * m1 + m1 * r * n1 * n2
 
@@ -133,7 +141,7 @@ class KroneckerLinear(CompressedModule):
         if self.a_first:
             t = x.view(tokens * m2, m1) @ a.view(m1, r * n1)
             y = b.view(m2 * r, n2).T @ (t.view(m2 * r, n1) if tokens == 1 else t.view(tokens, m2 * r, n1))
-        elif tokens == 1 and n2 > 1:
+        elif self.contracts_a_first(tokens):
             # r small products that read A once beat the GEMM of n2 rows that B first leaves, though
             # they cost more multiply-adds (SmolLM2's down_proj at ½: 21 against 39 µs); same layout.
             t = x.view(m2, m1) @ a  # (r, m2, n1)
