@@ -11,7 +11,10 @@ Plans per model and budget (every one fitted to the same calibration statistics)
 - ``auto-sensitivity``: the same with every module's losses weighted by its measured sensitivity (KL
   of the output with that module alone at a probe, on ``--sensitivity-tokens`` calibration tokens);
 - ``auto-sensitivity-sequential`` (with ``--sequential``): the same choice among low-rank candidates
-  only, fitted one block at a time, each block calibrated on the model compressed so far;
+  only, fitted by ``compress_sequentially`` (part by part, each part on the inputs the model compressed
+  so far gives it, aimed at the original model's outputs); ``--sequential`` also fits the uniform SVD
+  plan that way (``uniform-svd-sequential``, ``uniform-svd-tq-sequential``), for a like-for-like
+  comparison;
 - uniform plans at the same size: SmolLM2: every linear layer low-rank at one rank ratio
   (``uniform-svd``), or Kronecker at that ratio without permutations (``uniform-kronecker``; a
   permutation search on all 210 layers would take most of an hour here); house teacher: the best
@@ -41,11 +44,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
 from tqcompressor.allocation import allocation_plan, compressible_modules, linear_layers
-from tqcompressor.calibration import collect, compress_sequentially
+from tqcompressor.calibration import collect
 from tqcompressor.data import load_blocks
 from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_text
 from tqcompressor.loading import load_model
 from tqcompressor.presets import matching_svd_plan
+from tqcompressor.sequential import compress_sequentially
 from tqcompressor.surgery import planned_parameters
 
 # What the allocator offered every layer when a record was made (older records lack the field).
@@ -163,12 +167,18 @@ def run_model(name: str, args, data: dict, path) -> None:
             }
             record(row, compressed)
             del compressed
-        for uniform_name, uniform in uniforms.items():
+        fits = [(uniform_name, uniform, False) for uniform_name, uniform in uniforms.items()]
+        if args.sequential:  # the same fit for the best uniform plan, so that the comparison is like for like
+            fits += [(f"{n}-sequential", u, True) for n, u in uniforms.items() if n.startswith("uniform-svd")]
+        for uniform_name, uniform, sequential in fits:
             if (name, uniform_name, ratio) in done:
                 continue
             compressed = copy.deepcopy(model)
             started = time.perf_counter()
-            tq.compress_(compressed, uniform, calibration=stats, progress=False)
+            if sequential:
+                compress_sequentially(compressed, uniform, blocks, progress=False)
+            else:
+                tq.compress_(compressed, uniform, calibration=stats, progress=False)
             row = {"plan": uniform_name, "target_ratio": ratio, "target_params": target}
             record({**row, "compress_seconds": time.perf_counter() - started}, compressed)
 
@@ -271,17 +281,23 @@ def write_report(data: dict) -> None:
     if any(r["plan"].startswith("auto") and "candidates" not in r for r in quality):
         lines += ["", "† made before the allocator offered permuted Kronecker and Kronecker embedding candidates."]
     lines += ["", f"Candidates now: {CANDIDATES}.", ""]
-    lines += ["Auto against the best uniform plan at the same budget (target: ≥ 20% lower held-out ppl):", ""]
+    lines += [
+        "Auto against the best uniform plan at the same budget, fitted the same way (target: ≥ 20% lower "
+        "held-out ppl):",
+        "",
+    ]
     for model in dict.fromkeys(r["model"] for r in quality):
         for ratio in dict.fromkeys(r["target_ratio"] for r in quality if r["model"] == model and r["target_ratio"]):
             rows = {r["plan"]: r for r in quality if r["model"] == model and r["target_ratio"] == ratio}
-            uniform = min(
-                (r for p, r in rows.items() if p.startswith("uniform")), key=lambda r: r["heldout_ppl"], default=None
-            )
-            if uniform is None:
-                continue
             for plan in ("auto", "auto-sensitivity", SEQUENTIAL):
-                if plan in rows:
+                # Against the best uniform plan fitted the same way (at once, or sequentially).
+                fitted_alike = [
+                    r
+                    for p, r in rows.items()
+                    if p.startswith("uniform") and p.endswith("-sequential") == plan.endswith("-sequential")
+                ]
+                uniform = min(fitted_alike, key=lambda r: r["heldout_ppl"], default=None)
+                if plan in rows and uniform is not None:
                     change = 1 - rows[plan]["heldout_ppl"] / uniform["heldout_ppl"]
                     verdict = "met" if change >= 0.2 else "missed"
                     lines.append(

@@ -8,7 +8,6 @@ accumulator. Statistics save to safetensors + JSON metadata and are checked agai
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +20,12 @@ from tqdm.auto import tqdm
 
 from .methods import is_embedding
 from .methods.targets import LINEAR_TYPES, dense_weight
-from .params import count_parameters
 from .statistics import InputStats, TokenStats
 
 FORMAT = "tqcompressor-calibration-1"
 
 
-def _weight_digest(module: nn.Module) -> list[float]:
+def weight_digest(module: nn.Module) -> list[float]:
     """Sum and norm of a module's weight: tells statistics of another model (or of compressed weights)."""
     weight = module.weight.detach().double()
     return [float(weight.sum()), float(weight.norm())]
@@ -124,7 +122,7 @@ class CalibrationStats:
                 )
             digest = self.digests.get(name)
             if digest is not None and not torch.allclose(
-                torch.tensor(digest), torch.tensor(_weight_digest(module)), rtol=1e-6
+                torch.tensor(digest), torch.tensor(weight_digest(module)), rtol=1e-6
             ):
                 raise ValueError(
                     f"calibration statistics for {name} come from other weights (another model or checkpoint)"
@@ -145,19 +143,7 @@ def calibration_targets(model: nn.Module, names: list[str]) -> tuple[list[str], 
     return linear, embeddings
 
 
-@torch.no_grad()
-def collect(
-    model: nn.Module, names: list[str], blocks: torch.Tensor, batch_size: int = 4, progress: bool = True
-) -> CalibrationStats:
-    """Run ``model`` over ``blocks`` (sequences x tokens) and accumulate the statistics of ``names``."""
-    device = next(model.parameters()).device
-    batches = tqdm(blocks.split(batch_size), desc="calibrate", disable=not progress, unit="batch")
-    return _accumulate(model, names, blocks.numel(), (lambda b=b: model(b.to(device)) for b in batches))
-
-
-def _accumulate(model: nn.Module, names: list[str], tokens: int, steps) -> CalibrationStats:
-    """Statistics of ``names`` while each of ``steps`` (callables, one per batch) runs part of ``model``."""
-    linear, embeddings = calibration_targets(model, names)
+def check_token_count(model: nn.Module, linear: list[str], tokens: int) -> None:
     widths = {name: dense_weight(model.get_submodule(name))[0].shape[0] for name in linear}
     if widths and tokens < max(widths.values()):
         widest = max(widths, key=widths.get)
@@ -165,6 +151,22 @@ def _accumulate(model: nn.Module, names: list[str], tokens: int, steps) -> Calib
             f"{tokens} calibration tokens cannot estimate the {widths[widest]}-wide input second moment of "
             f"{widest}: give at least {widths[widest]} (preferably 100x more)"
         )
+
+
+def check_finite(stats: CalibrationStats) -> None:
+    for key, accumulator in stats.inputs.items():
+        if not torch.isfinite(accumulator.second_moment).all():
+            raise ValueError(f"the inputs of {key} hold NaN or infinite values on the calibration text")
+
+
+@torch.no_grad()
+def collect(
+    model: nn.Module, names: list[str], blocks: torch.Tensor, batch_size: int = 4, progress: bool = True
+) -> CalibrationStats:
+    """Run ``model`` over ``blocks`` (sequences x tokens) and accumulate the statistics of ``names``."""
+    linear, embeddings = calibration_targets(model, names)
+    check_token_count(model, linear, blocks.numel())
+    device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     owner: dict[str, str] = {}
@@ -202,9 +204,9 @@ def _accumulate(model: nn.Module, names: list[str], tokens: int, steps) -> Calib
     model.eval()
     started = time.perf_counter()
     try:
-        for step in steps:
+        for batch in tqdm(blocks.split(batch_size), desc="calibrate", disable=not progress, unit="batch"):
             batch_inputs.clear()
-            step()
+            model(batch.to(device))
         batch_inputs.clear()
     finally:
         for handle in handles:
@@ -214,13 +216,11 @@ def _accumulate(model: nn.Module, names: list[str], tokens: int, steps) -> Calib
         owner,
         inputs={key: InputStats(sums[key].cpu(), counts[key]) for key in counts},
         tokens={name: TokenStats(sums[name]) for name in embeddings},
-        digests={name: _weight_digest(model.get_submodule(name)) for name in [*linear, *embeddings]},
+        digests={name: weight_digest(model.get_submodule(name)) for name in [*linear, *embeddings]},
         model_type=getattr(getattr(model, "config", None), "model_type", None),
         seconds=time.perf_counter() - started,
     )
-    for key, accumulator in stats.inputs.items():
-        if not torch.isfinite(accumulator.second_moment).all():
-            raise ValueError(f"the inputs of {key} hold NaN or infinite values on the calibration text")
+    check_finite(stats)
     missing = [name for name in [*linear, *embeddings] if name not in owner]
     if missing:
         raise ValueError(f"the calibration text never reached {missing[:3]}: they are not used in forward")
@@ -234,204 +234,3 @@ def calibrate(
     from .surgery import resolve  # surgery only needs these statistics by duck type
 
     return collect(model, [name for _, name in resolve(model, plan)], blocks, batch_size, progress)
-
-
-def _forward_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> list[str]:
-    """``names`` in the order one forward pass first calls them."""
-    order: list[str] = []
-    handles = [
-        model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: order.append(name))
-        for name in names
-    ]
-    try:
-        with torch.no_grad():
-            model(sample.to(next(model.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(dict.fromkeys(order))
-
-
-def _block(name: str) -> str:
-    """The repeated block a module belongs to (``model.layers.3.mlp.up_proj`` -> ``model.layers.3``)."""
-    parts = name.split(".")
-    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-    return name if index is None else ".".join(parts[: index + 1])
-
-
-def compress_sequentially(model: nn.Module, plan, blocks: torch.Tensor, batch_size: int = 4, progress: bool = True):
-    """Calibrate and compress one block at a time, in forward order: each block's statistics come from
-    the model whose earlier blocks are already compressed (as SVD-LLM and GPTQ do), and only one block's
-    accumulators are held at once. Where the blocks form a chain (each one's output is the next one's
-    input), their inputs are kept and each block runs once over them, instead of the whole model once per
-    block. Returns one report for the whole plan."""
-    from .plan import CompressionPlan, Rule
-    from .report import CompressionReport
-    from .surgery import compress_, resolve
-
-    steps = resolve(model, plan)  # the whole plan is checked before anything changes
-    names = list(dict.fromkeys(name for _, name in steps))
-    calibration_targets(model, names)
-    order = _forward_order(model, names, blocks[:1])
-    unreached = [name for name in names if name not in order]
-    if unreached:
-        raise ValueError(f"the calibration text never reached {unreached[:3]}: they are not used in forward")
-    groups: dict[str, list[str]] = {}
-    for name in order:
-        groups.setdefault(_block(name), []).append(name)
-    history = list(getattr(model, "tqcompressor_history", []))
-    before, layers, head, seconds = None, [], "", 0.0
-    replay: _StackReplay | None = None
-    unchained: set[str] = set()
-    replayed = 0
-    for group, members in tqdm(groups.items(), desc="calibrate + compress", disable=not progress, unit="block"):
-        stack, index = _stack_position(model, group)
-        if stack is not None and stack not in unchained and (replay is None or replay.name != stack):
-            started = time.perf_counter()
-            replay = _StackReplay.capture(model, stack, index, blocks, batch_size)
-            seconds += time.perf_counter() - started
-            if replay is None:
-                unchained.add(stack)
-        if replay is not None and replay.name == stack:
-            replay.advance_to(index)
-            stats = _accumulate(model, members, blocks.numel(), replay.steps())
-            replayed += 1
-        else:
-            stats = collect(model, members, blocks, batch_size, progress=False)
-            replay = None  # compressing a module outside the stack may change what the stack receives
-        seconds += stats.seconds
-        rules = [Rule(re.escape(name), rule.config) for rule, name in steps if name in members]
-        part = CompressionPlan(rules, name=plan.name, tie_head=plan.tie_head)
-        report = compress_(model, part, calibration=stats, progress=False)
-        before = report.params_before if before is None else before
-        layers += report.layers
-        head = report.head  # each part describes the head as the parts so far leave it
-    final = CompressionReport(plan.name, layers, before, count_parameters(model), head)
-    final.notes.append(
-        f"calibrated sequentially, {len(groups)} groups ({replayed} on kept block inputs), "
-        f"{seconds:.1f} s of calibration"
-    )
-    model.tqcompressor_history = [*history, {"plan": plan.to_dict(), "report": final.to_dict()}]
-    return final
-
-
-def _stack_position(model: nn.Module, group: str) -> tuple[str | None, int]:
-    """(``model.layers``, 3) for the group ``model.layers.3`` when it is an entry of a module list."""
-    parent, _, index = group.rpartition(".")
-    if not index.isdigit() or not isinstance(model.get_submodule(parent), nn.ModuleList | nn.Sequential):
-        return None, -1
-    return parent, int(index)
-
-
-def _is_same(a, b) -> bool:
-    if a is b:
-        return True
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return False
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_is_same(x, y) for x, y in zip(a, b, strict=True))
-    return type(a) is type(b) and a == b
-
-
-class _StackReplay:
-    """The inputs one stack of repeated blocks (``model.layers``) receives, per calibration batch, kept on
-    the model's device so each block can run alone over them. Only built where running the blocks alone
-    is what the model does: every block takes the previous block's output as its hidden state and the
-    same other arguments, and none carries state between calls (a KV cache)."""
-
-    def __init__(self, name: str, stack: nn.Module, position: int, batches: list[tuple[tuple, dict]]):
-        self.name, self.stack, self.position, self.batches = name, stack, position, batches
-
-    @classmethod
-    @torch.no_grad()
-    def capture(
-        cls, model: nn.Module, name: str, start: int, blocks: torch.Tensor, batch_size: int
-    ) -> _StackReplay | None:
-        """Run the whole model once, keep what ``stack[start]`` receives, and check the chain; ``None``
-        where the blocks do not form one."""
-        from transformers.cache_utils import Cache
-
-        stack = model.get_submodule(name)
-        kept: list[tuple[tuple, dict]] = []
-        state = {"chained": True, "expected": start, "output": None, "others": None}
-
-        def before(index: int):
-            def hook(module, args, kwargs):
-                hidden, others = _split_hidden(args, kwargs)
-                values = [*others[0], *others[1].values()]
-                flat = [v for value in values for v in (value if isinstance(value, tuple) else (value,))]
-                if index == start:
-                    kept.append((args, kwargs))
-                    state["others"] = others
-                elif (
-                    index != state["expected"]
-                    or hidden is not state["output"]
-                    or not _is_same(others[0], state["others"][0])
-                    or others[1].keys() != state["others"][1].keys()
-                    or not all(_is_same(v, state["others"][1][k]) for k, v in others[1].items())
-                ):
-                    state["chained"] = False
-                if hidden is None or any(isinstance(v, Cache) for v in flat):
-                    state["chained"] = False
-                state["expected"] = index + 1
-
-            return hook
-
-        def after(module, args, output):
-            state["output"] = output[0] if isinstance(output, tuple) else output
-
-        handles = []
-        for index in range(start, len(stack)):
-            handles.append(stack[index].register_forward_pre_hook(before(index), with_kwargs=True))
-            handles.append(stack[index].register_forward_hook(after))
-        use_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            for batch in blocks.split(batch_size):
-                state["expected"] = start
-                model(batch.to(device), **use_cache)
-        finally:
-            for handle in handles:
-                handle.remove()
-            model.train(was_training)
-        if not state["chained"] or len(kept) != len(blocks.split(batch_size)):
-            return None
-        return cls(name, stack, start, kept)
-
-    def steps(self):
-        """One callable per batch that runs the current block over its kept inputs."""
-        block = self.stack[self.position]
-        return (lambda args=args, kwargs=kwargs: block(*args, **kwargs) for args, kwargs in self.batches)
-
-    @torch.no_grad()
-    def advance_to(self, index: int) -> None:
-        """Run blocks (as they are now, compressed or not) until the kept inputs are ``stack[index]``'s."""
-        if index < self.position:
-            raise RuntimeError(f"{self.name}.{index} comes before the kept inputs of block {self.position}")
-        while self.position < index:
-            block = self.stack[self.position]
-            was_training = block.training
-            block.eval()
-            try:
-                for i, (args, kwargs) in enumerate(self.batches):
-                    output = block(*args, **kwargs)
-                    self.batches[i] = _with_hidden(args, kwargs, output[0] if isinstance(output, tuple) else output)
-            finally:
-                block.train(was_training)
-            self.position += 1
-
-
-def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple[tuple, dict]]:
-    """A block's hidden state (its first argument) and everything else it receives."""
-    if args:
-        return args[0], (args[1:], kwargs)
-    rest = {key: value for key, value in kwargs.items() if key != "hidden_states"}
-    return kwargs.get("hidden_states"), ((), rest)
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return (), {**kwargs, "hidden_states": hidden}

@@ -14,7 +14,7 @@ import torch
 
 from .allocation import allocation_plan, compressible_modules, offered_methods
 from .assets import default_model
-from .calibration import CalibrationStats, collect, compress_sequentially
+from .calibration import CalibrationStats, collect
 from .data import load_blocks
 from .depth import keep_layers_
 from .distillation import DistillationLoss
@@ -27,6 +27,7 @@ from .plots import plot_layers
 from .presets import PRESETS, preset
 from .report import CompressionReport
 from .schedule import Schedule, run_schedule, step_dir
+from .sequential import compress_sequentially
 from .serialization import load, read_config, save
 from .surgery import compress_, resolve
 from .training import FINAL, METRICS, TrainConfig, Trainer, process_state
@@ -388,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--sequential",
         action="store_true",
-        help="calibrate and compress one block at a time on the model compressed so far (less memory; with a "
-        "budget the choice still rests on the original model's statistics)",
+        help="fit the plan part by part in forward order, each part on the inputs the model compressed so far "
+        "gives it and aimed at the original model's outputs (with a budget the choice still rests on the "
+        "original model's statistics)",
     )
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(run=_compress)

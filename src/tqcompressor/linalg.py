@@ -47,3 +47,15 @@ def calibrated_error(weight: torch.Tensor, approximation: torch.Tensor, second_m
     w = weight.detach().double()
     delta = w - approximation.detach().double()
     return float(((delta * (c @ delta)).sum() / (w * (c @ w)).sum()).clamp_min(0).sqrt())
+
+
+def aimed_weight(
+    weight: torch.Tensor, second_moment: torch.Tensor, cross_moment: torch.Tensor, damping: float
+) -> torch.Tensor:
+    """W* = W + (C + λI)⁻¹ (M − C) W with C = X̃ᵀX̃ and M = X̃ᵀX: the layer computing X̃ W* is the
+    least-squares match of X W (undamped), so a fit minimising ‖X̃ (W* − Ŵ)‖ minimises ‖X̃ Ŵ − X W‖:
+    what a layer fed X̃ must compute to give what it gave on X. λ = ``damping`` · mean(diag C) keeps
+    W in the directions the inputs barely span, as GPTQ damps its Hessian. W: in x out."""
+    c, w = second_moment.double(), weight.double()
+    ridge = damping * float(c.diagonal().mean()) * torch.eye(len(c), dtype=c.dtype, device=c.device)
+    return w + torch.linalg.solve(c + ridge, (cross_moment.double() - c) @ w)

@@ -1,0 +1,344 @@
+"""Sequential calibration: compress a model one part at a time in forward order, each part fitted on the
+inputs the model compressed so far gives it (as GPTQ and SVD-LLM fit block by block) and aimed at what
+the original model computed there, so that each fit also corrects the error the parts before it left
+(asymmetric calibration, as in GPTAQ).
+
+Where the model's blocks form a chain (each block's output is the next one's input, with the same mask
+and positions and no KV cache; every decoder stack does), the inputs of the stack are kept twice, as
+the compressed model and as the original model give them, and each block runs alone over them: inside
+a block the modules sharing one input (q/k/v, gate/up) form a part, each part is calibrated after the
+parts before it are compressed, and a copy of the block as it was gives the original inputs. Elsewhere
+a block's modules are calibrated together on whole-model passes over the compressed model, not aimed.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import CalibrationStats, calibration_targets, check_finite, check_token_count, collect, weight_digest
+from .linalg import aimed_weight
+from .methods.targets import dense_weight
+from .params import count_parameters
+from .statistics import InputStats
+
+# The ridge of the aimed weight, relative to the mean input energy (GPTQ damps with 0.01). SmolLM2, uniform
+# low-rank at 70%, 8k calibration tokens, held-out ppl by damping: 0.001: 237, 0.01: 192, 0.03: 172,
+# 0.1: 166, 0.3: 172, 1.0: 187; not aimed: 365 (at once: 400).
+DAMPING = 0.1
+
+
+def compress_sequentially(model: nn.Module, plan, blocks: torch.Tensor, batch_size: int = 4, progress: bool = True):
+    """Compress ``model`` by ``plan`` (a ``CompressionPlan``) part by part, calibrating each part on
+    ``blocks`` (sequences x tokens) as the model compressed so far sees them. Returns one report."""
+    from .plan import CompressionPlan, Rule
+    from .report import CompressionReport
+    from .surgery import compress_, resolve
+
+    steps = resolve(model, plan)  # the whole plan is checked before anything changes
+    names = list(dict.fromkeys(name for _, name in steps))
+    calibration_targets(model, names)
+    order = _forward_order(model, names, blocks[:1])
+    unreached = [name for name in names if name not in order]
+    if unreached:
+        raise ValueError(f"the calibration text never reached {unreached[:3]}: they are not used in forward")
+    groups: dict[str, list[str]] = {}
+    for name in order:
+        groups.setdefault(_block(name), []).append(name)
+    started = time.perf_counter()
+    # What every stack receives from the original model, before anything is compressed.
+    stacks = {}
+    for group, members in groups.items():
+        stack, _ = _stack_position(model, group)
+        linear, _ = calibration_targets(model, members)
+        if stack is not None and stack not in stacks and len(linear) == len(members):
+            stacks[stack] = _StackReplay.capture(model, stack, blocks, batch_size)
+    seconds = time.perf_counter() - started
+    history = list(getattr(model, "tqcompressor_history", []))
+    before, layers, head = None, [], ""
+    compressed, aimed = 0, 0  # parts compressed so far; blocks fitted on kept inputs
+    was_training = model.training
+    model.eval()
+    try:
+        for group, members in tqdm(groups.items(), desc="calibrate + compress", disable=not progress, unit="block"):
+            stack, index = _stack_position(model, group)
+            replay = stacks.get(stack)
+            if replay is not None and calibration_targets(model, members)[0] != members:
+                stacks[stack] = replay = None  # an embedding inside a block: the whole-model way from here
+            if replay is not None and replay.compressed_parts != compressed:
+                started = time.perf_counter()  # something before the stack changed what it receives
+                if not replay.recapture(model, blocks, batch_size, compressed):
+                    stacks[stack] = replay = None
+                seconds += time.perf_counter() - started
+            if replay is not None:
+                replay.advance_to(index)
+                parts = replay.parts(model, members, blocks.numel())
+                aimed += 1
+            else:
+                parts = iter([(members, collect(model, members, blocks, batch_size, progress=False))])
+            for part_members, stats in parts:
+                seconds += stats.seconds
+                rules = [Rule(re.escape(name), rule.config) for rule, name in steps if name in part_members]
+                part = CompressionPlan(rules, name=plan.name, tie_head=plan.tie_head)
+                report = compress_(model, part, calibration=stats, progress=False)
+                before = report.params_before if before is None else before
+                layers += report.layers
+                head = report.head  # each part describes the head as the parts so far leave it
+                compressed += 1
+                if replay is not None:
+                    replay.compressed_parts = compressed
+    finally:
+        model.train(was_training)
+    final = CompressionReport(plan.name, layers, before, count_parameters(model), head)
+    final.notes.append(
+        f"calibrated sequentially, {len(groups)} blocks: {aimed} on kept inputs, aimed at the original "
+        f"model's outputs; {len(groups) - aimed} on whole-model passes; {seconds:.1f} s of calibration"
+    )
+    model.tqcompressor_history = [*history, {"plan": plan.to_dict(), "report": final.to_dict()}]
+    return final
+
+
+def _forward_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> list[str]:
+    """``names`` in the order one forward pass first calls them."""
+    order: list[str] = []
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            model(sample.to(next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order))
+
+
+def _block(name: str) -> str:
+    """The repeated block a module belongs to (``model.layers.3.mlp.up_proj`` -> ``model.layers.3``)."""
+    parts = name.split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return name if index is None else ".".join(parts[: index + 1])
+
+
+def _stack_position(model: nn.Module, group: str) -> tuple[str | None, int]:
+    """(``model.layers``, 3) for the group ``model.layers.3`` when it is an entry of a module list."""
+    parent, _, index = group.rpartition(".")
+    if not index.isdigit() or not isinstance(model.get_submodule(parent), nn.ModuleList | nn.Sequential):
+        return None, -1
+    return parent, int(index)
+
+
+def _is_same(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_is_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple[tuple, dict]]:
+    """A block's hidden state (its first argument) and everything else it receives."""
+    if args:
+        return args[0], (args[1:], kwargs)
+    rest = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+    return kwargs.get("hidden_states"), ((), rest)
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return (), {**kwargs, "hidden_states": hidden}
+
+
+def _hidden_of(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _module_inputs(root: nn.Module, names: list[str], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """The input each of ``names`` (submodules of ``root``) receives while ``run`` runs."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        root.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]))
+        for name in names
+    ]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+class _StackReplay:
+    """What one stack of repeated blocks (``model.layers``) receives per calibration batch, kept on the
+    model's device twice: as the compressed model gives it (``batches``: each block's arguments) and as
+    the original model does (``originals``: the hidden states alone, the other arguments are shared)."""
+
+    def __init__(self, name: str, stack: nn.Module, batches: list[tuple[tuple, dict]]):
+        self.name, self.stack, self.batches, self.position = name, stack, batches, 0
+        self.originals = [_split_hidden(args, kwargs)[0] for args, kwargs in batches]
+        self.compressed_parts = 0  # parts of the model compressed when ``batches`` was taken
+
+    @classmethod
+    def capture(cls, model: nn.Module, name: str, blocks: torch.Tensor, batch_size: int) -> _StackReplay | None:
+        """Run the whole model once and keep what ``stack[0]`` receives; ``None`` where the blocks do
+        not form a chain."""
+        batches = _stack_inputs(model, name, blocks, batch_size)
+        return None if batches is None else cls(name, model.get_submodule(name), batches)
+
+    def recapture(self, model: nn.Module, blocks: torch.Tensor, batch_size: int, compressed_parts: int) -> bool:
+        """Retake the compressed model's inputs (the original ones stay); False if the chain broke."""
+        if self.position != 0:
+            raise RuntimeError(f"{self.name} changed its inputs after its blocks were calibrated")
+        batches = _stack_inputs(model, self.name, blocks, batch_size)
+        if batches is None:
+            return False
+        self.batches, self.compressed_parts = batches, compressed_parts
+        return True
+
+    @torch.no_grad()
+    def advance_to(self, index: int) -> None:
+        """Run both streams through the blocks before ``index`` that the plan leaves as they are."""
+        if index < self.position:
+            raise RuntimeError(f"{self.name}.{index} comes before the kept inputs of block {self.position}")
+        while self.position < index:
+            self._move_on(self.stack[self.position], self.stack[self.position])
+
+    def parts(self, model: nn.Module, members: list[str], tokens: int) -> Iterator[tuple[list[str], CalibrationStats]]:
+        """Yield (modules sharing one input, their statistics) through block ``position`` in forward order,
+        each part's weights aimed at the original model's outputs; compress each part before taking the
+        next. Afterwards both streams have moved past the block."""
+        block = self.stack[self.position]
+        original = copy.deepcopy(block)  # the block as it was gives the original model's inputs
+        prefix = f"{self.name}.{self.position}."
+        check_token_count(model, members, tokens)
+        for part in _shared_input_parts(block, [name[len(prefix) :] for name in members], self.batches[0]):
+            started = time.perf_counter()
+            second = cross = 0
+            count = 0
+            with torch.no_grad():
+                for i, (args, kwargs) in enumerate(self.batches):
+                    was = _with_hidden(args, kwargs, self.originals[i])
+                    wanted = _module_inputs(original, part[:1], lambda was=was: original(*was[0], **was[1]))[part[0]]
+                    given = _module_inputs(block, part, lambda a=args, k=kwargs: block(*a, **k))
+                    if any(given[name] is not given[part[0]] for name in part):
+                        raise RuntimeError(f"{prefix}{part} changed which input they share between batches")
+                    x = given[part[0]].reshape(-1, wanted.shape[-1]).double()
+                    second = second + x.T @ x
+                    cross = cross + x.T @ wanted.reshape(-1, wanted.shape[-1]).double()
+                    count += x.shape[0]
+                names = [prefix + name for name in part]
+                for name in names:
+                    weight = dense_weight(model.get_submodule(name))[0]
+                    weight.copy_(aimed_weight(weight, second, cross, DAMPING).to(weight.dtype))
+            stats = CalibrationStats(
+                {name: names[0] for name in names},
+                inputs={names[0]: InputStats(second.cpu(), count)},
+                digests={name: weight_digest(model.get_submodule(name)) for name in names},
+                model_type=getattr(getattr(model, "config", None), "model_type", None),
+                seconds=time.perf_counter() - started,
+            )
+            check_finite(stats)
+            yield names, stats
+        self._move_on(block, original)
+
+    @torch.no_grad()
+    def _move_on(self, block: nn.Module, original: nn.Module) -> None:
+        """Replace both streams by what ``block`` (compressed) and ``original`` give for them."""
+        for i, (args, kwargs) in enumerate(self.batches):
+            was = _with_hidden(args, kwargs, self.originals[i])
+            self.originals[i] = _hidden_of(original(*was[0], **was[1]))
+            self.batches[i] = _with_hidden(args, kwargs, _hidden_of(block(*args, **kwargs)))
+        self.position += 1
+
+
+def _shared_input_parts(block: nn.Module, names: list[str], batch: tuple[tuple, dict]) -> list[list[str]]:
+    """``names`` (submodules of ``block``) grouped by the input tensor they share, in call order."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        block.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: calls.append((name, args[0])))
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            block(*batch[0], **batch[1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in names if name not in {called for called, _ in calls}]
+    if missing:
+        raise ValueError(f"the calibration text never reached {missing[:3]}: they are not used in forward")
+    parts: list[tuple[torch.Tensor, list[str]]] = []
+    for name, x in calls:
+        part = next((members for tensor, members in parts if tensor is x), None)
+        if part is None:
+            parts.append((x, [name]))
+        elif name not in part:
+            part.append(name)
+    return [members for _, members in parts]
+
+
+@torch.no_grad()
+def _stack_inputs(model: nn.Module, name: str, blocks: torch.Tensor, batch_size: int) -> list | None:
+    """(args, kwargs) of ``stack[0]`` per batch from one whole-model pass, or ``None`` unless every block
+    takes the previous block's output as its hidden state and the same other arguments, and none
+    carries state between calls (a KV cache)."""
+    from transformers.cache_utils import Cache
+
+    stack = model.get_submodule(name)
+    kept: list[tuple[tuple, dict]] = []
+    state = {"chained": True, "expected": 0, "output": None, "others": None}
+
+    def before(index: int):
+        def hook(module, args, kwargs):
+            hidden, others = _split_hidden(args, kwargs)
+            values = [*others[0], *others[1].values()]
+            flat = [v for value in values for v in (value if isinstance(value, tuple) else (value,))]
+            if index == 0:
+                kept.append((args, kwargs))
+                state["others"] = others
+            elif (
+                index != state["expected"]
+                or hidden is not state["output"]
+                or not _is_same(others[0], state["others"][0])
+                or others[1].keys() != state["others"][1].keys()
+                or not all(_is_same(v, state["others"][1][k]) for k, v in others[1].items())
+            ):
+                state["chained"] = False
+            if hidden is None or any(isinstance(v, Cache) for v in flat):
+                state["chained"] = False
+            state["expected"] = index + 1
+
+        return hook
+
+    def after(module, args, output):
+        state["output"] = _hidden_of(output)
+
+    handles = []
+    for index, block in enumerate(stack):
+        handles.append(block.register_forward_pre_hook(before(index), with_kwargs=True))
+        handles.append(block.register_forward_hook(after))
+    use_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in blocks.split(batch_size):
+            state["expected"] = 0
+            model(batch.to(device), **use_cache)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if not state["chained"] or len(kept) != len(blocks.split(batch_size)):
+        return None
+    return kept

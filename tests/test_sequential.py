@@ -1,0 +1,159 @@
+"""Sequential calibration: every part fitted on what the model compressed so far feeds it, aimed at what
+the original model computed there; checked against the definition computed on whole-model passes."""
+
+import copy
+import re
+
+import pytest
+import torch
+from test_architectures import llama_config
+from test_calibration import blocks, tiny_gpt2
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+import tqcompressor as tq
+from tqcompressor.calibration import collect
+from tqcompressor.linalg import aimed_weight
+from tqcompressor.methods.targets import dense_weight
+from tqcompressor.sequential import DAMPING, compress_sequentially
+
+CONFIG = tq.LowRankConfig(rank=3)
+
+
+def test_the_aimed_weight_is_the_least_squares_match_of_the_original_outputs():
+    g = torch.Generator().manual_seed(0)
+    wanted = torch.randn(400, 12, generator=g, dtype=torch.float64)  # what the original layer received
+    noisy = wanted + 0.3 * torch.randn(400, 12, generator=g, dtype=torch.float64)  # what it receives now
+    w = torch.randn(12, 7, generator=g, dtype=torch.float64)
+    best = torch.linalg.lstsq(noisy, wanted @ w).solution
+    torch.testing.assert_close(aimed_weight(w, noisy.T @ noisy, noisy.T @ wanted, 0.0), best, rtol=1e-9, atol=1e-9)
+    # Planted: inputs distorted by an invertible map are undone exactly; W itself misses by far.
+    distorted = wanted @ (torch.eye(12, dtype=torch.float64) + 0.3 * torch.randn(12, 12, generator=g))
+    aimed = aimed_weight(w, distorted.T @ distorted, distorted.T @ wanted, 0.0)
+    assert (distorted @ aimed - wanted @ w).norm() < 1e-9 * (wanted @ w).norm()
+    assert (distorted @ w - wanted @ w).norm() > 0.1 * (wanted @ w).norm()
+    c = noisy.T @ noisy  # the same inputs: nothing to correct, at any damping
+    torch.testing.assert_close(aimed_weight(w, c, c, DAMPING), w, rtol=0, atol=1e-12)
+
+
+def _inputs(model: nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            for batch in ids.split(4):
+                model(batch)
+    finally:
+        handle.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).double()
+
+
+def by_hand(model: nn.Module, parts: list[tuple[list[str], bool]], ids: torch.Tensor) -> nn.Module:
+    """The definition on whole-model passes: for each part in order, its input second moment on the model
+    compressed so far and the cross moment with the untouched original's inputs; the weights aimed (where
+    the part says so), then fitted to the statistics ``collect`` gives."""
+    original = copy.deepcopy(model).eval()
+    model.eval()
+    for names, aim in parts:
+        if aim:
+            given, wanted = _inputs(model, names[0], ids), _inputs(original, names[0], ids)
+            for name in names:
+                weight = dense_weight(model.get_submodule(name))[0]
+                with torch.no_grad():
+                    weight.copy_(aimed_weight(weight, given.T @ given, given.T @ wanted, DAMPING).to(weight.dtype))
+        plan = tq.CompressionPlan([tq.Rule(re.escape(name), CONFIG) for name in names])
+        tq.compress_(model, plan, calibration=collect(model, names, ids, progress=False), progress=False)
+    return model
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def gpt2_parts(layers: list[int]) -> list[tuple[list[str], bool]]:
+    modules = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    return [([f"transformer.h.{i}.{m}"], True) for i in layers for m in modules]
+
+
+def llama_parts(layers: list[int]) -> list[tuple[list[str], bool]]:
+    groups = (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"])
+    groups += (["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"])
+    return [([f"model.layers.{i}.{m}" for m in group], True) for i in layers for group in groups]
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_each_part_is_fitted_on_the_compressed_inputs_and_aimed_at_the_original_outputs(architecture):
+    """GPT-2's block 1 is left as it is (both streams must still pass through it); LLaMA's blocks take
+    rotary tables and a mask as keywords, and q/k/v and gate/up share their inputs."""
+    ids = blocks(count=16)
+    if architecture == "gpt2":
+
+        def build():
+            torch.manual_seed(0)
+            return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=120, n_positions=64))
+
+        pattern, parts, groups = r"transformer\.h\.[02]\.(mlp|attn)\.c_\w+", gpt2_parts([0, 2]), 2
+    else:
+
+        def build():
+            torch.manual_seed(0)
+            return LlamaForCausalLM(llama_config(num_hidden_layers=3))
+
+        pattern, parts, groups = r"model\.layers\.\d+\.(mlp|self_attn)\.\w+_proj", llama_parts([0, 1, 2]), 3
+    model = build()
+    report = compress_sequentially(model, tq.CompressionPlan([tq.Rule(pattern, CONFIG)]), ids, progress=False)
+    assert f"{groups} blocks: {groups} on kept inputs" in report.notes[0]
+    assert [layer.name for layer in report.layers] == [name for names, _ in parts for name in names]
+    assert report.params_after == tq.count_parameters(model)
+    assert_same_weights(model, by_hand(build(), parts, ids))
+    with pytest.raises(AssertionError):  # aiming changes the fit
+        assert_same_weights(model, by_hand(build(), [(names, False) for names, _ in parts], ids))
+
+
+def test_parts_before_the_stack_are_fitted_as_they_are_and_the_blocks_aim_at_the_untouched_model():
+    """The embedding is compressed first, so the stack's inputs are taken again, but what the blocks aim
+    at is still the original model's."""
+    ids = blocks(count=16)
+    plan = tq.CompressionPlan(
+        [tq.Rule(r"transformer\.wte", CONFIG), tq.Rule(r"transformer\.h\.\d+\.mlp\.c_\w+", CONFIG)]
+    )
+    model = tiny_gpt2()
+    note = compress_sequentially(model, plan, ids, progress=False).notes[0]
+    assert "3 blocks: 2 on kept inputs, aimed at the original model's outputs; 1 on whole-model passes" in note
+    parts = [(["transformer.wte"], False)]
+    parts += [([f"transformer.h.{i}.mlp.{m}"], True) for i in (0, 1) for m in ("c_fc", "c_proj")]
+    assert_same_weights(model, by_hand(tiny_gpt2(), parts, ids))
+
+
+def test_a_lossless_plan_keeps_the_model():
+    ids = blocks(count=16)
+    exact = tq.CompressionPlan([tq.Rule(r"transformer\.h\.\d+\.mlp\.c_fc", tq.LowRankConfig(rank=32))])
+    model = tiny_gpt2()
+    compress_sequentially(model, exact, ids, progress=False)
+    torch.testing.assert_close(model(ids).logits, tiny_gpt2()(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+class _ParallelBlocks(nn.Module):
+    """Blocks that all read the embedding, not each other: running them as a chain would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(120, 24)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 24)) for _ in range(2))
+        self.head = nn.Linear(24, 120)
+
+    def forward(self, ids):
+        hidden = self.embed(ids)
+        return self.head(sum(block(hidden) for block in self.blocks))
+
+
+def test_blocks_that_do_not_form_a_chain_are_calibrated_on_whole_model_passes():
+    ids = blocks(count=16)
+    plan = tq.CompressionPlan([tq.Rule(r"blocks\.\d+\.[02]", CONFIG)])
+    model = _ParallelBlocks()
+    assert "2 blocks: 0 on kept inputs" in compress_sequentially(model, plan, ids, progress=False).notes[0]
+    # Each block's modules together, on the model with the blocks before it compressed; not aimed.
+    parts = [([f"blocks.{i}.0", f"blocks.{i}.2"], False) for i in (0, 1)]
+    assert_same_weights(model, by_hand(_ParallelBlocks(), parts, ids))
