@@ -34,9 +34,17 @@ from .statistics import InputStats
 DAMPING = 0.1
 
 
-def compress_sequentially(model: nn.Module, plan, blocks: torch.Tensor, batch_size: int = 4, progress: bool = True):
+def compress_sequentially(
+    model: nn.Module,
+    plan,
+    blocks: torch.Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+    damping: float = DAMPING,
+):
     """Compress ``model`` by ``plan`` (a ``CompressionPlan``) part by part, calibrating each part on
-    ``blocks`` (sequences x tokens) as the model compressed so far sees them. Returns one report."""
+    ``blocks`` (sequences x tokens) as the model compressed so far sees them; ``damping``: the ridge of
+    the aimed weights (``linalg.aimed_weight``). Returns one report."""
     from .plan import CompressionPlan, Rule
     from .report import CompressionReport
     from .surgery import compress_, resolve
@@ -78,7 +86,7 @@ def compress_sequentially(model: nn.Module, plan, blocks: torch.Tensor, batch_si
                 seconds += time.perf_counter() - started
             if replay is not None:
                 replay.advance_to(index)
-                parts = replay.parts(model, members, blocks.numel())
+                parts = replay.parts(model, members, blocks.numel(), damping)
                 aimed += 1
             else:
                 parts = iter([(members, collect(model, members, blocks, batch_size, progress=False))])
@@ -213,7 +221,9 @@ class _StackReplay:
         while self.position < index:
             self._move_on(self.stack[self.position], self.stack[self.position])
 
-    def parts(self, model: nn.Module, members: list[str], tokens: int) -> Iterator[tuple[list[str], CalibrationStats]]:
+    def parts(
+        self, model: nn.Module, members: list[str], tokens: int, damping: float
+    ) -> Iterator[tuple[list[str], CalibrationStats]]:
         """Yield (modules sharing one input, their statistics) through block ``position`` in forward order,
         each part's weights aimed at the original model's outputs; compress each part before taking the
         next. Afterwards both streams have moved past the block."""
@@ -239,7 +249,7 @@ class _StackReplay:
                 names = [prefix + name for name in part]
                 for name in names:
                     weight = dense_weight(model.get_submodule(name))[0]
-                    weight.copy_(aimed_weight(weight, second, cross, DAMPING).to(weight.dtype))
+                    weight.copy_(aimed_weight(weight, second, cross, damping).to(weight.dtype))
             stats = CalibrationStats(
                 {name: names[0] for name in names},
                 inputs={names[0]: InputStats(second.cpu(), count)},
