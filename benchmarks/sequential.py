@@ -135,6 +135,7 @@ def write_report(data: dict, out: Path) -> None:
     ax.barh([r["variant"] for r in fitted], [r["heldout_ppl"] for r in fitted], color="tab:blue")
     ax.axvline(dense["heldout_ppl"], color="black", linestyle="--", label="dense")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # overlapping labels otherwise
     ax.set_xlabel("held-out perplexity (log)")
     ax.invert_yaxis()
     ax.legend()
