@@ -33,13 +33,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import re
 import time
 from collections import Counter
 
 import torch
-from common import ASSETS, RESULTS, heldout_ids, load_smollm2
+from common import ASSETS, RESULTS, heldout_ids, load_smollm2, machine
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
@@ -56,7 +55,7 @@ from tqcompressor.surgery import planned_parameters
 CANDIDATES = "low-rank; Kronecker with and without permutations; embedding low-rank and Kronecker"
 GPT2_SMALL_RATIO = 0.6
 # Auto with sensitivity, low-rank candidates only (Kronecker was never chosen, and pricing it is most of
-# the search), fitted one block at a time on the model compressed so far.
+# the search), fitted by compress_sequentially: part by part, aimed at the original model's outputs.
 SEQUENTIAL = "auto-sensitivity-sequential"
 MODELS = ["house-teacher", "smollm2-135m", "gpt2-small-random"]
 
@@ -136,6 +135,13 @@ def run_model(name: str, args, data: dict, path) -> None:
     if (name, "dense", None) not in done:
         record({"plan": "dense", "target_ratio": None}, model)
     stats, calibration_seconds, blocks, probe_blocks = calibrate(model, tokenizer, args)
+
+    def fit(compressed, plan: tq.CompressionPlan, sequential: bool) -> None:
+        if sequential:
+            compress_sequentially(compressed, plan, blocks, progress=False)
+        else:
+            tq.compress_(compressed, plan, calibration=stats, progress=False)
+
     for ratio, target, uniforms in budgets(name, model, args.ratios):
         plans = {}
         for plan_name, sensitivity in (("auto", None), ("auto-sensitivity", probe_blocks)):
@@ -146,10 +152,7 @@ def run_model(name: str, args, data: dict, path) -> None:
         for plan_name, allocation in plans.items():
             compressed = copy.deepcopy(model)
             started = time.perf_counter()
-            if plan_name == SEQUENTIAL:
-                compress_sequentially(compressed, allocation.plan, blocks, progress=False)
-            else:
-                tq.compress_(compressed, allocation.plan, calibration=stats, progress=False)
+            fit(compressed, allocation.plan, sequential=plan_name == SEQUENTIAL)
             chosen = allocation.chosen
             row = {
                 "plan": plan_name,
@@ -175,10 +178,7 @@ def run_model(name: str, args, data: dict, path) -> None:
                 continue
             compressed = copy.deepcopy(model)
             started = time.perf_counter()
-            if sequential:
-                compress_sequentially(compressed, uniform, blocks, progress=False)
-            else:
-                tq.compress_(compressed, uniform, calibration=stats, progress=False)
+            fit(compressed, uniform, sequential)
             row = {"plan": uniform_name, "target_ratio": ratio, "target_params": target}
             record({**row, "compress_seconds": time.perf_counter() - started}, compressed)
 
@@ -240,7 +240,7 @@ def main() -> None:
         earlier = meta.get("commands", [meta["command"]] if "command" in meta else [])
         data["meta"] = {
             "commands": [*earlier, command + (" --resume" if args.resume else "")],
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "machine": machine(),
             "models": list(dict.fromkeys([*meta.get("models", []), *args.models])),
         }
         RESULTS.mkdir(parents=True, exist_ok=True)

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-from common import ASSETS, RESULTS, heldout_ids, load_smollm2
+from common import ASSETS, RESULTS, heldout_ids, load_smollm2, machine
 
 import tqcompressor as tq
 from tqcompressor.calibration import collect
@@ -88,9 +87,7 @@ def main() -> None:
             },
             "records": [],
         }
-        data["meta"].update(
-            machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-        )
+        data["meta"].update(machine=machine())
     if not args.from_json:
         args.out.mkdir(parents=True, exist_ok=True)
         for name in args.models:

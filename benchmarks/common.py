@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 from pathlib import Path
+
+import torch
 
 from tqcompressor.evaluation import read_text
 from tqcompressor.loading import load_model
@@ -24,3 +27,8 @@ def heldout_ids(tokenizer, max_tokens: int | None = None) -> list[int]:
     """The held-out Gutenberg books as token ids, the first ``max_tokens + 1`` when capped."""
     ids = tokenizer(read_text(ASSETS / "corpus/gutenberg/heldout"), verbose=False)["input_ids"]
     return ids if max_tokens is None else ids[: max_tokens + 1]
+
+
+def machine() -> str:
+    """What made a benchmark's numbers: CPU architecture, torch threads and version."""
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -34,7 +34,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import shutil
 import statistics
 import time
@@ -42,7 +41,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from common import ASSETS, RESULTS, heldout_ids
+from common import ASSETS, RESULTS, heldout_ids, machine
 
 import tqcompressor as tq
 from tqcompressor.calibration import collect
@@ -286,7 +285,7 @@ def main() -> None:
     data["meta"] = {
         "command": "python benchmarks/distill.py "
         + f"--tokens {args.tokens} --seeds {' '.join(map(str, args.seeds))} --budgets {' '.join(args.budgets)}",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "tokens": args.tokens,
         "train_config": asdict(runner.config),
         "block_size": args.block_size,

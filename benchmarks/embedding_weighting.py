@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import ASSETS, RESULTS, heldout_ids
+from common import ASSETS, RESULTS, heldout_ids, machine
 
 import tqcompressor as tq
 from tqcompressor.calibration import collect
@@ -132,7 +131,7 @@ def main() -> None:
             "command": "python benchmarks/embedding_weighting.py "
             f"--calibration-tokens {args.calibration_tokens} --max-tokens {args.max_tokens} "
             f"--window {args.window} --time-budget {args.time_budget}",
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "machine": machine(),
             "bucket_tokens": shares,
             "bucket_calibration_mass": mass,
         },

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 from allocation import evaluate, uniform_plan
-from common import ASSETS, RESULTS, heldout_ids, load_smollm2
+from common import ASSETS, RESULTS, heldout_ids, load_smollm2, machine
 
 import tqcompressor as tq
 from tqcompressor.allocation import linear_layers
@@ -92,7 +91,7 @@ def main() -> None:
             "command": f"python benchmarks/sequential.py --ratio {args.ratio} --calibration-tokens "
             f"{args.calibration_tokens} --max-tokens {args.max_tokens} --lambada-passages {args.lambada_passages} "
             f"--dampings {' '.join(f'{d:g}' for d in args.dampings)}",
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+            "machine": machine(),
             "plan": plan.name,
             "default_damping": DAMPING,
         },

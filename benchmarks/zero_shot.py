@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-from common import ASSETS, heldout_ids
+from common import ASSETS, heldout_ids, machine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tqcompressor import count_parameters
@@ -95,7 +94,7 @@ def main() -> None:
     meta = {
         "command": "python benchmarks/zero_shot.py "
         f"--max-tokens {args.max_tokens} --lambada-passages {args.lambada_passages} --time-budget {args.time_budget}",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
     }
     (args.out / "zero_shot.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
     (args.out / "zero_shot.md").write_text(markdown(records, meta, args))

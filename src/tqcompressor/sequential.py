@@ -64,8 +64,7 @@ def compress_sequentially(
     stacks = {}
     for group, members in groups.items():
         stack, _ = _stack_position(model, group)
-        linear, _ = calibration_targets(model, members)
-        if stack is not None and stack not in stacks and len(linear) == len(members):
+        if stack is not None and stack not in stacks and _all_linear(model, members):
             stacks[stack] = _StackReplay.capture(model, stack, blocks, batch_size)
     seconds = time.perf_counter() - started
     history = list(getattr(model, "tqcompressor_history", []))
@@ -77,7 +76,7 @@ def compress_sequentially(
         for group, members in tqdm(groups.items(), desc="calibrate + compress", disable=not progress, unit="block"):
             stack, index = _stack_position(model, group)
             replay = stacks.get(stack)
-            if replay is not None and calibration_targets(model, members)[0] != members:
+            if replay is not None and not _all_linear(model, members):
                 stacks[stack] = replay = None  # an embedding inside a block: the whole-model way from here
             if replay is not None and replay.compressed_parts != compressed:
                 started = time.perf_counter()  # something before the stack changed what it receives
@@ -110,6 +109,11 @@ def compress_sequentially(
     )
     model.tqcompressor_history = [*history, {"plan": plan.to_dict(), "report": final.to_dict()}]
     return final
+
+
+def _all_linear(model: nn.Module, members: list[str]) -> bool:
+    """Whether kept block inputs can serve ``members``: they hold no embedding."""
+    return calibration_targets(model, members)[0] == members
 
 
 def _forward_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> list[str]:
