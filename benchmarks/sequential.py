@@ -1,7 +1,7 @@
 """Sequential calibration against fitting at once, and the damping of the aimed weights (SmolLM2-135M).
 
     python benchmarks/sequential.py [--ratio 0.7] [--calibration-tokens 8192] [--max-tokens 8000]
-        [--dampings 0.01 0.1 1.0]
+        [--dampings 0.01 0.1 1.0] [--plans uniform mlp]
 
 SmolLM2-135M (``../shared/assets/smollm2/fetch.sh``) with every linear layer but the head low-rank at one
 rank ratio, so that the model keeps ``--ratio`` of its parameters (the allocation benchmark's
@@ -14,6 +14,11 @@ Variants:
   as 1/damping: each part calibrated on what the compressed model feeds it, fitted to its own weight;
 - ``sequential, damping d``: the same, each part aimed at the original model's outputs, for every
   ``--dampings`` value.
+
+Plan ``mlp`` (the case that broke SmolLM2 without calibration): every MLP projection low-rank at half
+its parameters, attention dense; fitted at once, sequentially (default damping), and sequentially with
+``aim_dense`` (the attention layers the plan keeps dense aimed too). ``--plans`` runs some of the two;
+the records of the others in sequential.json are kept.
 
 Writes benchmarks/results/sequential.{json,md,png}.
 """
@@ -37,6 +42,7 @@ from tqcompressor.evaluation import lambada_passages, read_text
 from tqcompressor.sequential import DAMPING, compress_sequentially
 
 NOT_AIMED = 1e9
+MLP = r".*\.mlp\.(gate|up|down)_proj"
 
 
 def main() -> None:
@@ -46,6 +52,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8_000)
     parser.add_argument("--lambada-passages", type=int, default=200)
     parser.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--plans", nargs="+", choices=["uniform", "mlp"], default=["uniform", "mlp"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown and plot")
     args = parser.parse_args()
@@ -61,22 +68,35 @@ def main() -> None:
         "wikitext2": tokenizer(read_text("wikitext2"), verbose=False)["input_ids"][: args.max_tokens + 1],
     }
     passages = lambada_passages()[: args.lambada_passages]
-    plan = uniform_plan(model, linear_layers(model), round(args.ratio * tq.count_parameters(model)), "svd")
-    records = [
-        {"variant": "dense", "params": tq.count_parameters(model), **evaluate(model, texts, passages, tokenizer)}
-    ]
-    variants = [("at once", None), ("sequential, not aimed", NOT_AIMED)]
-    variants += [(f"sequential, damping {d:g}", d) for d in args.dampings]
-    for variant, damping in variants:
+    plans = {
+        "uniform": uniform_plan(model, linear_layers(model), round(args.ratio * tq.count_parameters(model)), "svd"),
+        "mlp": tq.CompressionPlan([tq.Rule(MLP, tq.LowRankConfig(ratio=0.5))], name="mlp-lowrank-0.5"),
+    }
+    previous = args.out / "sequential.json"
+    kept = [] if not previous.exists() else json.loads(previous.read_text())["records"]
+    records = [r for r in kept if r["variant"] != "dense" and r.get("plan", "uniform") not in args.plans]
+    records.insert(
+        0, {"variant": "dense", "params": tq.count_parameters(model), **evaluate(model, texts, passages, tokenizer)}
+    )
+    variants = []
+    if "uniform" in args.plans:
+        variants += [("uniform", "at once", None, False), ("uniform", "sequential, not aimed", NOT_AIMED, False)]
+        variants += [("uniform", f"sequential, damping {d:g}", d, False) for d in args.dampings]
+    if "mlp" in args.plans:
+        variants += [("mlp", "at once", None, False), ("mlp", "sequential, attention as it was", DAMPING, False)]
+        variants += [("mlp", "sequential, attention aimed too (default)", DAMPING, True)]
+    for plan_name, variant, damping, aim_dense in variants:
+        plan = plans[plan_name]
         compressed = copy.deepcopy(model)
         started = time.perf_counter()
         if damping is None:
             stats = tq.calibrate(compressed, plan, blocks, progress=False)
             tq.compress_(compressed, plan, calibration=stats, progress=False)
         else:
-            compress_sequentially(compressed, plan, blocks, progress=False, damping=damping)
+            compress_sequentially(compressed, plan, blocks, progress=False, damping=damping, aim_dense=aim_dense)
         records.append(
             {
+                "plan": plan_name,
                 "variant": variant,
                 "damping": damping,
                 "params": tq.count_parameters(compressed),
@@ -86,13 +106,18 @@ def main() -> None:
         )
         print(json.dumps(records[-1]), flush=True)
         del compressed
+    command = (
+        f"python benchmarks/sequential.py --ratio {args.ratio} --calibration-tokens {args.calibration_tokens} "
+        f"--max-tokens {args.max_tokens} --lambada-passages {args.lambada_passages} "
+        f"--dampings {' '.join(f'{d:g}' for d in args.dampings)} --plans {' '.join(args.plans)}"
+    )
+    earlier = json.loads(previous.read_text())["meta"] if previous.exists() else {}
+    commands = [c for c in earlier.get("commands", [earlier["command"]] if "command" in earlier else []) if c]
     data = {
         "meta": {
-            "command": f"python benchmarks/sequential.py --ratio {args.ratio} --calibration-tokens "
-            f"{args.calibration_tokens} --max-tokens {args.max_tokens} --lambada-passages {args.lambada_passages} "
-            f"--dampings {' '.join(f'{d:g}' for d in args.dampings)}",
+            "commands": [*commands, command],
             "machine": machine(),
-            "plan": plan.name,
+            "plans": {name: plan.name for name, plan in plans.items()},
             "default_damping": DAMPING,
         },
         "records": records,
@@ -111,27 +136,40 @@ def write_report(data: dict, out: Path) -> None:
     meta, records = data["meta"], data["records"]
     dense = next(r for r in records if r["variant"] == "dense")
     fitted = [r for r in records if r["variant"] != "dense"]
-    at_once = next(r for r in fitted if r["variant"] == "at once")
     lines = [
-        "# Sequential calibration: SmolLM2-135M, uniform low-rank, no training",
+        "# Sequential calibration: SmolLM2-135M, low-rank, no training",
         "",
-        f"Command: `{meta['command']}` on {meta['machine']}. Plan `{meta['plan']}`; "
-        f"dense: held-out ppl {dense['heldout_ppl']:.1f}, WikiText-2 {dense['wikitext2_ppl']:.1f}, LAMBADA "
+        "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + f"; on {meta['machine']}. "
+        f"Dense: held-out ppl {dense['heldout_ppl']:.1f}, WikiText-2 {dense['wikitext2_ppl']:.1f}, LAMBADA "
         f"{dense['lambada_acc']:.3f} ({dense['params']:,} parameters). The library's "
         f"default damping: {meta['default_damping']:g}.",
-        "",
-        "| variant | params | held-out ppl | against at once | WikiText-2 ppl | LAMBADA acc | fitting s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in fitted:
-        lines.append(
-            f"| {r['variant']} | {r['params']:,} | {r['heldout_ppl']:.1f} | "
-            f"{r['heldout_ppl'] / at_once['heldout_ppl']:.2f}x | {r['wikitext2_ppl']:.1f} | {r['lambada_acc']:.3f} | "
-            f"{r['seconds']:.0f} |"
-        )
+    titles = {
+        "uniform": "Every linear layer low-rank at one ratio",
+        "mlp": "Every MLP projection low-rank at ½, attention dense",
+    }
+    for plan_name, title in titles.items():
+        rows = [r for r in fitted if r.get("plan", "uniform") == plan_name]
+        if not rows:
+            continue
+        at_once = next(r for r in rows if r["variant"] == "at once")
+        lines += [
+            "",
+            f"## {title} (`{meta['plans'][plan_name]}`)",
+            "",
+            "| variant | params | held-out ppl | against at once | WikiText-2 ppl | LAMBADA acc | fitting s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['variant']} | {r['params']:,} | {r['heldout_ppl']:.1f} | "
+                f"{r['heldout_ppl'] / at_once['heldout_ppl']:.2f}x | {r['wikitext2_ppl']:.1f} | "
+                f"{r['lambada_acc']:.3f} | {r['seconds']:.0f} |"
+            )
     (out / "sequential.md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.barh([r["variant"] for r in fitted], [r["heldout_ppl"] for r in fitted], color="tab:blue")
+    fig, ax = plt.subplots(figsize=(7, 1 + 0.4 * len(fitted)))
+    labels = [f"{r.get('plan', 'uniform')}: {r['variant']}" for r in fitted]
+    ax.barh(labels, [r["heldout_ppl"] for r in fitted], color="tab:blue")
     ax.axvline(dense["heldout_ppl"], color="black", linestyle="--", label="dense")
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # overlapping labels otherwise

@@ -18,9 +18,10 @@ from tqcompressor.allocation import (
     allocation_plan,
     candidates,
     compressible_modules,
+    harm,
     linear_layers,
     lower_hull,
-    measure_sensitivity,
+    measure_divergence,
     probe,
 )
 from tqcompressor.calibration import collect
@@ -155,7 +156,11 @@ def test_sensitivity_is_the_measured_kl_of_the_probe_per_unit_of_estimated_loss(
     stats = collect(model, names, ids, progress=False)
     options = {name: candidates(name, model.get_submodule(name), stats.for_module(name)) for name in names}
     blocks = ids[:4]
-    sensitivity = measure_sensitivity(model, options, stats, blocks, progress=False)
+    probes = {name: probe(found) for name, found in options.items()}
+    sensitivity = {
+        name: kl / probes[name].loss
+        for name, kl in measure_divergence(model, probes, stats, blocks, progress=False).items()
+    }
     assert set(sensitivity) == set(names)
     # Equivalence: the KL of the model with one module compressed for real, through the method's module.
     name = "transformer.h.0.attn.c_attn"
@@ -174,6 +179,33 @@ def test_sensitivity_is_the_measured_kl_of_the_probe_per_unit_of_estimated_loss(
     silent = [sensitivity[f"transformer.h.1.mlp.{n}"] for n in ("c_fc", "c_proj")]
     others = [value for key, value in sensitivity.items() if ".h.1.mlp." not in key]
     assert max(silent) < 0.01 * min(others)
+
+
+def test_harm_is_linear_through_the_measured_points_and_proportional_beyond():
+    probe_only = {0.1: 1.0}
+    assert [harm(loss, probe_only) for loss in (0.0, 0.05, 0.3)] == pytest.approx([0.0, 0.5, 3.0])
+    two = {0.4: 2.5, 0.1: 1.0}  # concave: the first tenth of loss costs most per unit
+    assert [harm(loss, two) for loss in (0.05, 0.1, 0.25, 0.4, 0.8)] == pytest.approx([0.5, 1.0, 1.75, 2.5, 5.0])
+
+
+def test_refinement_measures_the_kl_where_the_first_choice_fell_and_chooses_on_those_points():
+    model = silenced_mlp()
+    ids = torch.randint(0, 120, (24, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect(model, compressible_modules(model), ids, progress=False)
+    target = round(0.6 * tq.count_parameters(model))
+    # Low-rank only: Kronecker estimates search for a fixed time, so two runs may price them apart.
+    first = allocation_plan(model, stats, target, ids[:4], methods=["lowrank"], refinements=0)
+    refined = allocation_plan(model, stats, target, ids[:4], methods=["lowrank"], refinements=1)
+    assert all(len(points) == 1 for points in first.measured.values())  # the probes alone
+    moved = {n: c for n, c in first.chosen.items() if c.config is not None and c.loss not in first.measured[n]}
+    assert moved  # the first choice left the probes
+    kl = measure_divergence(model, moved, stats, ids[:4], progress=False)
+    for name, candidate in moved.items():
+        assert refined.measured[name][candidate.loss] == pytest.approx(kl[name], rel=1e-6)
+        assert refined.measured[name].keys() == {*first.measured[name], candidate.loss}
+    for name, candidate in refined.chosen.items():
+        assert candidate.cost == pytest.approx(harm(candidate.loss, refined.measured[name]), abs=1e-12)
+    assert refined.params <= target
 
 
 def test_sensitivity_moves_the_budget_to_the_modules_that_matter():

@@ -281,6 +281,11 @@ def test_cli_compresses_with_calibration_and_reuses_saved_statistics(tmp_path, c
     assert {layer["objective"] for layer in tq.load(tmp_path / "g").tqcompressor_history[-1]["report"]["layers"]} == {
         "calibrated"
     }
+    assert main([*collected, "--no-aim-dense", "--out", str(tmp_path / "h")]) == 2
+    assert "the plan keeps dense" in tq.load(tmp_path / "g").tqcompressor_history[-1]["report"]["notes"][0]
+    assert main([*collected, "--sequential", "--no-aim-dense", "--out", str(tmp_path / "i")]) == 0
+    assert "keeps dense" not in tq.load(tmp_path / "i").tqcompressor_history[-1]["report"]["notes"][0]
     err = capsys.readouterr().err
     assert "not both" in err and "apply to --calibration DATA only" in err and "fewer than two blocks" in err
-    assert not any((tmp_path / name).exists() for name in "cdef")
+    assert "--no-aim-dense applies to --sequential only" in err
+    assert not any((tmp_path / name).exists() for name in "cdefh")

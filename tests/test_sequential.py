@@ -48,21 +48,23 @@ def _inputs(model: nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).double()
 
 
-def by_hand(model: nn.Module, parts: list[tuple[list[str], bool]], ids: torch.Tensor) -> nn.Module:
+def by_hand(model: nn.Module, parts: list[tuple[list[str], str]], ids: torch.Tensor) -> nn.Module:
     """The definition on whole-model passes: for each part in order, its input second moment on the model
-    compressed so far and the cross moment with the untouched original's inputs; the weights aimed (where
-    the part says so), then fitted to the statistics ``collect`` gives."""
+    compressed so far and the cross moment with the untouched original's inputs; the weights aimed, then
+    fitted to the statistics ``collect`` gives. A part's mode: "aimed" (aimed, then fitted), "fitted"
+    (fitted as it is) or "kept" (aimed, and left dense)."""
     original = copy.deepcopy(model).eval()
     model.eval()
-    for names, aim in parts:
-        if aim:
+    for names, mode in parts:
+        if mode in ("aimed", "kept"):
             given, wanted = _inputs(model, names[0], ids), _inputs(original, names[0], ids)
             for name in names:
                 weight = dense_weight(model.get_submodule(name))[0]
                 with torch.no_grad():
                     weight.copy_(aimed_weight(weight, given.T @ given, given.T @ wanted, DAMPING).to(weight.dtype))
-        plan = tq.CompressionPlan([tq.Rule(re.escape(name), CONFIG) for name in names])
-        tq.compress_(model, plan, calibration=collect(model, names, ids, progress=False), progress=False)
+        if mode != "kept":
+            plan = tq.CompressionPlan([tq.Rule(re.escape(name), CONFIG) for name in names])
+            tq.compress_(model, plan, calibration=collect(model, names, ids, progress=False), progress=False)
     return model
 
 
@@ -71,29 +73,40 @@ def assert_same_weights(a: nn.Module, b: nn.Module):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def gpt2_parts(layers: list[int]) -> list[tuple[list[str], bool]]:
-    modules = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    return [([f"transformer.h.{i}.{m}"], True) for i in layers for m in modules]
+GPT2_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-def llama_parts(layers: list[int]) -> list[tuple[list[str], bool]]:
+def gpt2_parts(modes: dict[int, str | tuple[str | None, ...]]) -> list[tuple[list[str], str]]:
+    """Per block, one mode for its four layers or a mode each (None: left as it is)."""
+    parts = []
+    for i, mode in modes.items():
+        for module, each in zip(GPT2_MODULES, (mode,) * 4 if isinstance(mode, str) else mode, strict=True):
+            if each is not None:
+                parts.append(([f"transformer.h.{i}.{module}"], each))
+    return parts
+
+
+def llama_parts(layers: list[int]) -> list[tuple[list[str], str]]:
     groups = (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"])
     groups += (["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"])
-    return [([f"model.layers.{i}.{m}" for m in group], True) for i in layers for group in groups]
+    return [([f"model.layers.{i}.{m}" for m in group], "aimed") for i in layers for group in groups]
+
+
+def gpt2_3_layers():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=120, n_positions=64))
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
 def test_each_part_is_fitted_on_the_compressed_inputs_and_aimed_at_the_original_outputs(architecture):
-    """GPT-2's block 1 is left as it is (both streams must still pass through it); LLaMA's blocks take
-    rotary tables and a mask as keywords, and q/k/v and gate/up share their inputs."""
+    """GPT-2's block 1 and block 2's attention stay dense (both streams must still pass through them, and
+    they are aimed too); LLaMA's blocks take rotary tables and a mask as keywords, and q/k/v and gate/up
+    share their inputs."""
     ids = blocks(count=16)
     if architecture == "gpt2":
-
-        def build():
-            torch.manual_seed(0)
-            return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=120, n_positions=64))
-
-        pattern, parts, groups = r"transformer\.h\.[02]\.(mlp|attn)\.c_\w+", gpt2_parts([0, 2]), 2
+        build = gpt2_3_layers
+        pattern = r"transformer\.h\.(0\.(mlp|attn)|2\.mlp)\.c_\w+"
+        parts, groups = gpt2_parts({0: "aimed", 1: "kept", 2: ("kept", "kept", "aimed", "aimed")}), 2
     else:
 
         def build():
@@ -104,25 +117,48 @@ def test_each_part_is_fitted_on_the_compressed_inputs_and_aimed_at_the_original_
     model = build()
     report = compress_sequentially(model, tq.CompressionPlan([tq.Rule(pattern, CONFIG)]), ids, progress=False)
     assert f"{groups} blocks: {groups} on kept inputs" in report.notes[0]
-    assert [layer.name for layer in report.layers] == [name for names, _ in parts for name in names]
+    fitted = [(names, mode) for names, mode in parts if mode != "kept"]
+    assert [layer.name for layer in report.layers] == [name for names, _ in fitted for name in names]
     assert report.params_after == tq.count_parameters(model)
     assert_same_weights(model, by_hand(build(), parts, ids))
     with pytest.raises(AssertionError):  # aiming changes the fit
-        assert_same_weights(model, by_hand(build(), [(names, False) for names, _ in parts], ids))
+        assert_same_weights(model, by_hand(build(), [(names, "fitted") for names, _ in fitted], ids))
 
 
-def test_parts_before_the_stack_are_fitted_as_they_are_and_the_blocks_aim_at_the_untouched_model():
+def test_layers_the_plan_keeps_dense_are_aimed_too_even_after_the_last_compressed_one_unless_asked_not_to():
+    ids = blocks(count=16)
+    plan = tq.CompressionPlan([tq.Rule(r"transformer\.h\.0\.mlp\.c_fc", CONFIG)])
+    model = gpt2_3_layers()
+    note = compress_sequentially(model, plan, ids, progress=False).notes[0]
+    assert "as were 9 layers the plan keeps dense" in note
+    parts = gpt2_parts({0: (None, None, "aimed", "kept"), 1: "kept", 2: "kept"})  # none before c_fc
+    assert_same_weights(model, by_hand(gpt2_3_layers(), parts, ids))
+
+    model = gpt2_3_layers()
+    note = compress_sequentially(model, plan, ids, progress=False, aim_dense=False).notes[0]
+    assert "keeps dense" not in note
+    assert_same_weights(model, by_hand(gpt2_3_layers(), parts[:1], ids))
+    untouched = gpt2_3_layers().state_dict()
+    for name, value in model.state_dict().items():
+        if "h.0.mlp.c_fc" not in name:
+            assert torch.equal(value, untouched[name]), name  # not computed, only kept: exactly equal
+
+
+@pytest.mark.parametrize("aim_dense", [False, True])
+def test_parts_before_the_stack_are_fitted_as_they_are_and_the_blocks_aim_at_the_untouched_model(aim_dense):
     """The embedding is compressed first, so the stack's inputs are taken again, but what the blocks aim
-    at is still the original model's."""
+    at is still the original model's (the attention layers too, when asked: their inputs changed)."""
     ids = blocks(count=16)
     plan = tq.CompressionPlan(
         [tq.Rule(r"transformer\.wte", CONFIG), tq.Rule(r"transformer\.h\.\d+\.mlp\.c_\w+", CONFIG)]
     )
     model = tiny_gpt2()
-    note = compress_sequentially(model, plan, ids, progress=False).notes[0]
-    assert "3 blocks: 2 on kept inputs, aimed at the original model's outputs; 1 on whole-model passes" in note
-    parts = [(["transformer.wte"], False)]
-    parts += [([f"transformer.h.{i}.mlp.{m}"], True) for i in (0, 1) for m in ("c_fc", "c_proj")]
+    note = compress_sequentially(model, plan, ids, progress=False, aim_dense=aim_dense).notes[0]
+    assert "3 blocks: 2 on kept inputs, aimed at the original model's outputs" in note
+    assert ("as were 4 layers the plan keeps dense; 1 on whole-model passes" in note) == aim_dense
+    attention = "kept" if aim_dense else None
+    parts = [(["transformer.wte"], "fitted")]
+    parts += gpt2_parts({i: (attention, attention, "aimed", "aimed") for i in (0, 1)})
     assert_same_weights(model, by_hand(tiny_gpt2(), parts, ids))
 
 
@@ -155,5 +191,5 @@ def test_blocks_that_do_not_form_a_chain_are_calibrated_on_whole_model_passes():
     model = _ParallelBlocks()
     assert "2 blocks: 0 on kept inputs" in compress_sequentially(model, plan, ids, progress=False).notes[0]
     # Each block's modules together, on the model with the blocks before it compressed; not aimed.
-    parts = [([f"blocks.{i}.0", f"blocks.{i}.2"], False) for i in (0, 1)]
+    parts = [([f"blocks.{i}.0", f"blocks.{i}.2"], "fitted") for i in (0, 1)]
     assert_same_weights(model, by_hand(_ParallelBlocks(), parts, ids))

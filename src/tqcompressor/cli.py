@@ -89,7 +89,7 @@ def _compress(args: argparse.Namespace) -> None:
         plan = preset(args.preset, model.config, tie_head=not args.dense_head, **search)
     if args.sequential:
         blocks = _calibration_blocks(args, model, tokenizer)
-        report = compress_sequentially(model, plan, blocks, progress=not args.quiet)
+        report = compress_sequentially(model, plan, blocks, progress=not args.quiet, aim_dense=not args.no_aim_dense)
     else:
         calibration = _calibration(args, model, tokenizer, [name for _, name in resolve(model, plan)])
         report = compress_(model, plan, calibration=calibration, progress=not args.quiet)
@@ -129,7 +129,9 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
     # The choice rests on the original model's statistics; a sequential fit then calibrates each part on
     # the model compressed so far (SmolLM2 at 70%: held-out ppl 84.5 against 146.8 fitted at once).
     if args.sequential:
-        report = compress_sequentially(model, allocation.plan, blocks, progress=not args.quiet)
+        report = compress_sequentially(
+            model, allocation.plan, blocks, progress=not args.quiet, aim_dense=not args.no_aim_dense
+        )
     else:
         report = compress_(model, allocation.plan, calibration=stats, progress=not args.quiet)
 
@@ -151,6 +153,8 @@ def _check_calibration_flags(args: argparse.Namespace) -> None:
         )
     if not args.calibration and (args.calibration_tokens is not None or args.save_calibration or args.sequential):
         raise ValueError("--calibration-tokens, --save-calibration and --sequential apply to --calibration DATA only")
+    if args.no_aim_dense and not args.sequential:
+        raise ValueError("--no-aim-dense applies to --sequential only")
     if args.sequential and args.save_calibration:
         raise ValueError(
             "--sequential collects each block's statistics on the model as compressed so far: none to save"
@@ -392,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit the plan part by part in forward order, each part on the inputs the model compressed so far "
         "gives it and aimed at the original model's outputs (with a budget the choice still rests on the "
         "original model's statistics)",
+    )
+    c.add_argument(
+        "--no-aim-dense",
+        action="store_true",
+        help="with --sequential, leave the linear layers the plan keeps dense as they are (by default they are "
+        "aimed at the original outputs too: their size stays, their weights change)",
     )
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(run=_compress)
