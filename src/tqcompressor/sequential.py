@@ -7,7 +7,8 @@ Where the model's blocks form a chain (each block's output is the next one's inp
 and positions and no KV cache; every decoder stack does), the inputs of the stack are kept twice, as
 the compressed model and as the original model give them, and each block runs alone over them: inside
 a block the modules sharing one input (q/k/v, gate/up) form a part, each part is calibrated after the
-parts before it are compressed, and a copy of the block as it was gives the original inputs. Elsewhere
+parts before it are compressed, and a copy of the block as it was gives the original inputs; the
+layers the plan keeps dense are aimed in their turn (unless ``aim_dense=False``). Elsewhere
 a block's modules are calibrated together on whole-model passes over the compressed model, not aimed.
 """
 
