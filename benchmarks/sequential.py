@@ -73,8 +73,8 @@ def main() -> None:
         "mlp": tq.CompressionPlan([tq.Rule(MLP, tq.LowRankConfig(ratio=0.5))], name="mlp-lowrank-0.5"),
     }
     previous = args.out / "sequential.json"
-    kept = [] if not previous.exists() else json.loads(previous.read_text())["records"]
-    records = [r for r in kept if r["variant"] != "dense" and r.get("plan", "uniform") not in args.plans]
+    earlier = json.loads(previous.read_text()) if previous.exists() else {"meta": {}, "records": []}
+    records = [r for r in earlier["records"] if r["variant"] != "dense" and r.get("plan", "uniform") not in args.plans]
     records.insert(
         0, {"variant": "dense", "params": tq.count_parameters(model), **evaluate(model, texts, passages, tokenizer)}
     )
@@ -111,11 +111,9 @@ def main() -> None:
         f"--max-tokens {args.max_tokens} --lambada-passages {args.lambada_passages} "
         f"--dampings {' '.join(f'{d:g}' for d in args.dampings)} --plans {' '.join(args.plans)}"
     )
-    earlier = json.loads(previous.read_text())["meta"] if previous.exists() else {}
-    commands = [c for c in earlier.get("commands", [earlier["command"]] if "command" in earlier else []) if c]
     data = {
         "meta": {
-            "commands": [*commands, command],
+            "commands": [*earlier["meta"].get("commands", []), command],
             "machine": machine(),
             "plans": {name: plan.name for name, plan in plans.items()},
             "default_damping": DAMPING,

@@ -78,13 +78,19 @@ def compress_sequentially(
     before, layers, head = None, [], ""
     compressed, aimed = 0, 0  # parts compressed so far; blocks fitted on kept inputs
     tokens, left = blocks.numel(), None  # left: the stack of the group before
+
+    def finish(name: str | None) -> None:
+        """Aim the blocks of stack ``name`` after its last compressed one."""
+        if aim_dense and stacks.get(name) is not None:
+            stacks[name].advance_to(len(stacks[name].stack), model, tokens, damping, aim=True)
+
     was_training = model.training
     model.eval()
     try:
         for group, members in tqdm(groups.items(), desc="calibrate + compress", disable=not progress, unit="block"):
             stack, index = _stack_position(model, group)
-            if aim_dense and left is not None and left != stack and stacks.get(left) is not None:
-                stacks[left].advance_to(len(stacks[left].stack), model, tokens, damping)  # its last blocks
+            if left != stack:
+                finish(left)
             left = stack
             replay = stacks.get(stack)
             if replay is not None and not _all_linear(model, members):
@@ -95,7 +101,7 @@ def compress_sequentially(
                     stacks[stack] = replay = None
                 seconds += time.perf_counter() - started
             if replay is not None:
-                replay.advance_to(index, model, tokens, damping if aim_dense else None)
+                replay.advance_to(index, model, tokens, damping, aim=aim_dense)
                 parts = replay.parts(model, members, tokens, damping, aim_dense)
                 aimed += 1
             else:
@@ -111,8 +117,7 @@ def compress_sequentially(
                 compressed += 1
                 if replay is not None:
                     replay.compressed_parts = compressed
-        if aim_dense and stacks.get(left) is not None:
-            stacks[left].advance_to(len(stacks[left].stack), model, tokens, damping)
+        finish(left)
     finally:
         model.train(was_training)
     final = CompressionReport(plan.name, layers, before, count_parameters(model), head)
@@ -237,13 +242,13 @@ class _StackReplay:
         return True
 
     @torch.no_grad()
-    def advance_to(self, index: int, model: nn.Module, tokens: int, damping: float | None) -> None:
-        """Run both streams through the blocks before ``index`` that the plan leaves as they are, aiming
-        their linear layers (unless ``damping`` is None or the streams are still the same)."""
+    def advance_to(self, index: int, model: nn.Module, tokens: int, damping: float, aim: bool) -> None:
+        """Run both streams through the blocks before ``index`` that the plan leaves as they are, with
+        ``aim`` aiming their linear layers (once the streams differ)."""
         if index < self.position:
             raise RuntimeError(f"{self.name}.{index} comes before the kept inputs of block {self.position}")
         while self.position < index:
-            if damping is not None and self.compressed_parts > 0:
+            if aim and self.compressed_parts > 0:
                 for _ in self.parts(model, [], tokens, damping, aim_dense=True):
                     pass
             else:
