@@ -322,20 +322,20 @@ def main() -> None:
         return
     previous = json.loads(path.read_text()) if path.exists() else {"meta": {}, "records": []}
     kinds = {"layers": "layer", "compiled": "compiled", "models": "model", "compression": "compression"}
+    command = (
+        f"python benchmarks/speed.py --parts {' '.join(args.parts)} --rounds {args.rounds} "
+        f"--model-rounds {args.model_rounds} --prompt-tokens {args.prompt_tokens} "
+        f"--decode-tokens {args.decode_tokens} --calibration-tokens {args.calibration_tokens}"
+    )
     data = {
         "meta": {
-            "command": "python benchmarks/speed.py "
-            + f"--parts {' '.join(args.parts)} --rounds {args.rounds} --model-rounds {args.model_rounds} "
-            + f"--prompt-tokens {args.prompt_tokens} "
-            + f"--decode-tokens {args.decode_tokens} --calibration-tokens {args.calibration_tokens}",
+            # Parts not run this time keep their records and the command that made them.
+            "commands": {**previous["meta"].get("commands", {}), **{part: command for part in args.parts}},
             "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}",
         },
-        # Parts not run this time keep their records from the last run (their own command is not recorded).
         "records": [r for r in previous["records"] if record_kind(r) not in {kinds[part] for part in args.parts}],
     }
-    if data["records"]:
-        data["meta"]["command"] = f"{previous['meta']['command']}, then {data['meta']['command']}"
     if "layers" in args.parts:
         data["records"] += measure_layers(args.rounds)
     if "compiled" in args.parts:
@@ -364,11 +364,16 @@ def write_report(data: dict, out: Path) -> None:
     lines = [
         "# Speed of compressed layers and models against the dense original",
         "",
-        f"Command: `{data['meta']['command']}` on {data['meta']['machine']}.",
+        f"Machine: {data['meta']['machine']}. Each part's rows come from its latest run:",
+        "",
+        *(f"- {part}: `{command}`" for part, command in data["meta"]["commands"].items()),
+        "",
         "Times are ratios to the dense module or model measured in the same run (interleaved rounds, medians); "
         "below 1 is faster than dense. FLOPs: multiply-adds per token over the dense layer's, in the "
-        "contraction order the layer takes at that many tokens; where they differ by token count (B-first "
-        "layers contract with A first for one token, to read A once) the column gives 1 token / more.",
+        "contraction order the layer takes at that many tokens; where they differ by token count the column "
+        "gives 1 token / 8 tokens / 8x1024 tokens (B-first layers contract with A first for one token, to "
+        "read A once; from 1024 tokens per forward Kronecker layers build their dense matrix, r x in x out "
+        "multiply-adds once, and take one dense GEMM).",
     ]
     layers = [r for r in records if r["kind"] == "layer"]
     if layers:
@@ -384,7 +389,8 @@ def write_report(data: dict, out: Path) -> None:
             for shape, method in rows:
                 key = (shape, method, dtype)
                 cells = {r["tokens"]: r for r in layers if (r["shape"], r["method"], r["dtype"]) == key}
-                flops = " / ".join(dict.fromkeys(f"{cells[t]['flops_ratio']:.2f}" for t in TOKENS if t in cells))
+                flops = [f"{cells[t]['flops_ratio']:.2f}" for t in TOKENS if t in cells]
+                flops = flops[0] if len(set(flops)) == 1 else " / ".join(flops)
                 ratios = " | ".join(f"{cells[t]['ratio_to_dense']:.2f}" if t in cells else "—" for t in TOKENS)
                 lines.append(f"| {shape} | {method} | {flops} | {ratios} |")
             lines.append("")

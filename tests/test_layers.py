@@ -33,17 +33,22 @@ def _dense(kind: str, in_features: int, out_features: int) -> nn.Module:
     return module
 
 
+@pytest.mark.parametrize("builds", [False, True], ids=["factorised", "built"])
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("dims", [(12, 16, 2, 4, 3), (6, 32, 4, 2, 2), (24, 8, 1, 8, 1)])
-def test_kronecker_linear_forward_and_gradients_equal_the_dense_layer(kind, dims):
+def test_kronecker_linear_forward_and_gradients_equal_the_dense_layer(kind, dims, builds):
     shape = KroneckerShape(*dims)
     dense_in = _dense(kind, shape.in_features, shape.out_features)
     weight, _, _ = dense_weight(dense_in)
-    layer = KroneckerLinear.from_module(dense_in, _permuted_factors(weight, shape))
+    factors = _permuted_factors(weight, shape)
+    layer = KroneckerLinear.from_module(dense_in, factors)
+    layer.build_from_tokens = 15 if builds else 16  # the forward below has 15 tokens
     assert not torch.equal(layer.input_index, torch.arange(shape.in_features)) or shape.m2 == 1
     dense = layer.to_dense()
     assert type(dense) is type(dense_in)
+    torch.testing.assert_close(dense_weight(dense)[0], factors.reconstruct(), rtol=1e-12, atol=1e-12)
     x = torch.randn(3, 5, shape.in_features, dtype=torch.float64, requires_grad=True)
+    assert layer.builds_weight(15) == builds
     y, y_dense = layer(x), dense(x)
     torch.testing.assert_close(y, y_dense, rtol=1e-10, atol=1e-10)
     assert y.shape == (3, 5, shape.out_features)
@@ -83,10 +88,13 @@ def test_kronecker_multiply_adds_count_what_forward_computes_at_each_token_count
     for shape in (KroneckerShape(4, 6, 3, 5, 2), KroneckerShape(6, 4, 5, 3, 2)):
         layer = KroneckerLinear(_permuted_factors(torch.randn(shape.in_features, shape.out_features), shape))
         b_first = layer if not layer.a_first else b_first
-        for tokens in (1, 7):
+        layer.build_from_tokens = 8
+        for tokens in (1, 7, 8):
             with FlopCounterMode(display=False) as counter:
                 layer(torch.randn(tokens, shape.in_features))
             assert counter.get_total_flops() == 2 * tokens * layer.multiply_adds(tokens)
+        dense = shape.in_features * shape.out_features
+        assert layer.multiply_adds(8) == dense + shape.rank * dense / 8  # built once, then one GEMM
     assert b_first.contracts_a_first(1) and not b_first.contracts_a_first(7)
     assert b_first.multiply_adds(1) != b_first.multiply_adds(7)
 
@@ -104,11 +112,12 @@ def test_identity_orders_skip_their_gathers_and_loaded_orders_are_honoured():
     torch.testing.assert_close(plain(x), x @ permuted.dense_weight(), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("tokens", [1, 6])
+@pytest.mark.parametrize("tokens", [1, 6, 8])  # 8 tokens: built
 def test_kronecker_linear_runs_under_bf16_autocast_and_in_float32(tokens):
     for shape in (KroneckerShape(384, 768, 2, 4, 4), KroneckerShape(192, 1536, 4, 2, 4)):  # A first, B first
         dense = nn.Linear(shape.in_features, shape.out_features)
         layer = KroneckerLinear.from_module(dense, _permuted_factors(dense.weight.detach().T, shape))
+        layer.build_from_tokens = 8
         x = torch.randn(1, tokens, shape.in_features)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = layer(x)

@@ -1,4 +1,5 @@
-"""Kronecker layers: they compute through the factors and never build the dense matrix in forward."""
+"""Kronecker layers: they compute through the factors, except a linear layer given many tokens at once,
+which builds its dense matrix for that forward."""
 
 from __future__ import annotations
 
@@ -26,10 +27,17 @@ class KroneckerLinear(CompressedModule):
     these layers contract with A first all the same, since then reading A once is what costs.
     The input permutation and the transposition the first GEMM needs are one gather, and so are the
     output permutation and the (n2, n1) layout the second GEMM leaves.
+
+    From ``build_from_tokens`` tokens per forward (prefill, training) the layer builds W from the
+    factors instead and takes one dense GEMM: the factorised path then moves a (tokens x r*n1*m2)
+    intermediate through memory, 2.5-4.5x the dense time at r=4 though its multiply-adds equal the
+    dense layer's, while building costs a few passes over W, about 1 ms at SmolLM2's MLP shape (the
+    crossover on 2 cores: ``benchmarks/speed.py``). The built matrix lives for that forward only.
     """
 
     spec_type = "kronecker_linear"
     kind = "linear"
+    build_from_tokens: int = 1024
 
     def __init__(self, factors: KroneckerFactors, bias: torch.Tensor | None = None, layout: Layout = "linear"):
         super().__init__()
@@ -74,14 +82,21 @@ class KroneckerLinear(CompressedModule):
         gather_out = (position % n2) * n1 + torch.div(position, n2, rounding_mode="floor") if reorders else None
         self.register_buffer("gather_in", gather_in, persistent=False)
         self.register_buffer("gather_out", gather_out, persistent=False)
+        self.register_buffer("input_inverse", torch.argsort(self.input_index), persistent=False)
+
+    def builds_weight(self, tokens: int) -> bool:
+        return tokens >= self.build_from_tokens
 
     def contracts_a_first(self, tokens: int) -> bool:
         """The order forward takes for ``tokens`` tokens: B-first layers whose B has more than one column
         contract with A first for a single token, where reading A once is what costs."""
         return self.a_first or (tokens == 1 and self.n2 > 1)
 
-    def multiply_adds(self, tokens: int) -> int:
+    def multiply_adds(self, tokens: int) -> float:
         """Multiply-adds per token of a forward over ``tokens`` tokens; the dense layer's are in x out."""
+        if self.builds_weight(tokens):
+            dense = self.in_features * self.out_features
+            return dense + self.rank * dense / tokens
         return self._multiply_adds(self.contracts_a_first(tokens))
 
     def _multiply_adds(self, a_first: bool) -> int:
@@ -136,6 +151,9 @@ class KroneckerLinear(CompressedModule):
             a, b = a.to(x.dtype), b.to(x.dtype)
         x = x.reshape(-1, self.in_features)
         tokens = x.shape[0]
+        if self.builds_weight(tokens):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight_out_in(a, b), bias).view(*lead, self.out_features)
         if self.gather_in is not None:
             x = x.index_select(1, self.gather_in)  # (tokens, m2 * m1)
         if self.a_first:
@@ -156,13 +174,29 @@ class KroneckerLinear(CompressedModule):
             y = y + self.bias.to(y.dtype)
         return y.view(*lead, self.out_features)
 
-    def dense_weight(self) -> torch.Tensor:
-        """The equivalent W (in x out); only for export and tests, never used in forward."""
-        a, b = self.factors()
-        permuted = torch.einsum("rac,rbd->abcd", a, b).reshape(self.in_features, self.out_features)
-        weight = torch.empty_like(permuted)
-        weight[self.input_index] = permuted[:, self.output_index]
+    def weight_out_in(self, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
+        """W.T (out x in), the layout ``F.linear`` reads, from the stored factors (or ``a``, ``b`` in their
+        layout, e.g. cast): one GEMM of inner size r, a transposing copy and the two permutations, each
+        a pass over W; permuting rows and columns after the copy is cheaper than either gather on x
+        once tokens outnumber in*out/(in + out)."""
+        a, b = (self.a, self.b) if a is None else (a, b)
+        r, m1, n1, m2, n2 = self.rank, self.m1, self.n1, self.m2, self.n2
+        if self.a_first:  # (m1, r, n1), (m2, r, n2)
+            a, b = a.permute(1, 0, 2), b.permute(1, 0, 2)
+        else:  # (r, m1, n1), (n2, r, m2)
+            b = b.permute(1, 2, 0)
+        # rows (c, a), columns (d, b): entry sum_r A[r, a, c] B[r, b, d]
+        products = a.permute(2, 1, 0).reshape(n1 * m1, r) @ b.permute(0, 2, 1).reshape(r, n2 * m2)
+        weight = products.view(n1, m1, n2, m2).permute(0, 2, 1, 3).reshape(self.out_features, self.in_features)
+        if self.permutes_output:
+            weight = weight.index_select(0, self.output_index)
+        if self.permutes_input:
+            weight = weight.index_select(1, self.input_inverse)
         return weight
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent W (in x out), row-major; for export and tests."""
+        return self.weight_out_in().T.contiguous()
 
     def to_dense(self) -> nn.Module:
         return dense_linear(self.dense_weight().detach(), self.bias, self.layout)
