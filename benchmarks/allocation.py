@@ -1,7 +1,8 @@
 """Budget allocation against uniform plans at the same size, calibrated, no distillation.
 
     python benchmarks/allocation.py [--models house-teacher smollm2-135m gpt2-small-random] [--ratios 0.7 0.5]
-        [--calibration-tokens 32768] [--sensitivity-tokens 1024] [--max-tokens 8000] [--sequential] [--resume]
+        [--calibration-tokens 32768] [--sensitivity-tokens 1024] [--count-tokens 4194304] [--max-tokens 8000]
+        [--sequential] [--resume]
 
 Plans per model and budget (every one fitted to the same calibration statistics):
 
@@ -26,7 +27,8 @@ Plans per model and budget (every one fitted to the same calibration statistics)
 
 House teacher at the ``tqcompressedgpt2`` size (14.1M); SmolLM2-135M (``../shared/assets/smollm2/fetch.sh``)
 at ``--ratios`` of its parameters; ``gpt2-small-random`` only times the search (both plans, at 60%).
-Calibration text: ``corpus/gutenberg/train``; held-out perplexity on ``corpus/gutenberg/heldout``
+Calibration text: ``corpus/gutenberg/train``, the token embedding weighted by the token counts of its
+first ``--count-tokens`` tokens (the CLI's default); held-out perplexity on ``corpus/gutenberg/heldout``
 (SmolLM2 also WikiText-2 and LAMBADA). Records are appended to benchmarks/results/allocation.json as
 they finish (``--resume`` keeps them; delete a record to redo it); allocation.md is rewritten.
 """
@@ -47,7 +49,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import tqcompressor as tq
 from tqcompressor.allocation import allocation_plan, compressible_modules, linear_layers
 from tqcompressor.calibration import collect
-from tqcompressor.data import load_blocks
+from tqcompressor.cli import DEFAULT_COUNT_TOKENS
+from tqcompressor.data import load_blocks, token_counts
 from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_text
 from tqcompressor.loading import load_model
 from tqcompressor.presets import matching_svd_plan
@@ -125,13 +128,16 @@ def evaluate(model, texts: dict[str, list[int]], passages, tokenizer) -> dict:
 
 def calibrate(model, tokenizer, args):
     """(statistics of every compressible module, their seconds, the calibration blocks, the first
-    ``--sensitivity-tokens`` of them for the sensitivity probe)."""
-    text = load_blocks(ASSETS / "corpus/gutenberg/train", tokenizer, 512, args.calibration_tokens, seed=0)
+    ``--sensitivity-tokens`` of them for the sensitivity probe, the embedding's token counts on
+    ``--count-tokens`` of the text as the CLI takes them)."""
+    source = ASSETS / "corpus/gutenberg/train"
+    text = load_blocks(source, tokenizer, 512, args.calibration_tokens, seed=0)
     blocks = torch.cat([text.train, text.heldout])
+    counts = token_counts(source, tokenizer, model.get_input_embeddings().num_embeddings, args.count_tokens)
     started = time.perf_counter()
-    stats = collect(model, compressible_modules(model), blocks, progress=False)
+    stats = collect(model, compressible_modules(model), blocks, progress=False, token_counts=counts)
     seconds = time.perf_counter() - started
-    return stats, seconds, blocks, blocks[: max(1, args.sensitivity_tokens // blocks.shape[1])]
+    return stats, seconds, blocks, blocks[: max(1, args.sensitivity_tokens // blocks.shape[1])], counts
 
 
 def run_model(name: str, args, data: dict, path) -> None:
@@ -154,11 +160,12 @@ def run_model(name: str, args, data: dict, path) -> None:
 
     if (name, "dense", None) not in done:
         record({"plan": "dense", "target_ratio": None}, model)
-    stats, calibration_seconds, blocks, probe_blocks = calibrate(model, tokenizer, args)
+    stats, calibration_seconds, blocks, probe_blocks, counts = calibrate(model, tokenizer, args)
+    counted = {"count_tokens": int(counts.sum())}
 
     def fit(compressed, plan: tq.CompressionPlan, sequential: bool, aim_dense: bool = False) -> None:
         if sequential:
-            compress_sequentially(compressed, plan, blocks, progress=False, aim_dense=aim_dense)
+            compress_sequentially(compressed, plan, blocks, progress=False, aim_dense=aim_dense, token_counts=counts)
         else:
             tq.compress_(compressed, plan, calibration=stats, progress=False)
 
@@ -178,6 +185,7 @@ def run_model(name: str, args, data: dict, path) -> None:
                 "plan": plan_name,
                 "target_ratio": ratio,
                 "target_params": target,
+                **counted,
                 "candidates": "low-rank" if plan_name == SEQUENTIAL else CANDIDATES,
                 # KL measured at the probe, then at the first choice's candidates (older records: probe only).
                 "sensitivity_points": None if plan_name == "auto" else "probe + first choice",
@@ -198,7 +206,7 @@ def run_model(name: str, args, data: dict, path) -> None:
             compressed = copy.deepcopy(model)
             started = time.perf_counter()
             fit(compressed, recorded_plan(model, earlier), sequential=True, aim_dense=True)
-            row = {"plan": AIM_DENSE, "target_ratio": ratio, "target_params": target, "aim_dense": True}
+            row = {"plan": AIM_DENSE, "target_ratio": ratio, "target_params": target, "aim_dense": True, **counted}
             copied = ("candidates", "sensitivity_points", "chosen", "layers")
             row.update({k: earlier[k] for k in copied if k in earlier})
             record({**row, "compress_seconds": time.perf_counter() - started}, compressed)
@@ -211,7 +219,7 @@ def run_model(name: str, args, data: dict, path) -> None:
             compressed = copy.deepcopy(model)
             started = time.perf_counter()
             fit(compressed, uniform, sequential)
-            row = {"plan": uniform_name, "target_ratio": ratio, "target_params": target}
+            row = {"plan": uniform_name, "target_ratio": ratio, "target_params": target, **counted}
             record({**row, "compress_seconds": time.perf_counter() - started}, compressed)
 
 
@@ -222,7 +230,7 @@ def time_gpt2_small(args, data: dict, path) -> None:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config()).eval()
     tokenizer = load_model(str(ASSETS / "house-teacher"))[1]  # the GPT-2 tokenizer
-    stats, calibration_seconds, blocks, probe_blocks = calibrate(model, tokenizer, args)
+    stats, calibration_seconds, blocks, probe_blocks, _ = calibrate(model, tokenizer, args)
     target = round(GPT2_SMALL_RATIO * tq.count_parameters(model))
     for plan_name, sensitivity in (("auto", None), ("auto-sensitivity", probe_blocks)):
         allocation = allocation_plan(model, stats, target, sensitivity)
@@ -249,6 +257,9 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5], help="SmolLM2 budgets")
     parser.add_argument("--calibration-tokens", type=int, default=32_768)
     parser.add_argument("--sensitivity-tokens", type=int, default=1024)
+    parser.add_argument(
+        "--count-tokens", type=int, default=DEFAULT_COUNT_TOKENS, help="text whose token counts weight the embedding"
+    )
     parser.add_argument("--max-tokens", type=int, default=8_000)
     parser.add_argument("--lambada-passages", type=int, default=200, help="SmolLM2 only")
     parser.add_argument("--sequential", action="store_true", help=f"also the {SEQUENTIAL} plan")
@@ -305,6 +316,8 @@ def write_report(data: dict) -> None:
             chosen += " †"
         if r["plan"].startswith("auto-sensitivity") and not r.get("sensitivity_points"):
             chosen += " ‡"
+        if r["plan"] != "dense" and "count_tokens" not in r:
+            chosen += " §"
         wikitext = f"{r['wikitext2_ppl']:.1f}" if "wikitext2_ppl" in r else "—"
         acc = f"{r['lambada_acc']:.3f}" if "lambada_acc" in r else "—"
         target = f"{r['target_ratio']:.2f}" if r.get("target_ratio") else "1.00"
@@ -318,6 +331,14 @@ def write_report(data: dict) -> None:
         lines += [
             "",
             "‡ made before the allocator measured the KL at its first choice too (the probe's alone).",
+        ]
+    if any(r["plan"] != "dense" and "count_tokens" not in r for r in quality):
+        lines += [
+            "",
+            "§ made before the embedding's token counts were taken on more text than the calibration blocks "
+            "(`--count-tokens`; rows without § count "
+            + ", ".join(f"{n:,}" for n in sorted({r["count_tokens"] for r in quality if "count_tokens" in r}))
+            + " tokens).",
         ]
     lines += ["", f"Candidates now: {CANDIDATES}.", ""]
     lines += [

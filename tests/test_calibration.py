@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import tiny_gpt2_dir
+from conftest import gpt2_tokenizer, tiny_gpt2_dir
 from test_architectures import llama_config
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
@@ -289,3 +289,70 @@ def test_cli_compresses_with_calibration_and_reuses_saved_statistics(tmp_path, c
     assert "not both" in err and "apply to --calibration DATA only" in err and "fewer than two blocks" in err
     assert "--no-aim-dense applies to --sequential only" in err
     assert not any((tmp_path / name).exists() for name in "cdefh")
+
+
+def _two_books(folder):
+    """Two books of different words (about 800 tokens each): a short count reads one, a longer one both."""
+    folder.mkdir()
+    (folder / "a.txt").write_text("It was the best of times, it was the worst of times. " * 60)
+    (folder / "b.txt").write_text("Call me Ishmael. Some years ago, never mind how long precisely. " * 60)
+    return folder
+
+
+def test_token_counts_count_the_text_in_the_order_blocks_read_it(tmp_path):
+    from tqcompressor.data import load_blocks, token_counts, token_ids
+
+    books, tokenizer = _two_books(tmp_path / "books"), gpt2_tokenizer()
+    everything = token_ids(books, tokenizer)
+    counts = token_counts(books, tokenizer, 50257, 1024)
+    assert counts.sum() == 1024 and counts.sum() < len(everything)
+    torch.testing.assert_close(counts, torch.bincount(torch.tensor(everything[:1024]), minlength=50257).double())
+    blocks = load_blocks(books, tokenizer, 16, 512)
+    in_blocks = torch.bincount(torch.cat([blocks.train, blocks.heldout]).reshape(-1), minlength=50257).double()
+    assert (in_blocks <= counts).all() and (in_blocks < counts).any()  # the blocks, and more text
+    assert token_counts(books, tokenizer, 50257).sum() == len(everything)
+    with pytest.raises(ValueError, match="outside the model's 100-token vocabulary"):
+        token_counts(books, tokenizer, 100, 64)
+
+
+def test_collect_takes_token_counts_from_more_text_for_embeddings_only():
+    model = tiny_gpt2()
+    ids = blocks()
+    counts = torch.arange(120, dtype=torch.float64)
+    names = ["transformer.wte", "transformer.h.0.mlp.c_fc"]
+    stats = collect(model, names, ids, progress=False, token_counts=counts)
+    plain = collect(model, names, ids, progress=False)
+    torch.testing.assert_close(stats.for_module("transformer.wte").counts, counts)
+    fc = "transformer.h.0.mlp.c_fc"
+    assert torch.equal(stats.for_module(fc).second_moment, plain.for_module(fc).second_moment)
+    with pytest.raises(ValueError, match="token_counts cover"):
+        collect(model, names, ids, progress=False, token_counts=counts[:100])
+
+
+def test_cli_counts_embedding_tokens_on_more_text_than_it_calibrates_on(tmp_path, capsys):
+    from tqcompressor.cli import main
+
+    tiny_gpt2_dir(tmp_path, books_repeats=1)
+    books = _two_books(tmp_path / "two")
+    (tmp_path / "plan.yaml").write_text("rules:\n  - {pattern: 'transformer\\.wte', method: lowrank, rank: 4}\n")
+    common = ["compress", "--model", str(tmp_path / "tiny"), "--plan", str(tmp_path / "plan.yaml"), "--quiet"]
+    calibrated = [*common, "--calibration", str(books), "--calibration-tokens", "512"]
+    stats = tmp_path / "stats.safetensors"
+    assert (
+        main([*calibrated, "--count-tokens", "1024", "--save-calibration", str(stats), "--out", str(tmp_path / "a")])
+        == 0
+    )
+    counts = CalibrationStats.load(stats).for_module("transformer.wte").counts
+    assert counts.sum() == 1024
+    # A sequential fit weighs the embedding by the same counts; counting only the calibrated blocks differs.
+    assert main([*calibrated, "--count-tokens", "1024", "--sequential", "--out", str(tmp_path / "b")]) == 0
+    assert main([*calibrated, "--count-tokens", "512", "--sequential", "--out", str(tmp_path / "c")]) == 0
+    wte = {n: tq.load(tmp_path / n).transformer.wte.weight for n in "abc"}
+    torch.testing.assert_close(wte["b"], wte["a"])
+    assert not torch.allclose(wte["c"], wte["a"])
+    capsys.readouterr()
+    assert main([*calibrated, "--count-tokens", "256", "--out", str(tmp_path / "d")]) == 2
+    assert main([*common, "--count-tokens", "1024", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than the calibration tokens" in err and "apply to --calibration DATA only" in err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()

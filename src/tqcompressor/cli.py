@@ -14,8 +14,8 @@ import torch
 
 from .allocation import allocation_plan, compressible_modules, offered_methods
 from .assets import default_model
-from .calibration import CalibrationStats, collect
-from .data import load_blocks
+from .calibration import CalibrationStats, calibration_targets, collect
+from .data import load_blocks, token_counts
 from .depth import keep_layers_
 from .distillation import DistillationLoss
 from .evaluation import DATASETS, evaluate, fidelity, read_text, size_report
@@ -34,6 +34,7 @@ from .training import FINAL, METRICS, TrainConfig, Trainer, process_state
 
 DEFAULT_CALIBRATION_TOKENS = 262_144
 DEFAULT_SENSITIVITY_TOKENS = 1024  # one forward pass per module over these
+DEFAULT_COUNT_TOKENS = 4_194_304  # tokenised only, about 15 s for GPT-2's tokenizer on 2 cores
 
 
 def _refuse_preset_flags(args: argparse.Namespace, source: str) -> None:
@@ -89,7 +90,10 @@ def _compress(args: argparse.Namespace) -> None:
         plan = preset(args.preset, model.config, tie_head=not args.dense_head, **search)
     if args.sequential:
         blocks = _calibration_blocks(args, model, tokenizer)
-        report = compress_sequentially(model, plan, blocks, progress=not args.quiet, aim_dense=not args.no_aim_dense)
+        counts = _token_counts(args, model, tokenizer, [name for _, name in resolve(model, plan)])
+        report = compress_sequentially(
+            model, plan, blocks, progress=not args.quiet, aim_dense=not args.no_aim_dense, token_counts=counts
+        )
     else:
         calibration = _calibration(args, model, tokenizer, [name for _, name in resolve(model, plan)])
         report = compress_(model, plan, calibration=calibration, progress=not args.quiet)
@@ -129,8 +133,14 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
     # The choice rests on the original model's statistics; a sequential fit then calibrates each part on
     # the model compressed so far (SmolLM2 at 70%: held-out ppl 84.5 against 146.8 fitted at once).
     if args.sequential:
+        counts = next((t.counts for t in stats.tokens.values()), None)  # counted once, for the statistics
         report = compress_sequentially(
-            model, allocation.plan, blocks, progress=not args.quiet, aim_dense=not args.no_aim_dense
+            model,
+            allocation.plan,
+            blocks,
+            progress=not args.quiet,
+            aim_dense=not args.no_aim_dense,
+            token_counts=counts,
         )
     else:
         report = compress_(model, allocation.plan, calibration=stats, progress=not args.quiet)
@@ -151,8 +161,16 @@ def _check_calibration_flags(args: argparse.Namespace) -> None:
         raise ValueError(
             "give --calibration DATA (collect statistics) or --calibration-stats FILE (reuse them), not both"
         )
-    if not args.calibration and (args.calibration_tokens is not None or args.save_calibration or args.sequential):
-        raise ValueError("--calibration-tokens, --save-calibration and --sequential apply to --calibration DATA only")
+    given = [args.calibration_tokens is not None, args.count_tokens is not None, args.save_calibration, args.sequential]
+    if not args.calibration and any(given):
+        raise ValueError(
+            "--calibration-tokens, --count-tokens, --save-calibration and --sequential apply to --calibration DATA only"
+        )
+    if args.count_tokens is not None and args.count_tokens < (args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS):
+        raise ValueError(
+            f"--count-tokens {args.count_tokens} is fewer than the calibration tokens, whose counts it includes: "
+            f"give at least {args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS}"
+        )
     if args.no_aim_dense and not args.sequential:
         raise ValueError("--no-aim-dense applies to --sequential only")
     if args.sequential and args.save_calibration:
@@ -172,13 +190,25 @@ def _calibration_blocks(args: argparse.Namespace, model, tokenizer) -> torch.Ten
     return blocks
 
 
+def _token_counts(args: argparse.Namespace, model, tokenizer, names: list[str]) -> torch.Tensor | None:
+    """The token counts an embedding among ``names`` is weighted by, taken on --count-tokens of the
+    --calibration text (more than the forward passes read: counting only tokenises); None without one."""
+    embeddings = calibration_targets(model, names)[1]
+    if not embeddings:
+        return None
+    tokens = args.count_tokens or max(DEFAULT_COUNT_TOKENS, args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS)
+    return token_counts(args.calibration, tokenizer, model.get_submodule(embeddings[0]).num_embeddings, tokens)
+
+
 def _calibration(args: argparse.Namespace, model, tokenizer, names: list[str]) -> CalibrationStats | None:
     """Statistics of the modules ``names``: loaded, collected from --calibration, or none."""
     if args.calibration_stats:
         return CalibrationStats.load(args.calibration_stats)
     if not args.calibration:
         return None
-    stats = collect(model, names, _calibration_blocks(args, model, tokenizer), progress=not args.quiet)
+    blocks = _calibration_blocks(args, model, tokenizer)
+    counts = _token_counts(args, model, tokenizer, names)
+    stats = collect(model, names, blocks, progress=not args.quiet, token_counts=counts)
     print(f"calibration: {json.dumps(stats.summary())}", file=sys.stderr)
     if args.save_calibration:
         stats.save(args.save_calibration)
@@ -387,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", help="text (file, folder, JSONL or Hub name) to fit every layer to its real inputs")
     c.add_argument(
         "--calibration-tokens", type=int, help=f"tokens read from it (default {DEFAULT_CALIBRATION_TOKENS:,})"
+    )
+    c.add_argument(
+        "--count-tokens",
+        type=int,
+        help="tokens of the --calibration text whose counts weight an embedding's rows (tokenised only, no "
+        f"forward pass; at least --calibration-tokens; default {DEFAULT_COUNT_TOKENS:,}, or all of a shorter text)",
     )
     c.add_argument("--calibration-stats", help="statistics saved earlier with --save-calibration")
     c.add_argument("--save-calibration", help="write the collected statistics here (safetensors)")

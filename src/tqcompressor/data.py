@@ -71,6 +71,36 @@ def _hub_texts(name: str, field: str) -> Iterator[str]:
         yield row[field]
 
 
+def token_ids(
+    source: str | Path, tokenizer, max_tokens: int | None = None, seed: int = 0, field: str = "text"
+) -> list[int]:
+    """The first ``max_tokens`` token ids of ``source``'s documents in ``iter_texts`` order, each
+    document followed by the end-of-text token."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    for text in iter_texts(source, seed, field):
+        # Long books are tokenised in pieces: fast tokenizers slow down on one multi-megabyte string.
+        for start in range(0, len(text), 1 << 20):
+            ids += tokenizer(text[start : start + (1 << 20)], verbose=False)["input_ids"]
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
+        ids += separator
+        if max_tokens is not None and len(ids) >= max_tokens:
+            return ids[:max_tokens]
+    return ids
+
+
+def token_counts(
+    source: str | Path, tokenizer, vocab_size: int, max_tokens: int | None = None, seed: int = 0, field: str = "text"
+) -> torch.Tensor:
+    """How often each token id occurs in the first ``max_tokens`` tokens of ``source`` (float64,
+    ``vocab_size``): read in the order ``load_blocks`` reads, so its blocks are counted too."""
+    ids = torch.tensor(token_ids(source, tokenizer, max_tokens, seed, field), dtype=torch.long)
+    if len(ids) and int(ids.max()) >= vocab_size:
+        raise ValueError(f"the tokenizer gives id {int(ids.max())}, outside the model's {vocab_size}-token vocabulary")
+    return torch.bincount(ids, minlength=vocab_size).double()
+
+
 def load_blocks(
     source: str | Path,
     tokenizer,
@@ -86,18 +116,7 @@ def load_blocks(
         raise ValueError(f"block_size must be at least 2, got {block_size}")
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
-    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids: list[int] = []
-    for text in iter_texts(source, seed, field):
-        # Long books are tokenised in pieces: fast tokenizers slow down on one multi-megabyte string.
-        for start in range(0, len(text), 1 << 20):
-            ids += tokenizer(text[start : start + (1 << 20)], verbose=False)["input_ids"]
-            if max_tokens is not None and len(ids) >= max_tokens:
-                break
-        ids += separator
-        if max_tokens is not None and len(ids) >= max_tokens:
-            ids = ids[:max_tokens]
-            break
+    ids = token_ids(source, tokenizer, max_tokens, seed, field)
     count = len(ids) // block_size
     if count < 2:
         raise ValueError(

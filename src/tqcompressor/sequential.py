@@ -44,6 +44,7 @@ def compress_sequentially(
     progress: bool = True,
     damping: float = DAMPING,
     aim_dense: bool = True,
+    token_counts: torch.Tensor | None = None,
 ):
     """Compress ``model`` by ``plan`` (a ``CompressionPlan``) part by part, calibrating each part on
     ``blocks`` (sequences x tokens) as the model compressed so far sees them; ``damping``: the ridge of
@@ -51,7 +52,8 @@ def compress_sequentially(
     that the plan leaves dense are aimed too, once anything before them is compressed: they stay dense
     and keep their size, and correct what the compressed parts before them left (SmolLM2 with its MLPs
     halved, 8k tokens: held-out ppl 210 aimed so, 65077 with the attention left as it was, 2675 fitted
-    at once). Returns one report."""
+    at once). ``token_counts``: an embedding's row weights counted on more text (as in ``collect``).
+    Returns one report."""
     from .plan import CompressionPlan, Rule
     from .report import CompressionReport
     from .surgery import compress_, resolve
@@ -105,7 +107,7 @@ def compress_sequentially(
                 parts = replay.parts(model, members, tokens, damping, aim_dense)
                 aimed += 1
             else:
-                parts = iter([(members, collect(model, members, blocks, batch_size, progress=False))])
+                parts = iter([(members, collect(model, members, blocks, batch_size, False, token_counts))])
             for part_members, stats in parts:
                 seconds += stats.seconds
                 rules = [Rule(re.escape(name), rule.config) for rule, name in steps if name in part_members]
