@@ -338,7 +338,8 @@ def write_report(data: dict) -> None:
             "§ made before the embedding's token counts were taken on more text than the calibration blocks "
             "(`--count-tokens`; rows without § count "
             + ", ".join(f"{n:,}" for n in sorted({r["count_tokens"] for r in quality if "count_tokens" in r}))
-            + " tokens).",
+            + " tokens). The counts matter only where an embedding is compressed or priced: SmolLM2's uniform "
+            "plans do neither.",
         ]
     lines += ["", f"Candidates now: {CANDIDATES}.", ""]
     lines += [
@@ -346,6 +347,7 @@ def write_report(data: dict) -> None:
         "held-out ppl):",
         "",
     ]
+    dense_rows = {r["model"]: r for r in quality if r["plan"] == "dense"}
     for model in dict.fromkeys(r["model"] for r in quality):
         for ratio in dict.fromkeys(r["target_ratio"] for r in quality if r["model"] == model and r["target_ratio"]):
             rows = {r["plan"]: r for r in quality if r["model"] == model and r["target_ratio"] == ratio}
@@ -360,6 +362,9 @@ def write_report(data: dict) -> None:
                 if plan in rows and uniform is not None:
                     change = 1 - rows[plan]["heldout_ppl"] / uniform["heldout_ppl"]
                     verdict = "met" if change >= 0.2 else "missed"
+                    needed, dense = 0.8 * uniform["heldout_ppl"], dense_rows.get(model)
+                    if change < 0.2 and dense is not None and needed < dense["heldout_ppl"]:
+                        verdict += f"; it would take {needed:.1f}, below the dense model's {dense['heldout_ppl']:.1f}"
                     lines.append(
                         f"- {model} at {ratio:.2f}: {plan} {rows[plan]['heldout_ppl']:.1f} vs {uniform['plan']} "
                         f"{uniform['heldout_ppl']:.1f}: {abs(change):.0%} {'lower' if change >= 0 else 'higher'} "
