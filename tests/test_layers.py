@@ -16,6 +16,7 @@ from tqcompressor import (
     tied_parameters,
     truncated_svd,
 )
+from tqcompressor.methods.kronecker.factors import KroneckerFactors
 from tqcompressor.methods.targets import dense_weight
 
 
@@ -81,6 +82,25 @@ def test_both_contraction_orders_compute_the_dense_product(tokens):
     assert chosen == {True, False}
 
 
+@pytest.mark.parametrize("tokens", [1, 5])  # one token: the decode path adds the bias in its GEMM
+def test_unpermuted_layers_compute_the_dense_product_in_both_orders(tokens):
+    chosen = set()
+    for shape in (KroneckerShape(4, 6, 3, 5, 2), KroneckerShape(6, 4, 5, 3, 2)):
+        m, n = shape.in_features, shape.out_features
+        factors = KroneckerFactors(
+            torch.randn(shape.rank, shape.m1, shape.n1, dtype=torch.float64),
+            torch.randn(shape.rank, shape.m2, shape.n2, dtype=torch.float64),
+            torch.arange(m),
+            torch.arange(n),
+        )
+        layer = KroneckerLinear(factors, torch.randn(n, dtype=torch.float64))
+        assert not (layer.permutes_input or layer.permutes_output)
+        chosen.add(layer.a_first)
+        x = torch.randn(tokens, m, dtype=torch.float64)
+        torch.testing.assert_close(layer(x), x @ factors.reconstruct() + layer.bias, rtol=1e-12, atol=1e-12)
+    assert chosen == {True, False}
+
+
 def test_kronecker_multiply_adds_count_what_forward_computes_at_each_token_count():
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -108,8 +128,9 @@ def test_identity_orders_skip_their_gathers_and_loaded_orders_are_honoured():
     assert not (plain.permutes_input or plain.permutes_output)
     plain.load_state_dict(permuted.state_dict())  # the loaded orders switch the gathers back on
     assert plain.permutes_input and plain.permutes_output
-    x = torch.randn(5, 12, dtype=torch.float64)
-    torch.testing.assert_close(plain(x), x @ permuted.dense_weight(), rtol=1e-12, atol=1e-12)
+    for tokens in (1, 5):  # one token takes the decode path, which gathers only a permuted output
+        x = torch.randn(tokens, 12, dtype=torch.float64)
+        torch.testing.assert_close(plain(x), x @ permuted.dense_weight(), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("tokens", [1, 6, 8])  # 8 tokens: built
