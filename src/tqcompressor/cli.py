@@ -166,10 +166,10 @@ def _check_calibration_flags(args: argparse.Namespace) -> None:
         raise ValueError(
             "--calibration-tokens, --count-tokens, --save-calibration and --sequential apply to --calibration DATA only"
         )
-    if args.count_tokens is not None and args.count_tokens < (args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS):
+    if args.count_tokens is not None and args.count_tokens < _calibration_tokens(args):
         raise ValueError(
             f"--count-tokens {args.count_tokens} is fewer than the calibration tokens, whose counts it includes: "
-            f"give at least {args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS}"
+            f"give at least {_calibration_tokens(args)}"
         )
     if args.no_aim_dense and not args.sequential:
         raise ValueError("--no-aim-dense applies to --sequential only")
@@ -179,8 +179,13 @@ def _check_calibration_flags(args: argparse.Namespace) -> None:
         )
 
 
+def _calibration_tokens(args: argparse.Namespace) -> int:
+    """--calibration-tokens, or its default (left unset on the parser, so that giving it alone is an error)."""
+    return args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS
+
+
 def _calibration_blocks(args: argparse.Namespace, model, tokenizer) -> torch.Tensor:
-    tokens = args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS
+    tokens = _calibration_tokens(args)
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
     text = load_blocks(args.calibration, tokenizer, min(512, limit), tokens, seed=0)
     blocks = torch.cat([text.train, text.heldout])  # calibration holds nothing out
@@ -196,7 +201,7 @@ def _token_counts(args: argparse.Namespace, model, tokenizer, names: list[str]) 
     embeddings = calibration_targets(model, names)[1]
     if not embeddings:
         return None
-    tokens = args.count_tokens or max(DEFAULT_COUNT_TOKENS, args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS)
+    tokens = args.count_tokens or max(DEFAULT_COUNT_TOKENS, _calibration_tokens(args))
     return token_counts(args.calibration, tokenizer, model.get_submodule(embeddings[0]).num_embeddings, tokens)
 
 
