@@ -22,6 +22,18 @@ def planted_matrix(shape: KroneckerShape, seed: int, rows: bool = True, cols: bo
     return w, k
 
 
+class SlowClock:
+    """A stand-in for the ``time`` module whose every reading is 10 s after the last: a time-bounded
+    search stops at its first check, as it would on a machine busy with other work."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 10.0
+        return self.now
+
+
 def gpt2_tokenizer():
     from transformers import GPT2TokenizerFast
 

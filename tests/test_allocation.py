@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import planted_matrix, tiny_gpt2_dir
+from conftest import SlowClock, planted_matrix, tiny_gpt2_dir
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -100,18 +100,6 @@ def test_low_rank_estimates_are_exact_and_kronecker_estimates_are_upper_bounds()
             assert actual == pytest.approx(candidate.loss, rel=1e-4)
         else:
             assert actual <= candidate.loss * (1 + 1e-6)
-
-
-class SlowClock:
-    """Every reading 10 s after the last: a time-bounded search stops at its first check, as it would on
-    a machine busy with other work."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        self.now += 10.0
-        return self.now
 
 
 @pytest.mark.parametrize("full_search_weights", [0, kronecker_method.ESTIMATE_FULL_SEARCH_WEIGHTS])

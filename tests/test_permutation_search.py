@@ -1,11 +1,13 @@
+import math
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import planted_matrix
+from conftest import SlowClock, planted_matrix
 
 from tqcompressor import KroneckerShape, nearest_kronecker, search_permutations
+from tqcompressor.methods.kronecker import search as search_module
 from tqcompressor.methods.kronecker.search import _Problem
 
 
@@ -84,6 +86,19 @@ def test_search_is_reproducible_for_a_seed_and_respects_the_time_budget():
     assert first.history == second.history
     quick = search_permutations(w, shape, restarts=50, iterations=50, time_budget=0.0)
     assert len(quick.trials) == 1
+
+
+def test_without_a_time_limit_the_search_does_not_depend_on_the_clock(monkeypatch):
+    w = _structured(4)
+    shape = KroneckerShape(24, 16, 2, 4, 2)
+    steady = search_permutations(w, shape, restarts=1, seed=3, time_budget=math.inf)
+    monkeypatch.setattr(search_module, "time", SlowClock())
+    busy = search_permutations(w, shape, restarts=1, seed=3, time_budget=math.inf)
+    assert torch.equal(busy.factors.row_perm, steady.factors.row_perm)
+    assert torch.equal(busy.factors.col_perm, steady.factors.col_perm)
+    assert busy.history == steady.history and len(busy.trials) == 4
+    limited = search_permutations(w, shape, restarts=1, seed=3, time_budget=60.0)
+    assert len(limited.trials) == 1 and len(limited.history) < len(steady.history)
 
 
 def test_moves_stop_at_the_deadline_and_keep_the_order_valid():

@@ -29,6 +29,7 @@ from tqcompressor import CompressionPlan, KroneckerConfig, LowRankConfig, Rule
         ({"pattern": "x", "method": "lowrank", "rank": 4, "ratio": 0.5}, r"'x': give exactly one of 'rank' or 'ratio'"),
         ({"pattern": "x", "method": "lowrank"}, r"'x': give exactly one of 'rank' or 'ratio'"),
         ({"pattern": "x", "ratio": 1.5}, r"'x': field 'ratio' must be in \(0, 1\]"),
+        ({"pattern": "x", "ratio": 0.5, "time_budget": -1}, r"'x': field 'time_budget' must be a non-negative"),
         (
             {"pattern": "x", "embedding_factor": 2, "colour": "red"},
             r"'x': field 'colour' does not apply to method 'kronecker'",

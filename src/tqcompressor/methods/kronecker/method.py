@@ -46,7 +46,8 @@ class KroneckerConfig(MethodConfig):
     compressed embedding it divides the inner width again (the paper's ÷2 then ÷2).
     ``permute``: search permutations of both sides (true), "rows", "cols" or none (false); embeddings
     permute their columns only. ``iterations``, ``restarts``, ``seed``, ``time_budget`` (seconds per
-    layer) tune the search, default 6, 0, 0, 15."""
+    layer) tune the search, default 6, 0, 0, 15. A search out of time stops where it is, so on a busy
+    machine the same plan can fit differently; ``time_budget`` inf lets ``iterations`` alone end it."""
 
     method = "kronecker"
     shape: tuple[int, int, int, int] | None = None
@@ -81,6 +82,11 @@ class KroneckerConfig(MethodConfig):
                 raise ValueError(f"field {name!r} must be a positive integer, got {value!r}")
         if self.ratio is not None and not 0 < self.ratio <= 1:
             raise ValueError(f"field 'ratio' must be in (0, 1], got {self.ratio}")
+        if self.time_budget is not None and not (isinstance(self.time_budget, (int, float)) and self.time_budget >= 0):
+            raise ValueError(
+                "field 'time_budget' must be a non-negative number of seconds (.inf: no limit), "
+                f"got {self.time_budget!r}"
+            )
         if self.embedding_factor is not None and (
             not isinstance(self.embedding_factor, int) or self.embedding_factor < 2
         ):
