@@ -190,7 +190,7 @@ class KroneckerMethod(CompressionMethod):
             # One of the orders the installed fit tries (columns searched on the Kronecker-whitened W),
             # before its refinement: the fit keeps its best refined order, so it lands at or below this.
             config = KroneckerConfig(**fields)
-            columns = self._whitened_columns(weight, shape, c, config, estimate=True)
+            columns = self._whitened_columns(weight, shape, c, config)
             permuted = calibrated_factors(weight, shape, c, None, columns, iterations=0)[1][0] ** 2
             found.append(Estimate(config, shape.num_params, min(plain, permuted)))
         return found
@@ -243,18 +243,12 @@ class KroneckerMethod(CompressionMethod):
         )
 
     def _whitened_columns(
-        self,
-        weight: torch.Tensor,
-        shape: KroneckerShape,
-        c: torch.Tensor,
-        config: KroneckerConfig,
-        share: int = 1,
-        estimate: bool = False,
+        self, weight: torch.Tensor, shape: KroneckerShape, c: torch.Tensor, config: KroneckerConfig
     ) -> torch.Tensor:
-        """The column order the search finds on the Kronecker-whitened W (whitening by S₁ ⊗ S₂ keeps W's
-        columns, so the order applies to W)."""
+        """The column order the estimate's search finds on the Kronecker-whitened W (whitening by S₁ ⊗ S₂
+        keeps W's columns, so the order applies to W)."""
         whitened, _, _ = kronecker_whitened(weight, c, shape.m1, shape.m2)
-        return self._search(whitened, shape, config, rows=False, share=share, estimate=estimate).factors.col_perm
+        return self._search(whitened, shape, config, rows=False, estimate=True).factors.col_perm
 
     def _fit_linear(self, module: nn.Module, config: KroneckerConfig) -> tuple[KroneckerLinear, FitReport]:
         weight, bias, layout = dense_weight(module)
@@ -290,10 +284,10 @@ class KroneckerMethod(CompressionMethod):
             order = frobenius.factors
             fitted["frobenius-search"] = calibrated_factors(weight, shape, c, order.row_perm, order.col_perm)
             if config.permute in (True, "cols"):
-                columns = self._whitened_columns(weight, shape, c, config, share=searches)
-                fitted["whitened-columns"] = calibrated_factors(weight, shape, c, None, columns)
-                columns = self._whitened_columns(weight, shape, c, config, estimate=True)
-                fitted["estimate-columns"] = calibrated_factors(weight, shape, c, None, columns)
+                whitened, _, _ = kronecker_whitened(weight, c, shape.m1, shape.m2)
+                for name, estimate in (("whitened-columns", False), ("estimate-columns", True)):
+                    found = self._search(whitened, shape, config, rows=False, share=searches, estimate=estimate)
+                    fitted[name] = calibrated_factors(weight, shape, c, None, found.factors.col_perm)
             if config.permute in (True, "rows"):
                 scale = c.diagonal().clamp_min(0).sqrt().to(weight)[:, None]
                 scaled = self._search(scale * weight, shape, config, share=searches).factors
