@@ -11,11 +11,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import tqcompressor as tq
 from tqcompressor.calibration import CalibrationStats, collect
-from tqcompressor.linalg import calibrated_error
+from tqcompressor.linalg import calibrated_error, weighted_error
 from tqcompressor.methods.kronecker import KroneckerShape, nearest_kronecker
 from tqcompressor.methods.kronecker.calibrated import _a_step, _b_step, calibrated_factors, objective
 from tqcompressor.methods.lowrank import truncated_svd
-from tqcompressor.methods.lowrank.factors import whitened_svd
+from tqcompressor.methods.lowrank.factors import scaled_svd, whitened_svd
 
 
 def anisotropic_inputs(tokens: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -116,6 +116,21 @@ def test_statistics_are_the_second_moments_of_the_real_inputs_and_token_counts()
     torch.testing.assert_close(
         stats.for_module("transformer.wte").counts, torch.bincount(ids.reshape(-1), minlength=120).double()
     )
+    # The head tied to wte reads the final hidden states.
+    with torch.no_grad():
+        final = model(ids, output_hidden_states=True).hidden_states[-1].reshape(-1, 32).double()
+    torch.testing.assert_close(stats.for_module("transformer.wte").head_second_moment, final.T @ final)
+
+
+def test_an_untied_head_is_no_part_of_its_embeddings_statistics():
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=120, n_positions=64, tie_word_embeddings=False)
+    model = GPT2LMHeadModel(config).eval()
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert (
+        collect(model, ["transformer.wte"], blocks(), progress=False).tokens["transformer.wte"].head_second_moment
+        is None
+    )
 
 
 def test_modules_fed_the_same_tensor_share_one_accumulator():
@@ -153,6 +168,8 @@ def test_statistics_round_trip_and_refuse_another_model(tmp_path):
     assert loaded.owner == stats.owner
     for key, value in stats.inputs.items():
         assert torch.equal(loaded.inputs[key].second_moment, value.second_moment)
+    head = stats.tokens["transformer.wte"].head_second_moment
+    assert head is not None and torch.equal(loaded.tokens["transformer.wte"].head_second_moment, head)
     other = tiny_gpt2(seed=1)
     state = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match="other weights"):
@@ -219,6 +236,56 @@ def test_calibrated_kronecker_keeps_the_best_of_its_candidate_orders():
         assert calibrated_error(weight, fitted.dense_weight().detach().double(), stats.second_moment) == pytest.approx(
             report.error, rel=1e-5
         )
+
+
+def test_a_tied_heads_moment_makes_the_fit_exact_in_the_directions_the_head_reads():
+    # Planted: W is rank 4 plus noise only in directions the head's inputs never take (C's null space).
+    g = torch.Generator().manual_seed(3)
+    vocab, dim, rank = 60, 12, 4
+    seen = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
+    hidden = torch.randn(500, rank, generator=g, dtype=torch.float64) @ seen[:, :rank].T
+    moment = hidden.T @ hidden
+    planted = torch.randn(vocab, rank, generator=g, dtype=torch.float64) @ seen[:, :rank].T
+    weight = planted + 3 * torch.randn(vocab, dim - rank, generator=g, dtype=torch.float64) @ seen[:, rank:].T
+    weights = torch.rand(vocab, generator=g, dtype=torch.float64) + 0.1
+    tied = scaled_svd(weight, rank, weights.sqrt(), moment).reconstruct()
+    rows_only = scaled_svd(weight, rank, weights.sqrt()).reconstruct()
+    assert weighted_error(weight, tied, weights, moment) < 1e-6  # the logits h·E_v are all kept
+    assert weighted_error(weight, rows_only, weights, moment) > 0.5  # the unseen noise took the rank
+    torch.testing.assert_close(
+        (tied - weight) @ hidden.T, torch.zeros(vocab, 500, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+
+
+def test_a_tied_embeddings_fit_keeps_the_logits_closer_and_reports_the_heads_objective():
+    model = tiny_gpt2()
+    ids = blocks()
+    stats = collect(model, ["transformer.wte"], ids, progress=False)
+    tied = stats.for_module("transformer.wte")
+    rows_only = tq.calibration.TokenStats(tied.counts)
+    embedding = model.transformer.wte
+    with torch.no_grad():
+        reference = model(ids).logits
+    errors = {}
+    for config in (tq.LowRankConfig(rank=8), tq.KroneckerConfig(embedding_factor=2, iterations=1)):
+        method = tq.get_method(config.method)
+        for label, token_stats in (("tied", tied), ("rows", rows_only)):
+            fitted, report = method.fit(embedding, config, token_stats)
+            measured = weighted_error(
+                embedding.weight, fitted.to_dense().weight, tied.weights(), tied.head_second_moment
+            )
+            assert report.error == pytest.approx(
+                measured
+                if label == "tied"
+                else weighted_error(embedding.weight, fitted.to_dense().weight, tied.weights()),
+                rel=1e-5,
+            )
+            if config.method == "lowrank":
+                compressed = tiny_gpt2()
+                with torch.no_grad():  # tied: the head sees the new table too
+                    compressed.transformer.wte.weight.copy_(fitted.to_dense().weight)
+                    errors[label] = float((compressed(ids).logits - reference).square().mean())
+    assert errors["tied"] < errors["rows"]
 
 
 def test_frequency_weighted_embeddings_fit_frequent_tokens_better():

@@ -1,8 +1,9 @@
 """Calibration: run the original model once over real text and keep, for every module a plan targets,
 what its inputs look like (``statistics``): Σ x xᵀ in float64 for linear layers, token counts for
-embeddings. Activations are never stored; modules that receive the very same input tensor (GPT-2's
-q/k/v inside ``c_attn`` are one module; LLaMA's ``q/k/v_proj`` and ``gate/up_proj`` are not) share one
-accumulator. Statistics save to safetensors + JSON metadata and are checked against the model on load.
+embeddings (and Σ h hᵀ of the inputs of an output head tied to one). Activations are never stored;
+modules that receive the very same input tensor (GPT-2's q/k/v inside ``c_attn`` are one module;
+LLaMA's ``q/k/v_proj`` and ``gate/up_proj`` are not) share one accumulator. Statistics save to
+safetensors + JSON metadata and are checked against the model on load.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class CalibrationStats:
 
     def summary(self) -> dict:
         widths = [s.second_moment.shape[0] for s in self.inputs.values()]
+        widths += [len(t.head_second_moment) for t in self.tokens.values() if t.head_second_moment is not None]
         return {
             "modules": len(self.owner),
             "accumulators": len(self.inputs) + len(self.tokens),
@@ -64,10 +66,13 @@ class CalibrationStats:
         path = Path(path)
         tensors = {f"{key}.second_moment": s.second_moment.contiguous() for key, s in self.inputs.items()}
         tensors.update({f"{key}.counts": s.counts.contiguous() for key, s in self.tokens.items()})
+        tied = [key for key, s in self.tokens.items() if s.head_second_moment is not None]
+        tensors.update({f"{key}.head_second_moment": self.tokens[key].head_second_moment.contiguous() for key in tied})
         meta = {
             "owner": self.owner,
             "input_tokens": {key: s.tokens for key, s in self.inputs.items()},
             "embeddings": list(self.tokens),
+            "tied_heads": tied,
             "digests": self.digests,
             "model_type": self.model_type,
             "seconds": self.seconds,
@@ -91,7 +96,14 @@ class CalibrationStats:
                     key: InputStats(handle.get_tensor(f"{key}.second_moment"), tokens)
                     for key, tokens in meta["input_tokens"].items()
                 }
-                tokens = {key: TokenStats(handle.get_tensor(f"{key}.counts")) for key in meta["embeddings"]}
+                tied = meta.get("tied_heads", [])
+                tokens = {
+                    key: TokenStats(
+                        handle.get_tensor(f"{key}.counts"),
+                        handle.get_tensor(f"{key}.head_second_moment") if key in tied else None,
+                    )
+                    for key in meta["embeddings"]
+                }
         except ValueError:
             raise
         except Exception as err:  # safetensors raises its own types for truncated or garbled files
@@ -120,6 +132,11 @@ class CalibrationStats:
                     f"calibration token counts for {name} cover {stats.counts.shape[0]} tokens, "
                     f"not {module.num_embeddings}: another vocabulary"
                 )
+            elif stats.head_second_moment is not None and stats.head_second_moment.shape[0] != module.embedding_dim:
+                raise ValueError(
+                    f"calibration statistics for the head tied to {name} are {stats.head_second_moment.shape[0]} "
+                    f"wide, the embedding {module.embedding_dim}: they come from another model"
+                )
             digest = self.digests.get(name)
             if digest is not None and not torch.allclose(
                 torch.tensor(digest), torch.tensor(weight_digest(module)), rtol=1e-6
@@ -143,6 +160,14 @@ def calibration_targets(model: nn.Module, names: list[str]) -> tuple[list[str], 
     return linear, embeddings
 
 
+def tied_heads(model: nn.Module, embeddings: list[str]) -> dict[str, nn.Module]:
+    """The output head that shares its weight with each of ``embeddings``, where one does."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if getter is not None else None
+    weight = getattr(head, "weight", None)
+    return {name: head for name in embeddings if weight is not None and weight is model.get_submodule(name).weight}
+
+
 def check_token_count(model: nn.Module, linear: list[str], tokens: int) -> None:
     widths = {name: dense_weight(model.get_submodule(name))[0].shape[0] for name in linear}
     if widths and tokens < max(widths.values()):
@@ -157,6 +182,9 @@ def check_finite(stats: CalibrationStats) -> None:
     for key, accumulator in stats.inputs.items():
         if not torch.isfinite(accumulator.second_moment).all():
             raise ValueError(f"the inputs of {key} hold NaN or infinite values on the calibration text")
+    for key, accumulator in stats.tokens.items():
+        if accumulator.head_second_moment is not None and not torch.isfinite(accumulator.head_second_moment).all():
+            raise ValueError(f"the head tied to {key} receives NaN or infinite values on the calibration text")
 
 
 @torch.no_grad()
@@ -208,11 +236,20 @@ def collect(
 
         return hook
 
+    def head_hook(name: str):
+        def hook(module, args):
+            flat = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            head_sums[name] = head_sums.get(name, 0) + flat.T @ flat
+
+        return hook
+
+    head_sums: dict[str, torch.Tensor] = {}
     handles = [model.get_submodule(n).register_forward_pre_hook(linear_hook(n)) for n in linear]
     handles += [
         model.get_submodule(n).register_forward_pre_hook(embedding_hook(n, model.get_submodule(n).num_embeddings))
         for n in embeddings
     ]
+    handles += [head.register_forward_pre_hook(head_hook(n)) for n, head in tied_heads(model, embeddings).items()]
     was_training = model.training
     model.eval()
     started = time.perf_counter()
@@ -228,7 +265,13 @@ def collect(
     stats = CalibrationStats(
         owner,
         inputs={key: InputStats(sums[key].cpu(), counts[key]) for key in counts},
-        tokens={name: TokenStats(sums[name] if token_counts is None else token_counts.double()) for name in embeddings},
+        tokens={
+            name: TokenStats(
+                sums[name] if token_counts is None else token_counts.double(),
+                head_sums[name].cpu() if name in head_sums else None,
+            )
+            for name in embeddings
+        },
         digests={name: weight_digest(model.get_submodule(name)) for name in [*linear, *embeddings]},
         model_type=getattr(getattr(model, "config", None), "model_type", None),
         seconds=time.perf_counter() - started,

@@ -34,11 +34,20 @@ def whitening_factor(second_moment: torch.Tensor) -> torch.Tensor:
     raise ValueError("the calibration second moment is not positive definite even with a ridge")
 
 
-def weighted_error(weight: torch.Tensor, approximation: torch.Tensor, row_weights: torch.Tensor) -> float:
-    """(Σ_v w_v ‖W_v − Ŵ_v‖² / Σ_v w_v ‖W_v‖²)^½: rows weighted, e.g. embedding rows by token frequency."""
+def weighted_error(
+    weight: torch.Tensor,
+    approximation: torch.Tensor,
+    row_weights: torch.Tensor,
+    column_second_moment: torch.Tensor | None = None,
+) -> float:
+    """(Σ_v w_v ‖W_v − Ŵ_v‖² / Σ_v w_v ‖W_v‖²)^½: rows weighted, e.g. embedding rows by token frequency;
+    with ``column_second_moment`` C each row's norm is ‖·‖_C (Δ_v C Δ_vᵀ), e.g. a tied head's logit error."""
     w, weight = row_weights.double()[:, None], weight.detach().double()
     delta = weight - approximation.detach().double()
-    return float(((w * delta**2).sum() / (w * weight**2).sum()).sqrt())
+    if column_second_moment is None:
+        return float(((w * delta**2).sum() / (w * weight**2).sum()).sqrt())
+    c = column_second_moment.double()
+    return float(((w * delta * (delta @ c)).sum() / (w * weight * (weight @ c)).sum()).clamp_min(0).sqrt())
 
 
 def calibrated_error(weight: torch.Tensor, approximation: torch.Tensor, second_moment: torch.Tensor) -> float:

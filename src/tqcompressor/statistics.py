@@ -17,9 +17,14 @@ class InputStats:
 
 @dataclass
 class TokenStats:
-    """How often each token id occurred in the calibration text (float64, vocab)."""
+    """How often each token id occurred in the calibration text (float64, vocab), and, for an embedding
+    an output head is tied to, Σ h hᵀ over the head's inputs (float64, dim x dim): the head's logit
+    error for token v is (E_v − Ê_v)·h, and the final hidden states are far from isotropic (SmolLM2's
+    second moment spans eigenvalues 0.02 to 902), so a fit that weighs every embedding column alike
+    spends its rank where the head never looks."""
 
     counts: torch.Tensor
+    head_second_moment: torch.Tensor | None = None
 
     def weights(self, smoothing: float = 0.1) -> torch.Tensor:
         """Row weights for an embedding fit: token frequencies mixed with ``smoothing`` of the uniform

@@ -320,32 +320,35 @@ class KroneckerMethod(CompressionMethod):
         # Token-frequency weights scale rows; a row scale keeps kron(E', b) structure and column orders.
         scale = None if stats is None else stats.weights().sqrt().to(target)[:, None]
         weighted = target if scale is None else scale * target
-        result = self._search(weighted, shape, config, rows=False, estimate=estimate)
+        found = [self._search(weighted, shape, config, rows=False, estimate=estimate)]
         if stats is not None and not estimate and config.permute is not False:
             # The order a budget priced this embedding with: a time-bounded search can end short of it.
-            quick = self._search(weighted, shape, config, rows=False, estimate=True)
-            result = min(result, quick, key=lambda found: found.relative_error)
+            found.append(self._search(weighted, shape, config, rows=False, estimate=True))
         plain = nearest_kronecker(weighted, shape)
         if scale is not None:
-            for factors in (result.factors, plain):
+            for factors in [result.factors for result in found] + [plain]:
                 factors.a = factors.a / scale
-        layer = KroneckerEmbedding.from_factors(result.factors, inner_of=inner_of).to(dense.device)
-        # Both errors against the embedding being replaced, so a second ÷k is reported like the first.
-        plain_layer = KroneckerEmbedding.from_factors(plain, inner_of=inner_of)
         if stats is None:
-            errors = relative_error(layer.weight, dense), relative_error(plain_layer.weight, dense)
-            objective, details = "frobenius", {}
+            measure = lambda table: relative_error(table, dense)  # noqa: E731
         else:
-            weights = stats.weights()
-            errors = weighted_error(dense, layer.weight, weights), weighted_error(dense, plain_layer.weight, weights)
-            objective, details = "calibrated", {"frobenius": relative_error(layer.weight, dense)}
+            # Measured like a low-rank fit's, tied head included, so that a budget compares like with like;
+            # the fit itself weighs rows only: a column weighting would break the kron(E', b) structure.
+            weights, head = stats.weights(), stats.head_second_moment
+            measure = lambda table: weighted_error(dense, table, weights, head)  # noqa: E731
+        # Both errors against the embedding being replaced, so a second ÷k is reported like the first.
+        layers = [KroneckerEmbedding.from_factors(result.factors, inner_of=inner_of) for result in found]
+        errors = [measure(layer.weight) for layer in layers]
+        best = min(range(len(found)), key=errors.__getitem__)
+        layer, result = layers[best].to(dense.device), found[best]
+        plain_error = measure(KroneckerEmbedding.from_factors(plain, inner_of=inner_of).weight)
         report = FitReport(
             list(dense.shape),
             f"{vocab}x{width // k} ⊗ 1x{k}",
-            *errors,
+            errors[best],
+            plain_error,
             result.best_trial.start,
-            objective=objective,
-            details=details,
+            objective="frobenius" if stats is None else "calibrated",
+            details={} if stats is None else {"frobenius": relative_error(layer.weight, dense)},
         )
         return layer, report
 

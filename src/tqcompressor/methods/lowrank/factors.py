@@ -56,15 +56,24 @@ def whitened_svd(weight: torch.Tensor, rank: int, second_moment: torch.Tensor) -
     return LowRankFactors(left.to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype))
 
 
-def scaled_svd(weight: torch.Tensor, rank: int, row_scale: torch.Tensor) -> LowRankFactors:
+def scaled_svd(
+    weight: torch.Tensor, rank: int, row_scale: torch.Tensor, column_second_moment: torch.Tensor | None = None
+) -> LowRankFactors:
     """Rank-``rank`` W ≈ U V minimising ‖diag(s) (W − U V)‖: per-row weights, e.g. each input channel's
-    RMS (ASVD-style diagonal whitening) or each token's frequency for an embedding table."""
+    RMS (ASVD-style diagonal whitening) or each token's frequency for an embedding table. With
+    ``column_second_moment`` C = T Tᵀ it minimises ‖diag(s) (W − U V) T‖ (a tied head's logit error):
+    the truncated SVD of diag(s) W T, with V = V' T⁻¹."""
     _check_rank(weight, rank)
     scale = row_scale.double().clamp_min(float(row_scale.max()) * 1e-8 + torch.finfo(torch.float64).tiny)
-    u, s, vh = torch.linalg.svd(scale[:, None] * weight.double(), full_matrices=False)
+    scaled = scale[:, None] * weight.double()
+    factor = None if column_second_moment is None else whitening_factor(column_second_moment)
+    u, s, vh = torch.linalg.svd(scaled if factor is None else scaled @ factor, full_matrices=False)
     root = s[:rank].sqrt()
     left = (u[:, :rank] * root) / scale[:, None]
-    return LowRankFactors(left.to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype))
+    right = root[:, None] * vh[:rank]
+    if factor is not None:  # R T = R' for lower-triangular T: Tᵀ Rᵀ = R'ᵀ
+        right = torch.linalg.solve_triangular(factor.T, right.T, upper=True).T
+    return LowRankFactors(left.to(weight.dtype), right.to(weight.dtype))
 
 
 def _check_rank(weight: torch.Tensor, rank: int) -> None:

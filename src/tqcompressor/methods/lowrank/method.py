@@ -76,10 +76,13 @@ class LowRankMethod(CompressionMethod):
 
     def estimates(self, module: nn.Module, stats: InputStats | TokenStats) -> list[Estimate]:
         """Exact: the calibrated fit at rank k loses the tail of the singular values of SᵀW (whitened
-        rows) or of W with rows scaled by the square root of their token frequency (embeddings)."""
+        rows) or of W with rows scaled by the square root of their token frequency (embeddings; times
+        T, C = T Tᵀ, with a tied head's input second moment C)."""
         if isinstance(module, nn.Embedding):
             weight = module.weight.detach()
             scaled = stats.weights().sqrt()[:, None] * weight.double()
+            if stats.head_second_moment is not None:
+                scaled = scaled @ whitening_factor(stats.head_second_moment)
         elif isinstance(module, LINEAR_TYPES):
             weight = dense_weight(module)[0].detach()
             scaled = whitening_factor(stats.second_moment.double()).T @ weight.double()
@@ -104,12 +107,13 @@ class LowRankMethod(CompressionMethod):
         if stats is None:
             factors, report = plain, FitReport(list(weight.shape), f"rank {rank}", plain.relative_error(weight))
         elif isinstance(stats, TokenStats):
-            # Each token's row weighs as often as it occurs (smoothed); the tied head's logits inherit it.
-            weights = stats.weights()
-            factors = scaled_svd(weight, rank, weights.sqrt())
-            report = _calibrated_report(
-                weight, rank, factors, plain, lambda w: weighted_error(weight, w, weights), "frequency"
-            )
+            # Each token's row weighs as often as it occurs (smoothed); a tied head's logit error for it
+            # as often as it is predicted, which frequency approximates, times its hidden states' moment.
+            weights, head = stats.weights(), stats.head_second_moment
+            factors = scaled_svd(weight, rank, weights.sqrt(), head)
+            measure = lambda w: weighted_error(weight, w, weights, head)  # noqa: E731
+            how = "frequency" if head is None else "frequency, tied head"
+            report = _calibrated_report(weight, rank, factors, plain, measure, how)
         else:
             c = stats.second_moment
             if config.whitening == "diagonal":
