@@ -2,7 +2,7 @@
 
     python benchmarks/allocation.py [--models house-teacher smollm2-135m gpt2-small-random] [--ratios 0.7 0.5]
         [--calibration-tokens 32768] [--sensitivity-tokens 1024] [--count-tokens 4194304] [--max-tokens 8000]
-        [--sequential] [--resume]
+        [--sequential [--only-sequential]] [--resume]
 
 Plans per model and budget (every one fitted to the same calibration statistics):
 
@@ -172,7 +172,7 @@ def run_model(name: str, args, data: dict, path) -> None:
     for ratio, target, uniforms in budgets(name, model, args.ratios):
         plans = {}
         for plan_name, sensitivity in (("auto", None), ("auto-sensitivity", probe_blocks)):
-            if (name, plan_name, ratio) not in done:
+            if (name, plan_name, ratio) not in done and not args.only_sequential:
                 plans[plan_name] = allocation_plan(model, stats, target, sensitivity)
         if args.sequential and (name, SEQUENTIAL, ratio) not in done:
             plans[SEQUENTIAL] = allocation_plan(model, stats, target, probe_blocks, methods=["lowrank"])
@@ -263,9 +263,16 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8_000)
     parser.add_argument("--lambada-passages", type=int, default=200, help="SmolLM2 only")
     parser.add_argument("--sequential", action="store_true", help=f"also the {SEQUENTIAL} plan")
+    parser.add_argument(
+        "--only-sequential",
+        action="store_true",
+        help=f"with --sequential: the {SEQUENTIAL} plans, not the at-once ones",
+    )
     parser.add_argument("--resume", action="store_true", help="keep finished records in allocation.json")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown")
     args = parser.parse_args()
+    if args.only_sequential and not args.sequential:
+        parser.error("--only-sequential needs --sequential")
     path = RESULTS / "allocation.json"
     data = json.loads(path.read_text()) if (args.resume or args.from_json) and path.exists() else None
     if data is None or "models" not in data["meta"]:

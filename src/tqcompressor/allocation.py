@@ -11,14 +11,15 @@ projections were cut to the bone, and the model broke. The allocation is a greed
 layer's lower convex hull of (parameters, loss), always taking the step that frees parameters at the
 least loss per parameter.
 
-The token embedding is a candidate too (its rows weighted by calibration token frequency; a head tied
-to it follows it and is counted once). Equal relative error is not equal harm, though: with
-``sensitivity`` blocks, every module is measured, ASVD-style: the KL divergence of the model's
-next-token distribution from the original's, on those blocks, with only that module replaced by its
-probe candidate (low-rank near half its parameters). A candidate's cost is then the KL on the line
-through (0, 0) and that point. The choice made on those costs is measured too (each module at the
-candidate chosen for it, alone) and made again on the curves through the points so far: the line from
-the probe misjudged SmolLM2's tied embedding, whose KL near full rank is 2.4x what the line says.
+The token embedding is a candidate too (its rows weighted by calibration token frequency and, with a
+head tied to it, priced by that head's logit error as well; the head is counted once). Equal relative
+error is not equal harm, though: with ``sensitivity`` blocks, every module is measured, ASVD-style: the
+KL divergence of the model's next-token distribution from the original's, on those blocks, with only
+that module replaced by its probe candidate (low-rank near half its parameters). A candidate's cost is
+then the KL on the line through (0, 0) and that point. The choice made on those costs is measured too
+(each module at the candidate chosen for it, alone) and made again on the curves through the points so
+far: the line from the probe misjudged SmolLM2's tied embedding, whose KL near full rank is 2.4x what
+the line says.
 """
 
 from __future__ import annotations
