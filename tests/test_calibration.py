@@ -13,7 +13,7 @@ import tqcompressor as tq
 from tqcompressor.calibration import CalibrationStats, collect
 from tqcompressor.linalg import calibrated_error, weighted_error
 from tqcompressor.methods.kronecker import KroneckerShape, nearest_kronecker
-from tqcompressor.methods.kronecker.calibrated import _a_step, _b_step, calibrated_factors, objective
+from tqcompressor.methods.kronecker.calibrated import _a_step, _b_step, _objective, calibrated_factors, objective
 from tqcompressor.methods.lowrank import truncated_svd
 from tqcompressor.methods.lowrank.factors import scaled_svd, whitened_svd
 
@@ -78,6 +78,8 @@ def test_each_alternating_step_is_the_exact_least_squares_minimiser():
         dim=1,
     )
     direct = torch.linalg.lstsq(design, (x @ w).reshape(-1)).solution
+    # The objective the refinement compares steps by, from C and CW alone, is the residual's.
+    assert _objective(float((w * (c @ w)).sum()), c4, cw4, a, b) == pytest.approx(objective(w, c, a, b))
     assert objective(w, c, _a_step(c4, cw4, b), b) == pytest.approx(objective(w, c, direct.reshape(r, m1, n1), b))
     new_b = _b_step(c4, cw4, a)
     for _ in range(3):  # no perturbation of the solved B lowers the objective
@@ -257,6 +259,49 @@ def test_a_tied_heads_moment_makes_the_fit_exact_in_the_directions_the_head_read
     )
 
 
+def planted_kronecker_table(vocab: int, width: int, k: int, moment: torch.Tensor, g: torch.Generator):
+    """kron(E', b) plus large noise in the null space of ``moment`` (directions a tied head never reads)."""
+    table = torch.kron(torch.randn(vocab, width // k, generator=g, dtype=torch.float64), torch.tensor([[1.5, -0.7]]))
+    eigenvalues, eigenvectors = torch.linalg.eigh(moment)
+    unseen = eigenvectors[:, eigenvalues < 1e-9 * eigenvalues.max()]
+    return table + 3 * torch.randn(vocab, unseen.shape[1], generator=g, dtype=torch.float64) @ unseen.T
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_a_tied_heads_moment_makes_the_kronecker_embedding_fit_exact_where_the_head_reads(stages):
+    # Planted: the table is kron(E', b) in the directions the head's inputs take, and noise elsewhere. A
+    # second ÷2 factors the base of a KroneckerEmbedding, where the head reads through the outer stage.
+    g = torch.Generator().manual_seed(5)
+    vocab, dim = 60, 12
+    hidden = torch.randn(500, 4, generator=g, dtype=torch.float64) @ torch.randn(4, dim, generator=g).double()
+    moment = hidden.T @ hidden
+    if stages == 1:
+        module = nn.Embedding(vocab, dim).double()
+        module.weight.data = planted_kronecker_table(vocab, dim, 2, moment, g)
+    else:
+        outer_scale, outer_index = torch.randn(2, generator=g).double(), torch.randperm(dim, generator=g)
+        outer = tq.KroneckerEmbedding(torch.zeros(vocab, dim // 2), [outer_scale], [outer_index]).double()
+        module = tq.KroneckerEmbedding(
+            planted_kronecker_table(vocab, dim // 2, 2, outer.reduce(outer.reduce(moment).T), g),
+            [outer_scale],
+            [outer_index],
+        ).double()
+    counts = torch.randint(1, 50, (vocab,), generator=g).double()
+    method, config = tq.get_method("kronecker"), tq.KroneckerConfig(embedding_factor=2, permute=False)
+    errors = {}
+    for label, head in (("tied", moment), ("rows", None)):
+        stats = tq.calibration.TokenStats(counts, head_second_moment=head)
+        with torch.no_grad():  # as compress_ may call it
+            fitted, report = method.fit(module, config, stats)
+        errors[label] = weighted_error(module.weight, fitted.weight, stats.weights(), moment)
+        assert report.error == pytest.approx(
+            weighted_error(module.weight, fitted.weight, stats.weights(), head), rel=1e-6
+        )
+        assert len(fitted.scales) == stages
+    assert errors["tied"] < 1e-3  # the logits h·E_v are all kept
+    assert errors["rows"] > 0.3  # the unseen noise decided the fit
+
+
 def test_a_tied_embeddings_fit_keeps_the_logits_closer_and_reports_the_heads_objective():
     model = tiny_gpt2()
     ids = blocks()
@@ -280,12 +325,12 @@ def test_a_tied_embeddings_fit_keeps_the_logits_closer_and_reports_the_heads_obj
                 else weighted_error(embedding.weight, fitted.to_dense().weight, tied.weights()),
                 rel=1e-5,
             )
-            if config.method == "lowrank":
-                compressed = tiny_gpt2()
-                with torch.no_grad():  # tied: the head sees the new table too
-                    compressed.transformer.wte.weight.copy_(fitted.to_dense().weight)
-                    errors[label] = float((compressed(ids).logits - reference).square().mean())
-    assert errors["tied"] < errors["rows"]
+            compressed = tiny_gpt2()
+            with torch.no_grad():  # tied: the head sees the new table too
+                compressed.transformer.wte.weight.copy_(fitted.to_dense().weight)
+                errors[config.method, label] = float((compressed(ids).logits - reference).square().mean())
+    for method_name in ("lowrank", "kronecker"):
+        assert errors[method_name, "tied"] < errors[method_name, "rows"]
 
 
 def test_frequency_weighted_embeddings_fit_frequent_tokens_better():

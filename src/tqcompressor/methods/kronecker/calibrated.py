@@ -6,6 +6,10 @@ rows) and whiten by S₁ ⊗ S₂, which keeps the Kronecker structure, so plain
 refine on the exact objective by alternating least squares: with every Bᵢ fixed the Aᵢ solve one
 linear system shared by all columns of A, and vice versa. Each half-step is an exact minimiser, and a
 step that would raise the objective (round-off) is not taken.
+
+``row_scaled_factors`` is the other case: one term with B a single row (an embedding's kron(E', b)),
+the metric C on W's columns and weights on its rows; there b alone is searched, in closed form for the
+rest.
 """
 
 from __future__ import annotations
@@ -45,8 +49,18 @@ def objective(w: torch.Tensor, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return float((delta * (c @ delta)).sum())
 
 
+def _objective(norm: float, c4: torch.Tensor, cw4: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """``objective`` from tr(WᵀCW), C and CW alone: tr(KᵀCK) − 2 tr(KᵀCW) + tr(WᵀCW) for K = Σ aᵢ ⊗ bᵢ,
+    without forming the residual, whose product with C costs in² x out per call."""
+    aa = torch.einsum("iac,jxc->ijax", a, a)
+    bb = torch.einsum("ibd,jed->ijbe", b, b)
+    quadratic = (torch.einsum("abxe,ijax->ijbe", c4, aa) * bb).sum()
+    cross = (torch.einsum("ibd,abcd->iac", b, cw4) * a).sum()
+    return float(norm - 2 * cross + quadratic)
+
+
 def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    jitter = 1e-12 * float(gram.diagonal().mean().abs()) + 1e-300
+    jitter = 1e-12 * float(gram.detach().diagonal().mean().abs()) + 1e-300
     eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram + jitter * eye, rhs)
 
@@ -95,14 +109,14 @@ def calibrated_factors(
     start = fit_factors(whitened, shape)
     a = torch.linalg.solve_triangular(s1.T.expand(shape.rank, m1, m1), start.a.double(), upper=True)
     b = torch.linalg.solve_triangular(s2.T.expand(shape.rank, m2, m2), start.b.double(), upper=True)
-    best = objective(w, c, a, b)
+    best = _objective(norm, c4, cw4, a, b)
     history = [max(best, 0.0) ** 0.5 / norm**0.5]
     for _ in range(iterations):
         before = best
         for step in ("a", "b"):
             candidate_a = _a_step(c4, cw4, b) if step == "a" else a
             candidate_b = _b_step(c4, cw4, a) if step == "b" else b
-            value = objective(w, c, candidate_a, candidate_b)
+            value = _objective(norm, c4, cw4, candidate_a, candidate_b)
             if value < best:
                 a, b, best = candidate_a, candidate_b, value
         history.append(max(best, 0.0) ** 0.5 / norm**0.5)
@@ -110,3 +124,71 @@ def calibrated_factors(
             break
     factors = KroneckerFactors(a.to(weight.dtype), b.to(weight.dtype), row_perm, col_perm)
     return factors, history
+
+
+def _scale_trace_ratio(a4: torch.Tensor, b4: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """tr((M A Mᵀ)⁻¹ M B Mᵀ) for M = I ⊗ bᵀ with b = scale/‖scale‖ (A, B as (n, k, n, k) blocks)."""
+    b = scale / scale.norm()
+    ga = torch.einsum("jlmq,l,q->jm", a4, b, b)
+    gb = torch.einsum("jlmq,l,q->jm", b4, b, b)
+    return _solve(ga, gb).trace()
+
+
+def _maximise_trace_ratio(
+    a4: torch.Tensor, b4: torch.Tensor, initial: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, float]:
+    """(b, the trace ratio there), climbing from ``initial``; b has ``factor`` numbers, so this is cheap."""
+    scale = initial.to(a4).clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([scale], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = -_scale_trace_ratio(a4, b4, scale)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():  # fits may run under no_grad
+        optimizer.step(closure)
+    with torch.no_grad():
+        return scale.detach() / scale.norm(), float(_scale_trace_ratio(a4, b4, scale))
+
+
+def row_scaled_factors(
+    weight: torch.Tensor,
+    factor: int,
+    column_moment: torch.Tensor,
+    row_weights: torch.Tensor,
+    col_perm: torch.Tensor,
+    start: torch.Tensor,
+    steps: int = 50,
+) -> KroneckerFactors:
+    """W[:, col_perm] ≈ A ⊗ b, b one row of ``factor``, minimising Σ_v f_v Δ_v C Δ_vᵀ: C weighs W's
+    columns (e.g. a tied head's inputs reading an embedding), f its rows (token frequencies).
+
+    With b fixed, each row of A is its own least-squares fit, A = W C Mᵀ (M C Mᵀ)⁻¹ for M = I ⊗ bᵀ, and
+    what is left to minimise is tr(C W_fᵀW) − tr((M C Mᵀ)⁻¹ M C W_fᵀW C Mᵀ) with W_fᵀW = Σ_v f_v W_vᵀW_v:
+    a trace ratio of width x width matrices in b's ``factor`` numbers. L-BFGS maximises it from
+    ``start`` (e.g. the Frobenius fit's b) and from the generalized eigenvectors of its diagonal blocks;
+    W itself is touched twice. Alternating least squares stalls here when C is far from isotropic."""
+    rows, width = weight.shape
+    n = width // factor
+    w = weight.double()[:, col_perm]
+    c = column_moment.double().to(w.device)[col_perm][:, col_perm]
+    gram = w.T @ (row_weights.double().to(w.device)[:, None] * w)
+    a4, b4 = c.reshape(n, factor, n, factor), (c @ gram @ c).reshape(n, factor, n, factor)
+    diagonal_a, diagonal_b = a4.diagonal(dim1=0, dim2=2).sum(-1), b4.diagonal(dim1=0, dim2=2).sum(-1)
+    whitening = whitening_factor(diagonal_a)
+    inverse = torch.linalg.inv(whitening)
+    _, vectors = torch.linalg.eigh(inverse @ diagonal_b @ inverse.T)
+    vectors = torch.linalg.solve_triangular(whitening.T, vectors, upper=True).T
+    found = [_maximise_trace_ratio(a4, b4, initial, steps) for initial in (start.double().reshape(-1), *vectors)]
+    best = max(found, key=lambda pair: pair[1])[0]
+    m = torch.kron(torch.eye(n, dtype=w.dtype, device=w.device), best[None])
+    cm = c @ m.T
+    a = _solve(m @ cm, (w @ cm).T).T
+    return KroneckerFactors(
+        a[None].to(weight.dtype),
+        best.reshape(1, 1, factor).to(weight.dtype),
+        torch.arange(rows, device=weight.device),
+        col_perm,
+    )

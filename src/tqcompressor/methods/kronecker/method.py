@@ -14,7 +14,7 @@ from ...statistics import InputStats, TokenStats
 from ..base import CompressionMethod, Estimate, FitReport, MethodConfig
 from ..registry import register
 from ..targets import LINEAR_TYPES, dense_weight, relative_error
-from .calibrated import calibrated_factors, kronecker_whitened
+from .calibrated import calibrated_factors, kronecker_whitened, row_scaled_factors
 from .factors import nearest_kronecker
 from .modules import KroneckerEmbedding, KroneckerLinear
 from .search import search_permutations
@@ -196,9 +196,9 @@ class KroneckerMethod(CompressionMethod):
         return found
 
     def _embedding_estimates(self, module: nn.Embedding, stats: TokenStats) -> list[Estimate]:
-        """Fitted outright on the frequency-weighted objective with the estimate's column search: cheap,
-        since B is 1 x k, and an upper bound of the installed fit, which keeps the better of that order
-        and its configured search's."""
+        """Fitted outright on the calibrated objective (tied head included) in the identity order and the
+        estimate's column search: cheap, since B is 1 x k, and an upper bound of the installed fit, which
+        tries those orders too."""
         vocab, width = module.weight.shape
         found = []
         for factor in ESTIMATE_EMBEDDING_FACTORS:
@@ -311,6 +311,9 @@ class KroneckerMethod(CompressionMethod):
     def _fit_embedding(
         self, module: nn.Module, config: KroneckerConfig, stats: TokenStats | None, estimate: bool = False
     ) -> tuple[KroneckerEmbedding, FitReport]:
+        """Column orders from the search on the frequency-weighted table (and, calibrated, the identity
+        order and the one a budget's estimate priced, so the fit never lands above its estimate); for
+        each, the factors minimising the calibrated objective (``_embedding_metric``); the best kept."""
         dense = module.weight.detach()
         table, inner_of = _embedding_target(module)
         target = table.detach()
@@ -320,37 +323,54 @@ class KroneckerMethod(CompressionMethod):
         # Token-frequency weights scale rows; a row scale keeps kron(E', b) structure and column orders.
         scale = None if stats is None else stats.weights().sqrt().to(target)[:, None]
         weighted = target if scale is None else scale * target
-        found = [self._search(weighted, shape, config, rows=False, estimate=estimate)]
+        search = self._search(weighted, shape, config, rows=False, estimate=estimate)
+        orders = {"identity": nearest_kronecker(weighted, shape), "search": search.factors}
         if stats is not None and not estimate and config.permute is not False:
-            # The order a budget priced this embedding with: a time-bounded search can end short of it.
-            found.append(self._search(weighted, shape, config, rows=False, estimate=True))
-        plain = nearest_kronecker(weighted, shape)
+            # A time-bounded search can end short of the order the estimate found.
+            orders["estimate-search"] = self._search(weighted, shape, config, rows=False, estimate=True).factors
         if scale is not None:
-            for factors in [result.factors for result in found] + [plain]:
+            for factors in orders.values():
                 factors.a = factors.a / scale
+        metric = _embedding_metric(stats, inner_of)
+        if metric is not None:
+            orders = {
+                name: row_scaled_factors(target, k, metric, stats.weights(), f.col_perm, start=f.b)
+                for name, f in orders.items()
+            }
         if stats is None:
             measure = lambda table: relative_error(table, dense)  # noqa: E731
         else:
-            # Measured like a low-rank fit's, tied head included, so that a budget compares like with like;
-            # the fit itself weighs rows only: a column weighting would break the kron(E', b) structure.
             weights, head = stats.weights(), stats.head_second_moment
             measure = lambda table: weighted_error(dense, table, weights, head)  # noqa: E731
-        # Both errors against the embedding being replaced, so a second ÷k is reported like the first.
-        layers = [KroneckerEmbedding.from_factors(result.factors, inner_of=inner_of) for result in found]
-        errors = [measure(layer.weight) for layer in layers]
-        best = min(range(len(found)), key=errors.__getitem__)
-        layer, result = layers[best].to(dense.device), found[best]
-        plain_error = measure(KroneckerEmbedding.from_factors(plain, inner_of=inner_of).weight)
+        # Errors against the embedding being replaced, so a second ÷k is reported like the first.
+        layers = {name: KroneckerEmbedding.from_factors(f, inner_of=inner_of) for name, f in orders.items()}
+        errors = {name: measure(layer.weight) for name, layer in layers.items()}
+        best = min(errors, key=errors.get)
+        layer = layers[best].to(dense.device)
         report = FitReport(
             list(dense.shape),
             f"{vocab}x{width // k} ⊗ 1x{k}",
             errors[best],
-            plain_error,
-            result.best_trial.start,
+            errors["identity"],
+            search.best_trial.start if best == "search" else best,
             objective="frobenius" if stats is None else "calibrated",
             details={} if stats is None else {"frobenius": relative_error(layer.weight, dense)},
         )
         return layer, report
+
+
+def _embedding_metric(stats: TokenStats | None, inner_of: KroneckerEmbedding | None) -> torch.Tensor | None:
+    """What prices an error Δ in the table being factored: a tied head's logit error Δ_v C Δ_vᵀ, carried
+    through the outer stages O that expand the table to the embedding (÷k again): O C Oᵀ. None without
+    a tied head: then the metric is O Oᵀ, a multiple of the identity (every base column feeds k outputs
+    scaled by the same b), which the frequency-weighted Van Loan fit already minimises."""
+    if stats is None or stats.head_second_moment is None:
+        return None
+    c = stats.head_second_moment.double()
+    if inner_of is None:
+        return c
+    with torch.no_grad():
+        return inner_of.reduce(inner_of.reduce(c).T.contiguous())
 
 
 register(KroneckerMethod())

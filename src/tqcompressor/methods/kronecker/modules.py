@@ -270,13 +270,18 @@ class KroneckerEmbedding(CompressedModule):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.expand(F.embedding(input_ids, self.base))
 
-    def attend(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden @ E.T through the factors: undo each stage's gather and scale, then one small matmul."""
+    def reduce(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden @ Oᵀ, O the linear map ``expand`` applies to rows of ``base``: each stage's gather and
+        scale undone, in reverse order."""
         for stage in reversed(range(len(self.scales))):
             scale = self.scales[stage].to(hidden.dtype)
             inverse = torch.argsort(self.stage_index(stage))
             hidden = hidden.index_select(-1, inverse).unflatten(-1, (-1, scale.numel())) @ scale
-        return hidden @ self.base.to(hidden.dtype).T
+        return hidden
+
+    def attend(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden @ E.T through the factors: one small matmul after ``reduce``."""
+        return self.reduce(hidden) @ self.base.to(hidden.dtype).T
 
     @property
     def weight(self) -> torch.Tensor:
