@@ -75,20 +75,16 @@ def main() -> None:
     args = parser.parse_args()
     path = args.out / "calibration.json"
     data = json.loads(path.read_text()) if (args.resume or args.from_json) and path.exists() else None
-    if data is None:
-        data = {
-            "meta": {
-                "command": "python benchmarks/calibration.py "
-                + " ".join(
-                    f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
-                    for k, v in vars(args).items()
-                    if k not in ("out", "resume", "from_json")
-                )
-            },
-            "records": [],
-        }
-        data["meta"].update(machine=machine())
+    data = data or {"meta": {}, "records": []}
     if not args.from_json:
+        command = "python benchmarks/calibration.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k not in ("out", "resume", "from_json")
+        )
+        meta = data["meta"]
+        earlier = meta.get("commands", [meta["command"]] if "command" in meta else [])
+        data["meta"] = {"commands": [*earlier, command + (" --resume" if args.resume else "")], "machine": machine()}
         args.out.mkdir(parents=True, exist_ok=True)
         for name in args.models:
             run_model(name, args, data, path)
@@ -162,7 +158,9 @@ def write_report(data: dict, out: Path) -> None:
     lines = [
         "# Calibrated against data-free compression (no distillation)",
         "",
-        f"Command: `{data['meta']['command']}` on {data['meta']['machine']}.",
+        "Commands, in order: "
+        + "; ".join(f"`{c}`" for c in data["meta"].get("commands", [data["meta"].get("command")]))
+        + f". Machine: {data['meta']['machine']}.",
         "Calibration text: `corpus/gutenberg/train`; held-out perplexity on `corpus/gutenberg/heldout`.",
         "",
         "| model | method | calibrated | params | held-out ppl | WikiText-2 ppl | LAMBADA acc | compress s |",
