@@ -43,7 +43,7 @@ import time
 from collections import Counter
 
 import torch
-from common import ASSETS, RESULTS, heldout_ids, load_smollm2, machine
+from common import ASSETS, RESULTS, command_history, heldout_ids, load_smollm2, machine
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
@@ -287,9 +287,8 @@ def main() -> None:
             flag(k, v) for k, v in vars(args).items() if k not in ("from_json", "resume") and v is not False
         )
         meta = data["meta"]
-        earlier = meta.get("commands", [meta["command"]] if "command" in meta else [])
         data["meta"] = {
-            "commands": [*earlier, command + (" --resume" if args.resume else "")],
+            "commands": command_history(meta, command + (" --resume" if args.resume else "")),
             "machine": machine(),
             "models": list(dict.fromkeys([*meta.get("models", []), *args.models])),
         }

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ASSETS, RESULTS, heldout_ids, load_smollm2, machine
+from common import ASSETS, RESULTS, command_history, heldout_ids, load_smollm2, machine
 
 import tqcompressor as tq
 from tqcompressor.calibration import collect
@@ -82,9 +82,8 @@ def main() -> None:
             for k, v in vars(args).items()
             if k not in ("out", "resume", "from_json")
         )
-        meta = data["meta"]
-        earlier = meta.get("commands", [meta["command"]] if "command" in meta else [])
-        data["meta"] = {"commands": [*earlier, command + (" --resume" if args.resume else "")], "machine": machine()}
+        commands = command_history(data["meta"], command + (" --resume" if args.resume else ""))
+        data["meta"] = {"commands": commands, "machine": machine()}
         args.out.mkdir(parents=True, exist_ok=True)
         for name in args.models:
             run_model(name, args, data, path)

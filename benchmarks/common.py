@@ -29,6 +29,12 @@ def heldout_ids(tokenizer, max_tokens: int | None = None) -> list[int]:
     return ids if max_tokens is None else ids[: max_tokens + 1]
 
 
+def command_history(meta: dict, command: str) -> list[str]:
+    """The commands that made a results file so far, ``command`` last (older files kept one "command")."""
+    earlier = meta.get("commands", [meta["command"]] if "command" in meta else [])
+    return [*earlier, command]
+
+
 def machine() -> str:
     """What made a benchmark's numbers: CPU architecture, torch threads and version."""
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -153,42 +153,56 @@ def _maximise_trace_ratio(
         return scale.detach() / scale.norm(), float(_scale_trace_ratio(a4, b4, scale))
 
 
-def row_scaled_factors(
-    weight: torch.Tensor,
-    factor: int,
-    column_moment: torch.Tensor,
-    row_weights: torch.Tensor,
-    col_perm: torch.Tensor,
-    start: torch.Tensor,
-    steps: int = 50,
-) -> KroneckerFactors:
-    """W[:, col_perm] ≈ A ⊗ b, b one row of ``factor``, minimising Σ_v f_v Δ_v C Δ_vᵀ: C weighs W's
-    columns (e.g. a tied head's inputs reading an embedding), f its rows (token frequencies).
-
-    With b fixed, each row of A is its own least-squares fit, A = W C Mᵀ (M C Mᵀ)⁻¹ for M = I ⊗ bᵀ, and
-    what is left to minimise is tr(C W_fᵀW) − tr((M C Mᵀ)⁻¹ M C W_fᵀW C Mᵀ) with W_fᵀW = Σ_v f_v W_vᵀW_v:
-    a trace ratio of width x width matrices in b's ``factor`` numbers. L-BFGS maximises it from
-    ``start`` (e.g. the Frobenius fit's b) and from the generalized eigenvectors of its diagonal blocks;
-    W itself is touched twice. Alternating least squares stalls here when C is far from isotropic."""
-    rows, width = weight.shape
-    n = width // factor
-    w = weight.double()[:, col_perm]
-    c = column_moment.double().to(w.device)[col_perm][:, col_perm]
-    gram = w.T @ (row_weights.double().to(w.device)[:, None] * w)
-    a4, b4 = c.reshape(n, factor, n, factor), (c @ gram @ c).reshape(n, factor, n, factor)
+def _best_scale(a4: torch.Tensor, b4: torch.Tensor, start: torch.Tensor, steps: int) -> torch.Tensor:
+    """The b maximising the trace ratio, climbing from ``start`` and from the generalized eigenvectors
+    of the diagonal blocks' sums (the answer for a block-diagonal C)."""
     diagonal_a, diagonal_b = a4.diagonal(dim1=0, dim2=2).sum(-1), b4.diagonal(dim1=0, dim2=2).sum(-1)
     whitening = whitening_factor(diagonal_a)
     inverse = torch.linalg.inv(whitening)
     _, vectors = torch.linalg.eigh(inverse @ diagonal_b @ inverse.T)
     vectors = torch.linalg.solve_triangular(whitening.T, vectors, upper=True).T
     found = [_maximise_trace_ratio(a4, b4, initial, steps) for initial in (start.double().reshape(-1), *vectors)]
-    best = max(found, key=lambda pair: pair[1])[0]
-    m = torch.kron(torch.eye(n, dtype=w.dtype, device=w.device), best[None])
-    cm = c @ m.T
-    a = _solve(m @ cm, (w @ cm).T).T
-    return KroneckerFactors(
-        a[None].to(weight.dtype),
-        best.reshape(1, 1, factor).to(weight.dtype),
-        torch.arange(rows, device=weight.device),
-        col_perm,
-    )
+    return max(found, key=lambda pair: pair[1])[0]
+
+
+def row_scaled_factors(
+    weight: torch.Tensor,
+    factor: int,
+    column_moment: torch.Tensor,
+    row_weights: torch.Tensor,
+    starts: dict[str, KroneckerFactors],
+    steps: int = 50,
+) -> dict[str, KroneckerFactors]:
+    """For each column order in ``starts`` (its b a start), W[:, col_perm] ≈ A ⊗ b, b one row of
+    ``factor``, minimising Σ_v f_v Δ_v C Δ_vᵀ: C weighs W's columns (e.g. a tied head's inputs reading
+    an embedding), f its rows (token frequencies).
+
+    With b fixed, each row of A is its own least-squares fit, A = W C Mᵀ (M C Mᵀ)⁻¹ for M = I ⊗ bᵀ, and
+    what is left to minimise is tr(C W_fᵀW) − tr((M C Mᵀ)⁻¹ M C W_fᵀW C Mᵀ) with W_fᵀW = Σ_v f_v W_vᵀW_v:
+    a trace ratio of width x width matrices in b's ``factor`` numbers, maximised by L-BFGS. Those
+    matrices are formed once and permuted for each order; W is touched once more per order, to solve A.
+    Alternating least squares stalls here when C is far from isotropic."""
+    rows, width = weight.shape
+    n = width // factor
+    w = weight.double()
+    c = column_moment.double().to(w.device)
+    moment = c @ (w.T @ (row_weights.double().to(w.device)[:, None] * w)) @ c
+    fitted = {}
+    for name, start in starts.items():
+        perm = start.col_perm
+        c_perm = c[perm][:, perm]
+        a4 = c_perm.reshape(n, factor, n, factor)
+        b4 = moment[perm][:, perm].reshape(n, factor, n, factor)
+        best = _best_scale(a4, b4, start.b, steps)
+        m = torch.kron(torch.eye(n, dtype=w.dtype, device=w.device), best[None])
+        cm = c_perm @ m.T
+        unpermuted = torch.empty_like(cm)
+        unpermuted[perm] = cm  # W[:, perm] @ cm without copying W
+        a = _solve(m @ cm, (w @ unpermuted).T).T
+        fitted[name] = KroneckerFactors(
+            a[None].to(weight.dtype),
+            best.reshape(1, 1, factor).to(weight.dtype),
+            torch.arange(rows, device=weight.device),
+            perm,
+        )
+    return fitted

@@ -333,10 +333,7 @@ class KroneckerMethod(CompressionMethod):
                 factors.a = factors.a / scale
         metric = _embedding_metric(stats, inner_of)
         if metric is not None:
-            orders = {
-                name: row_scaled_factors(target, k, metric, stats.weights(), f.col_perm, start=f.b)
-                for name, f in orders.items()
-            }
+            orders = row_scaled_factors(target, k, metric, stats.weights(), orders)
         if stats is None:
             measure = lambda table: relative_error(table, dense)  # noqa: E731
         else:
