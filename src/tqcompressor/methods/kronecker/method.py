@@ -328,12 +328,12 @@ class KroneckerMethod(CompressionMethod):
         if stats is not None and not estimate and config.permute is not False:
             # A time-bounded search can end short of the order the estimate found.
             orders["estimate-search"] = self._search(weighted, shape, config, rows=False, estimate=True).factors
-        if scale is not None:
+        metric = _embedding_metric(stats, inner_of)
+        if metric is not None:  # each order is kept; its b only starts the search for the new b
+            orders = row_scaled_factors(target, k, metric, stats.weights(), orders)
+        elif scale is not None:
             for factors in orders.values():
                 factors.a = factors.a / scale
-        metric = _embedding_metric(stats, inner_of)
-        if metric is not None:
-            orders = row_scaled_factors(target, k, metric, stats.weights(), orders)
         if stats is None:
             measure = lambda table: relative_error(table, dense)  # noqa: E731
         else:
