@@ -2,7 +2,7 @@
 
     python benchmarks/allocation.py [--models house-teacher smollm2-135m gpt2-small-random] [--ratios 0.7 0.5]
         [--calibration-tokens 32768] [--sensitivity-tokens 1024] [--count-tokens 4194304] [--max-tokens 8000]
-        [--sequential [--only-sequential]] [--resume]
+        [--sequential [--only-sequential]] [--fisher] [--resume]
 
 Plans per model and budget (every one fitted to the same calibration statistics):
 
@@ -19,6 +19,12 @@ Plans per model and budget (every one fitted to the same calibration statistics)
   comparison; both leave the layers the plan keeps dense as they are (``aim_dense=False``);
 - ``auto-sensitivity-sequential-aim-dense`` (with ``--sequential``): that row's plan, rebuilt from its
   record, refitted with the layers it keeps dense aimed too (the library's default);
+- with ``--fisher``, the statistics also hold the Fisher output metrics (``collect(..., fisher=True)``):
+  ``auto-fisher`` prices every linear layer's candidates in KL from them and measures only the
+  embedding (on the sensitivity tokens), and every low-rank layer is fitted with the output metric;
+  ``uniform-svd-fisher`` is the uniform SVD plan fitted the same way; with ``--sequential`` also
+  ``auto-fisher-sequential`` (low-rank candidates, fitted part by part with the output metrics and the
+  dense layers aimed) and ``uniform-svd-fisher-sequential``;
 - uniform plans at the same size: SmolLM2: every linear layer low-rank at one rank ratio
   (``uniform-svd``), or Kronecker at that ratio without permutations (``uniform-kronecker``; a
   permutation search on all 210 layers would take most of an hour here); house teacher: the best
@@ -41,6 +47,7 @@ import json
 import re
 import time
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from common import ASSETS, RESULTS, command_history, heldout_ids, load_smollm2, machine
@@ -48,7 +55,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
 from tqcompressor.allocation import allocation_plan, compressible_modules, linear_layers
-from tqcompressor.calibration import collect
+from tqcompressor.calibration import collect, fisher_moments
 from tqcompressor.cli import DEFAULT_COUNT_TOKENS
 from tqcompressor.data import load_blocks, token_counts
 from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_text
@@ -65,6 +72,8 @@ GPT2_SMALL_RATIO = 0.6
 SEQUENTIAL = "auto-sensitivity-sequential"
 # The same chosen plan refitted with the layers it keeps dense aimed too (the library's default).
 AIM_DENSE = "auto-sensitivity-sequential-aim-dense"
+FISHER = "auto-fisher"
+FISHER_SEQUENTIAL = "auto-fisher-sequential"
 MODELS = ["house-teacher", "smollm2-135m", "gpt2-small-random"]
 
 
@@ -140,6 +149,13 @@ def calibrate(model, tokenizer, args):
     return stats, seconds, blocks, blocks[: max(1, args.sensitivity_tokens // blocks.shape[1])], counts
 
 
+def with_fisher(model, stats, blocks):
+    """``stats`` and the Fisher output metrics of every linear layer on the same blocks, and their seconds."""
+    started = time.perf_counter()
+    outputs = fisher_moments(model, linear_layers(model), blocks, progress=False)
+    return replace(stats, outputs=outputs), time.perf_counter() - started
+
+
 def run_model(name: str, args, data: dict, path) -> None:
     done = {(r["model"], r["plan"], r.get("target_ratio")) for r in data["records"]}
     model, tokenizer = load_smollm2() if name == "smollm2-135m" else load_model(str(ASSETS / "house-teacher"))
@@ -163,11 +179,22 @@ def run_model(name: str, args, data: dict, path) -> None:
     stats, calibration_seconds, blocks, probe_blocks, counts = calibrate(model, tokenizer, args)
     counted = {"count_tokens": int(counts.sum())}
 
-    def fit(compressed, plan: tq.CompressionPlan, sequential: bool, aim_dense: bool = False) -> None:
+    fisher, fisher_seconds = with_fisher(model, stats, blocks) if args.fisher else (None, 0.0)
+
+    def fit(compressed, plan, sequential: bool, aim_dense: bool = False, weighted: bool = False) -> None:
+        calibration = fisher if weighted else stats
         if sequential:
-            compress_sequentially(compressed, plan, blocks, progress=False, aim_dense=aim_dense, token_counts=counts)
+            compress_sequentially(
+                compressed,
+                plan,
+                blocks,
+                progress=False,
+                aim_dense=aim_dense,
+                token_counts=counts,
+                output_moments=calibration.outputs,
+            )
         else:
-            tq.compress_(compressed, plan, calibration=stats, progress=False)
+            tq.compress_(compressed, plan, calibration=calibration, progress=False)
 
     for ratio, target, uniforms in budgets(name, model, args.ratios):
         plans = {}
@@ -176,21 +203,28 @@ def run_model(name: str, args, data: dict, path) -> None:
                 plans[plan_name] = allocation_plan(model, stats, target, sensitivity)
         if args.sequential and (name, SEQUENTIAL, ratio) not in done:
             plans[SEQUENTIAL] = allocation_plan(model, stats, target, probe_blocks, methods=["lowrank"])
+        if args.fisher and (name, FISHER, ratio) not in done and not args.only_sequential:
+            plans[FISHER] = allocation_plan(model, fisher, target, probe_blocks)
+        if args.fisher and args.sequential and (name, FISHER_SEQUENTIAL, ratio) not in done:
+            plans[FISHER_SEQUENTIAL] = allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"])
         for plan_name, allocation in plans.items():
             compressed = copy.deepcopy(model)
             started = time.perf_counter()
-            fit(compressed, allocation.plan, sequential=plan_name == SEQUENTIAL)
+            sequential = plan_name in (SEQUENTIAL, FISHER_SEQUENTIAL)
+            weighted = plan_name in (FISHER, FISHER_SEQUENTIAL)
+            fit(compressed, allocation.plan, sequential, aim_dense=plan_name == FISHER_SEQUENTIAL, weighted=weighted)
             chosen = allocation.chosen
             row = {
                 "plan": plan_name,
                 "target_ratio": ratio,
                 "target_params": target,
                 **counted,
-                "candidates": "low-rank" if plan_name == SEQUENTIAL else CANDIDATES,
+                "candidates": "low-rank" if sequential else CANDIDATES,
                 # KL measured at the probe, then at the first choice's candidates (older records: probe only).
                 "sensitivity_points": None if plan_name == "auto" else "probe + first choice",
                 "search_seconds": allocation.seconds,
-                "calibration_seconds": calibration_seconds,
+                "calibration_seconds": calibration_seconds + (fisher_seconds if weighted else 0.0),
+                **({"fisher_seconds": fisher_seconds} if weighted else {}),
                 "compress_seconds": time.perf_counter() - started,
                 "chosen": dict(Counter(label(c) for c in chosen.values())),
                 "layers": {
@@ -210,15 +244,19 @@ def run_model(name: str, args, data: dict, path) -> None:
             copied = ("candidates", "sensitivity_points", "chosen", "layers")
             row.update({k: earlier[k] for k in copied if k in earlier})
             record({**row, "compress_seconds": time.perf_counter() - started}, compressed)
-        fits = [(uniform_name, uniform, False) for uniform_name, uniform in uniforms.items()]
+        fits = [(uniform_name, uniform, False, False) for uniform_name, uniform in uniforms.items()]
         if args.sequential:  # the same fit for the best uniform plan, so that the comparison is like for like
-            fits += [(f"{n}-sequential", u, True) for n, u in uniforms.items() if n.startswith("uniform-svd")]
-        for uniform_name, uniform, sequential in fits:
+            fits += [(f"{n}-sequential", u, True, False) for n, u in uniforms.items() if n.startswith("uniform-svd")]
+        if args.fisher:
+            svd = [(n, u) for n, u in uniforms.items() if n.startswith("uniform-svd")]
+            fits += [(f"{n}-fisher", u, False, True) for n, u in svd]
+            fits += [(f"{n}-fisher-sequential", u, True, True) for n, u in svd if args.sequential]
+        for uniform_name, uniform, sequential, weighted in fits:
             if (name, uniform_name, ratio) in done:
                 continue
             compressed = copy.deepcopy(model)
             started = time.perf_counter()
-            fit(compressed, uniform, sequential)
+            fit(compressed, uniform, sequential, aim_dense=sequential and weighted, weighted=weighted)
             row = {"plan": uniform_name, "target_ratio": ratio, "target_params": target, **counted}
             record({**row, "compress_seconds": time.perf_counter() - started}, compressed)
 
@@ -268,6 +306,7 @@ def main() -> None:
         action="store_true",
         help=f"with --sequential: the {SEQUENTIAL} plans, not the at-once ones",
     )
+    parser.add_argument("--fisher", action="store_true", help=f"also the {FISHER} plans (Fisher output metrics)")
     parser.add_argument("--resume", action="store_true", help="keep finished records in allocation.json")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown")
     args = parser.parse_args()
@@ -357,12 +396,15 @@ def write_report(data: dict) -> None:
     for model in dict.fromkeys(r["model"] for r in quality):
         for ratio in dict.fromkeys(r["target_ratio"] for r in quality if r["model"] == model and r["target_ratio"]):
             rows = {r["plan"]: r for r in quality if r["model"] == model and r["target_ratio"] == ratio}
-            for plan in ("auto", "auto-sensitivity", SEQUENTIAL, AIM_DENSE):
-                # Against the best uniform plan fitted the same way (at once, or sequentially).
+            for plan in ("auto", "auto-sensitivity", SEQUENTIAL, AIM_DENSE, FISHER, FISHER_SEQUENTIAL):
+                # Against the best uniform plan fitted the same way (at once or sequentially, with or
+                # without the Fisher output metric).
                 fitted_alike = [
                     r
                     for p, r in rows.items()
-                    if p.startswith("uniform") and ("-sequential" in p) == ("-sequential" in plan)
+                    if p.startswith("uniform")
+                    and ("-sequential" in p) == ("-sequential" in plan)
+                    and ("-fisher" in p) == ("-fisher" in plan)
                 ]
                 uniform = min(fitted_alike, key=lambda r: r["heldout_ppl"], default=None)
                 if plan in rows and uniform is not None:

@@ -1,6 +1,7 @@
 """Calibration: run the original model once over real text and keep, for every module a plan targets,
 what its inputs look like (``statistics``): Σ x xᵀ in float64 for linear layers, token counts for
-embeddings (and Σ h hᵀ of the inputs of an output head tied to one). Activations are never stored;
+embeddings (and Σ h hᵀ of the inputs of an output head tied to one); with ``fisher``, a second pass
+takes Σ g gᵀ of each linear layer's output gradients too. Activations are never stored;
 modules that receive the very same input tensor (GPT-2's q/k/v inside ``c_attn`` are one module;
 LLaMA's ``q/k/v_proj`` and ``gate/up_proj`` are not) share one accumulator. Statistics save to
 safetensors + JSON metadata and are checked against the model on load.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,11 +35,13 @@ def weight_digest(module: nn.Module) -> list[float]:
 
 @dataclass
 class CalibrationStats:
-    """``owner[module]`` names the accumulator a module reads; ``inputs``/``tokens`` hold them."""
+    """``owner[module]`` names the accumulator a module reads; ``inputs``/``tokens`` hold them;
+    ``outputs[module]``: Σ g gᵀ of a linear layer's output gradients, where the Fisher was collected."""
 
     owner: dict[str, str]
     inputs: dict[str, InputStats] = field(default_factory=dict)
     tokens: dict[str, TokenStats] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     digests: dict[str, list[float]] = field(default_factory=dict)
     model_type: str | None = None
     seconds: float = 0.0
@@ -47,6 +50,8 @@ class CalibrationStats:
         key = self.owner.get(name)
         if key is None:
             return None
+        if key in self.inputs and name in self.outputs:
+            return replace(self.inputs[key], output_second_moment=self.outputs[name])
         return self.inputs.get(key) or self.tokens.get(key)
 
     def summary(self) -> dict:
@@ -68,11 +73,13 @@ class CalibrationStats:
         tensors.update({f"{key}.counts": s.counts.contiguous() for key, s in self.tokens.items()})
         tied = [key for key, s in self.tokens.items() if s.head_second_moment is not None]
         tensors.update({f"{key}.head_second_moment": self.tokens[key].head_second_moment.contiguous() for key in tied})
+        tensors.update({f"{name}.output_second_moment": g.contiguous() for name, g in self.outputs.items()})
         meta = {
             "owner": self.owner,
             "input_tokens": {key: s.tokens for key, s in self.inputs.items()},
             "embeddings": list(self.tokens),
             "tied_heads": tied,
+            "fisher": list(self.outputs),
             "digests": self.digests,
             "model_type": self.model_type,
             "seconds": self.seconds,
@@ -104,11 +111,12 @@ class CalibrationStats:
                     )
                     for key in meta["embeddings"]
                 }
+                outputs = {name: handle.get_tensor(f"{name}.output_second_moment") for name in meta.get("fisher", [])}
         except ValueError:
             raise
         except Exception as err:  # safetensors raises its own types for truncated or garbled files
             raise ValueError(f"cannot read calibration statistics {path}: {err}") from err
-        return cls(meta["owner"], inputs, tokens, meta["digests"], meta["model_type"], meta["seconds"])
+        return cls(meta["owner"], inputs, tokens, outputs, meta["digests"], meta["model_type"], meta["seconds"])
 
     def check(self, model: nn.Module, names: list[str]) -> None:
         """Raise before any module changes if these statistics do not describe ``model``'s ``names``."""
@@ -121,11 +129,17 @@ class CalibrationStats:
             module = model.get_submodule(name)
             stats = self.for_module(name)
             if isinstance(stats, InputStats):
-                width = dense_weight(module)[0].shape[0]
+                width, outputs = dense_weight(module)[0].shape
                 if stats.second_moment.shape != (width, width):
                     raise ValueError(
                         f"calibration statistics for {name} are {tuple(stats.second_moment.shape)}, "
                         f"its input is {width} wide: they come from another model"
+                    )
+                g = stats.output_second_moment
+                if g is not None and g.shape != (outputs, outputs):
+                    raise ValueError(
+                        f"the Fisher statistics for {name} are {tuple(g.shape)}, its output is {outputs} wide: "
+                        "they come from another model"
                     )
             elif stats.counts.shape[0] != module.num_embeddings:
                 raise ValueError(
@@ -185,6 +199,9 @@ def check_finite(stats: CalibrationStats) -> None:
     for key, accumulator in stats.tokens.items():
         if accumulator.head_second_moment is not None and not torch.isfinite(accumulator.head_second_moment).all():
             raise ValueError(f"the head tied to {key} receives NaN or infinite values on the calibration text")
+    for name, g in stats.outputs.items():
+        if not torch.isfinite(g).all():
+            raise ValueError(f"the output gradients of {name} hold NaN or infinite values on the calibration text")
 
 
 @torch.no_grad()
@@ -195,12 +212,14 @@ def collect(
     batch_size: int = 4,
     progress: bool = True,
     token_counts: torch.Tensor | None = None,
+    fisher: bool = False,
 ) -> CalibrationStats:
     """Run ``model`` over ``blocks`` (sequences x tokens) and accumulate the statistics of ``names``.
     ``token_counts`` (``data.token_counts``): the embeddings' token counts taken on more of the
     calibration text than ``blocks`` hold, since counting needs no forward pass (house teacher, its
     embedding alone at rank 190: held-out ppl 135.7 weighted by the counts of its 10.4M training
-    tokens, 141.6 by those of 32k calibration tokens; dense 132.0)."""
+    tokens, 141.6 by those of 32k calibration tokens; dense 132.0). ``fisher``: also the output
+    gradients' second moments of the linear layers (``fisher_moments``; a backward pass per batch)."""
     linear, embeddings = calibration_targets(model, names)
     check_token_count(model, linear, blocks.numel())
     for name in embeddings if token_counts is not None else []:
@@ -276,11 +295,68 @@ def collect(
         model_type=getattr(getattr(model, "config", None), "model_type", None),
         seconds=time.perf_counter() - started,
     )
-    check_finite(stats)
     missing = [name for name in [*linear, *embeddings] if name not in owner]
     if missing:
         raise ValueError(f"the calibration text never reached {missing[:3]}: they are not used in forward")
+    if fisher and linear:
+        started = time.perf_counter()
+        stats.outputs = fisher_moments(model, linear, blocks, batch_size, progress)
+        stats.seconds += time.perf_counter() - started
+    check_finite(stats)
     return stats
+
+
+def fisher_moments(
+    model: nn.Module, names: list[str], blocks: torch.Tensor, batch_size: int = 4, progress: bool = True, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Σ g gᵀ (float64, out x out) for each linear layer in ``names``: g the gradient of the mean
+    next-token loss over ``blocks`` w.r.t. the layer's output at each token, the next tokens drawn from
+    the model's own predictions (``seed``). Drawn, not read from the text: then G is the Fisher of the
+    model's predictive distribution, and ½ tr(Δᵀ C Δ G) estimates the KL a layer's error Δ causes
+    (``linalg.fisher_loss``); the text's labels give the empirical Fisher, which measures something else.
+    Weights get no gradients; activations are not kept beyond each batch's backward pass."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sums: dict[str, torch.Tensor] = {}
+
+    def output_hook(name: str):
+        def hook(module, args, output):
+            def accumulate(grad: torch.Tensor) -> None:
+                flat = grad.detach().reshape(-1, grad.shape[-1]).double()
+                sums[name] = sums.get(name, 0) + flat.T @ flat
+
+            if output.requires_grad:
+                output.register_hook(accumulate)
+
+        return hook
+
+    def track(module, args, output):
+        return output.detach().requires_grad_(True)  # gradients flow from the embeddings onward, not into weights
+
+    handles = [model.get_submodule(name).register_forward_hook(output_hook(name)) for name in names]
+    handles.append(model.get_input_embeddings().register_forward_hook(track))
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for batch in tqdm(blocks.split(batch_size), desc="Fisher", disable=not progress, unit="batch"):
+                log_probs = model(batch.to(device)).logits.float().log_softmax(-1)
+                flat = log_probs.reshape(-1, log_probs.shape[-1])
+                drawn = torch.multinomial(flat.detach().exp(), 1, generator=generator)
+                (-flat.gather(1, drawn).sum() / blocks.numel()).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    missing = [name for name in names if name not in sums]
+    if missing:
+        raise ValueError(f"no gradient reached {missing[:3]}: they do not affect the model's predictions")
+    return {name: sums[name].cpu() for name in names}
 
 
 def calibrate(
@@ -290,9 +366,11 @@ def calibrate(
     batch_size: int = 4,
     progress: bool = True,
     token_counts: torch.Tensor | None = None,
+    fisher: bool = False,
 ) -> CalibrationStats:
     """Statistics of every module ``plan`` (a ``CompressionPlan``) targets, from one pass over ``blocks``
-    (``token_counts``: as in ``collect``)."""
+    (``token_counts``, ``fisher``: as in ``collect``)."""
     from .surgery import resolve  # surgery only needs these statistics by duck type
 
-    return collect(model, [name for _, name in resolve(model, plan)], blocks, batch_size, progress, token_counts)
+    names = [name for _, name in resolve(model, plan)]
+    return collect(model, names, blocks, batch_size, progress, token_counts, fisher)

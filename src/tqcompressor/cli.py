@@ -14,7 +14,7 @@ import torch
 
 from .allocation import allocation_plan, compressible_modules, offered_methods
 from .assets import default_model
-from .calibration import CalibrationStats, calibration_targets, collect
+from .calibration import CalibrationStats, calibration_targets, collect, fisher_moments
 from .data import load_blocks, token_counts
 from .depth import keep_layers_
 from .distillation import DistillationLoss
@@ -90,9 +90,18 @@ def _compress(args: argparse.Namespace) -> None:
         plan = preset(args.preset, model.config, tie_head=not args.dense_head, **search)
     if args.sequential:
         blocks = _calibration_blocks(args, model, tokenizer)
-        counts = _token_counts(args, model, tokenizer, [name for _, name in resolve(model, plan)])
+        names = [name for _, name in resolve(model, plan)]
+        counts = _token_counts(args, model, tokenizer, names)
+        linear = calibration_targets(model, names)[0]
+        fisher = fisher_moments(model, linear, blocks, progress=not args.quiet) if args.fisher and linear else None
         report = compress_sequentially(
-            model, plan, blocks, progress=not args.quiet, aim_dense=not args.no_aim_dense, token_counts=counts
+            model,
+            plan,
+            blocks,
+            progress=not args.quiet,
+            aim_dense=not args.no_aim_dense,
+            token_counts=counts,
+            output_moments=fisher,
         )
     else:
         calibration = _calibration(args, model, tokenizer, [name for _, name in resolve(model, plan)])
@@ -120,6 +129,11 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
         )
     if args.dense_head or args.time_budget is not None:
         raise ValueError("--dense-head and --time-budget do not apply to a budget")
+    if args.fisher and args.no_sensitivity:
+        raise ValueError(
+            "--fisher prices the linear layers in KL; the token embedding has no such price and is measured on "
+            "the sensitivity tokens: drop --no-sensitivity"
+        )
     if args.target_ratio is not None and not 0 < args.target_ratio < 1:
         raise ValueError(f"--target-ratio must be between 0 and 1, got {args.target_ratio}")
     stats = _calibration(args, model, tokenizer, compressible_modules(model))
@@ -141,6 +155,7 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
             progress=not args.quiet,
             aim_dense=not args.no_aim_dense,
             token_counts=counts,
+            output_moments=stats.outputs,
         )
     else:
         report = compress_(model, allocation.plan, calibration=stats, progress=not args.quiet)
@@ -161,10 +176,17 @@ def _check_calibration_flags(args: argparse.Namespace) -> None:
         raise ValueError(
             "give --calibration DATA (collect statistics) or --calibration-stats FILE (reuse them), not both"
         )
-    given = [args.calibration_tokens is not None, args.count_tokens is not None, args.save_calibration, args.sequential]
+    given = [
+        args.calibration_tokens is not None,
+        args.count_tokens is not None,
+        args.save_calibration,
+        args.sequential,
+        args.fisher,
+    ]
     if not args.calibration and any(given):
         raise ValueError(
-            "--calibration-tokens, --count-tokens, --save-calibration and --sequential apply to --calibration DATA only"
+            "--calibration-tokens, --count-tokens, --save-calibration, --sequential and --fisher apply to "
+            "--calibration DATA only"
         )
     if args.count_tokens is not None and args.count_tokens < _calibration_tokens(args):
         raise ValueError(
@@ -213,7 +235,7 @@ def _calibration(args: argparse.Namespace, model, tokenizer, names: list[str]) -
         return None
     blocks = _calibration_blocks(args, model, tokenizer)
     counts = _token_counts(args, model, tokenizer, names)
-    stats = collect(model, names, blocks, progress=not args.quiet, token_counts=counts)
+    stats = collect(model, names, blocks, progress=not args.quiet, token_counts=counts, fisher=args.fisher)
     print(f"calibration: {json.dumps(stats.summary())}", file=sys.stderr)
     if args.save_calibration:
         stats.save(args.save_calibration)
@@ -420,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dense-head", action="store_true", help="keep a separate dense LM head (counted in full)")
     c.add_argument("--time-budget", type=float, help="permutation search seconds per layer (preset only)")
     c.add_argument("--calibration", help="text (file, folder, JSONL or Hub name) to fit every layer to its real inputs")
+    c.add_argument(
+        "--fisher",
+        action="store_true",
+        help="with --calibration: also take each linear layer's output gradients (a backward pass per batch): "
+        "low-rank fits then weigh output directions by how much they matter to the predictions, and a budget "
+        "prices linear layers in estimated KL without measuring them",
+    )
     c.add_argument(
         "--calibration-tokens", type=int, help=f"tokens read from it (default {DEFAULT_CALIBRATION_TOKENS:,})"
     )

@@ -34,6 +34,34 @@ def whitening_factor(second_moment: torch.Tensor) -> torch.Tensor:
     raise ValueError("the calibration second moment is not positive definite even with a ridge")
 
 
+# The ridge that keeps a Fisher output metric (``output_factor``) well conditioned, relative to its mean
+# diagonal. SmolLM2 at 70% (the auto-sensitivity plan, fitted at once, 16k calibration tokens, in an
+# ad-hoc run with the text's labels as the next tokens), held-out ppl by ridge: 0.01: 103, 0.1: 100,
+# 1.0: 91; input metric alone: 110. The Fisher's small directions are estimated from few gradients;
+# half of the metric stays the plain output error.
+OUTPUT_RIDGE = 1.0
+
+
+def output_factor(output_second_moment: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular T with T Tᵀ = G + ``OUTPUT_RIDGE``·mean(diag G)·I, G = Σ g gᵀ over the loss
+    gradients g of a layer's outputs: the output metric of a Fisher-weighted fit."""
+    g = output_second_moment.double()
+    ridge = OUTPUT_RIDGE * float(g.diagonal().mean()) * torch.eye(len(g), dtype=g.dtype, device=g.device)
+    return whitening_factor(g + ridge)
+
+
+def fisher_loss(
+    weight: torch.Tensor, approximation: torch.Tensor, second_moment: torch.Tensor, output_second_moment: torch.Tensor
+) -> float:
+    """½ tr(Δᵀ C Δ G), Δ = W − Ŵ: the second-order change a layer's error causes under the
+    Kronecker-factored Fisher (inputs and output gradients independent). When G sums the gradients of
+    the mean loss under labels drawn from the model itself (``calibration.fisher_moments``), it
+    estimates the KL of the model's predictions from the original's, in nats per token."""
+    delta = weight.detach().double() - approximation.detach().double()
+    c, g = second_moment.double(), output_second_moment.double()
+    return 0.5 * float(((c @ delta) * (delta @ g)).sum())
+
+
 def weighted_error(
     weight: torch.Tensor,
     approximation: torch.Tensor,

@@ -45,6 +45,7 @@ def compress_sequentially(
     damping: float = DAMPING,
     aim_dense: bool = True,
     token_counts: torch.Tensor | None = None,
+    output_moments: dict[str, torch.Tensor] | None = None,
 ):
     """Compress ``model`` by ``plan`` (a ``CompressionPlan``) part by part, calibrating each part on
     ``blocks`` (sequences x tokens) as the model compressed so far sees them; ``damping``: the ridge of
@@ -53,7 +54,8 @@ def compress_sequentially(
     and keep their size, and correct what the compressed parts before them left (SmolLM2 with its MLPs
     halved, 8k tokens: held-out ppl 210 aimed so, 65077 with the attention left as it was, 2675 fitted
     at once). ``token_counts``: an embedding's row weights counted on more text (as in ``collect``).
-    Returns one report."""
+    ``output_moments``: the original model's Fisher output metrics per module (``CalibrationStats.outputs``
+    from ``collect(..., fisher=True)``), given to each part's fit. Returns one report."""
     from .plan import CompressionPlan, Rule
     from .report import CompressionReport
     from .surgery import compress_, resolve
@@ -110,6 +112,7 @@ def compress_sequentially(
                 parts = iter([(members, collect(model, members, blocks, batch_size, False, token_counts))])
             for part_members, stats in parts:
                 seconds += stats.seconds
+                stats.outputs = {n: g for n, g in (output_moments or {}).items() if n in part_members}
                 rules = [Rule(re.escape(name), rule.config) for rule, name in steps if name in part_members]
                 part = CompressionPlan(rules, name=plan.name, tie_head=plan.tie_head)
                 report = compress_(model, part, calibration=stats, progress=False)

@@ -9,10 +9,13 @@ import torch
 
 @dataclass
 class InputStats:
-    """Σ x xᵀ over every calibration token x that entered a linear layer (float64, in x in)."""
+    """Σ x xᵀ over every calibration token x that entered a linear layer (float64, in x in), and, when
+    the Fisher was collected (``calibration.fisher``), Σ g gᵀ over the loss gradients g of its outputs
+    (float64, out x out): how much each output direction matters to the model's predictions."""
 
     second_moment: torch.Tensor
     tokens: int
+    output_second_moment: torch.Tensor | None = None
 
 
 @dataclass

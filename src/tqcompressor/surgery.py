@@ -180,7 +180,8 @@ def compress_(
     from ``calibrate(model, plan, blocks)``; every layer is then fitted to its real inputs.
     ``target_params`` instead of a plan: the allocation chooses the method and size of every module
     ``calibration`` describes (``collect(model, compressible_modules(model), blocks)``: the linear layers
-    but the head, and the token embedding), by the estimated errors alone; for the sensitivity-weighted
+    but the head, and the token embedding), by the estimated errors alone, or, with the Fisher collected
+    (``fisher=True``) for the linear layers alone, by their estimated KL; for the sensitivity-weighted
     choice the CLI makes, pass ``allocation_plan(model, stats, N, sensitivity_blocks=blocks[:2]).plan``."""
     if target_params is not None:
         if plan is not None or preset_options:

@@ -119,6 +119,9 @@ class Estimate:
     # token frequency for an embedding): exact, or a start that the installed fit refines (its own
     # docstring says whether that is a strict upper bound).
     loss: float
+    # With a Fisher output metric in the statistics: ½ tr(Δᵀ C Δ G) (``linalg.fisher_loss``), the KL it
+    # is expected to cost the model's predictions, comparable across modules as relative errors are not.
+    kl: float | None = None
 
 
 class CompressionMethod(ABC):

@@ -9,13 +9,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ...linalg import calibrated_error, weighted_error
+from ...linalg import calibrated_error, fisher_loss, weighted_error
 from ...statistics import InputStats, TokenStats
 from ..base import CompressionMethod, Estimate, FitReport, MethodConfig
 from ..registry import register
 from ..targets import LINEAR_TYPES, dense_weight, relative_error
 from .calibrated import calibrated_factors, kronecker_whitened, row_scaled_factors
-from .factors import nearest_kronecker
+from .factors import KroneckerFactors, nearest_kronecker
 from .modules import KroneckerEmbedding, KroneckerLinear
 from .search import search_permutations
 from .shapes import KroneckerShape, propose_kronecker_shape
@@ -174,7 +174,15 @@ class KroneckerMethod(CompressionMethod):
         if not isinstance(module, LINEAR_TYPES):
             return []
         weight = dense_weight(module)[0].detach()
-        c = stats.second_moment.double()
+        c, g = stats.second_moment.double(), stats.output_second_moment
+
+        def priced(config: KroneckerConfig, fits: list[tuple[KroneckerFactors, list[float]]]) -> Estimate:
+            """The best of ``fits`` on the input metric; with a Fisher metric also its KL (the fit ignores
+            G, so that is an estimate, not a bound)."""
+            factors, history = min(fits, key=lambda fit: fit[1][0])
+            kl = None if g is None else fisher_loss(weight, factors.reconstruct(), c, g)
+            return Estimate(config, shape.num_params, history[0] ** 2, kl)
+
         found = []
         for ratio in ESTIMATE_RATIOS:
             try:
@@ -183,16 +191,16 @@ class KroneckerMethod(CompressionMethod):
                 continue
             fields = {"shape": (shape.m1, shape.n1, shape.m2, shape.n2), "rank": shape.rank}
             # The closed-form start in the identity order: the installed fit starts there too and refines.
-            plain = calibrated_factors(weight, shape, c, iterations=0)[1][0] ** 2
-            found.append(Estimate(KroneckerConfig(**fields, permute=False), shape.num_params, plain))
+            plain = calibrated_factors(weight, shape, c, iterations=0)
+            found.append(priced(KroneckerConfig(**fields, permute=False), [plain]))
             if shape.n2 == 1:
                 continue  # no column order to search
             # One of the orders the installed fit tries (columns searched on the Kronecker-whitened W),
             # before its refinement: the fit keeps its best refined order, so it lands at or below this.
             config = KroneckerConfig(**fields)
             columns = self._whitened_columns(weight, shape, c, config)
-            permuted = calibrated_factors(weight, shape, c, None, columns, iterations=0)[1][0] ** 2
-            found.append(Estimate(config, shape.num_params, min(plain, permuted)))
+            permuted = calibrated_factors(weight, shape, c, None, columns, iterations=0)
+            found.append(priced(config, [plain, permuted]))
         return found
 
     def _embedding_estimates(self, module: nn.Embedding, stats: TokenStats) -> list[Estimate]:

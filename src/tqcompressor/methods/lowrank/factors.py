@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...linalg import check_weight, whitening_factor, working_dtype
+from ...linalg import check_weight, output_factor, whitening_factor, working_dtype
 
 
 @dataclass
@@ -44,16 +44,32 @@ def rank_for_params(in_features: int, out_features: int, num_params: int) -> int
     return min(rank, in_features, out_features)
 
 
-def whitened_svd(weight: torch.Tensor, rank: int, second_moment: torch.Tensor) -> LowRankFactors:
+def whitened_svd(
+    weight: torch.Tensor, rank: int, second_moment: torch.Tensor, output_second_moment: torch.Tensor | None = None
+) -> LowRankFactors:
     """Rank-``rank`` W ≈ U V minimising ‖X (W − U V)‖ over calibration inputs X with XᵀX = C.
 
-    With C = S Sᵀ, ‖X Δ‖ = ‖Sᵀ Δ‖, so the truncated SVD of Sᵀ W is optimal (SVD-LLM) and U = S⁻ᵀ U'."""
+    With C = S Sᵀ, ‖X Δ‖ = ‖Sᵀ Δ‖, so the truncated SVD of Sᵀ W is optimal (SVD-LLM) and U = S⁻ᵀ U'.
+    With ``output_second_moment`` G it minimises ‖Sᵀ Δ T‖, T Tᵀ = G + ridge (``linalg.output_factor``):
+    the SVD of Sᵀ W T, and V = V' T⁻¹."""
     _check_rank(weight, rank)
-    factor = whitening_factor(second_moment)
-    u, s, vh = torch.linalg.svd(factor.T @ weight.double(), full_matrices=False)
+    left_factor = whitening_factor(second_moment)
+    right_factor = None if output_second_moment is None else output_factor(output_second_moment)
+    u, s, vh = whitened_singular_vectors(weight, left_factor, right_factor)
     root = s[:rank].sqrt()
-    left = torch.linalg.solve_triangular(factor.T, u[:, :rank] * root, upper=True)
-    return LowRankFactors(left.to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype))
+    left = torch.linalg.solve_triangular(left_factor.T, u[:, :rank] * root, upper=True)
+    right = root[:, None] * vh[:rank]
+    if right_factor is not None:  # R T = R' for lower-triangular T: Tᵀ Rᵀ = R'ᵀ
+        right = torch.linalg.solve_triangular(right_factor.T, right.T, upper=True).T
+    return LowRankFactors(left.to(weight.dtype), right.to(weight.dtype))
+
+
+def whitened_singular_vectors(
+    weight: torch.Tensor, left_factor: torch.Tensor, right_factor: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of Sᵀ W, or of Sᵀ W T with an output metric's factor T (``whitened_svd``)."""
+    whitened = left_factor.T @ weight.double()
+    return torch.linalg.svd(whitened if right_factor is None else whitened @ right_factor, full_matrices=False)
 
 
 def scaled_svd(

@@ -9,12 +9,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ...linalg import calibrated_error, weighted_error, whitening_factor
+from ...linalg import OUTPUT_RIDGE, calibrated_error, fisher_loss, output_factor, weighted_error, whitening_factor
 from ...statistics import InputStats, TokenStats
 from ..base import CompressionMethod, Estimate, FitReport, MethodConfig
 from ..registry import register
 from ..targets import LINEAR_TYPES, dense_weight
-from .factors import rank_for_params, scaled_svd, truncated_svd, whitened_svd
+from .factors import rank_for_params, scaled_svd, truncated_svd, whitened_singular_vectors, whitened_svd
 from .modules import LowRankEmbedding, LowRankLinear
 
 # Offered to a budget, as fractions of the rank that keeps the dense count; fine steps, so that large
@@ -76,25 +76,34 @@ class LowRankMethod(CompressionMethod):
 
     def estimates(self, module: nn.Module, stats: InputStats | TokenStats) -> list[Estimate]:
         """Exact: the calibrated fit at rank k loses the tail of the singular values of SᵀW (whitened
-        rows) or of W with rows scaled by the square root of their token frequency (embeddings; times
-        T, C = T Tᵀ, with a tied head's input second moment C)."""
+        rows; times T with a Fisher output metric) or of W with rows scaled by the square root of their
+        token frequency (embeddings; times T, C = T Tᵀ, with a tied head's input second moment C)."""
+        kl = None
         if isinstance(module, nn.Embedding):
             weight = module.weight.detach()
             scaled = stats.weights().sqrt()[:, None] * weight.double()
             if stats.head_second_moment is not None:
                 scaled = scaled @ whitening_factor(stats.head_second_moment)
+            energy = torch.linalg.svdvals(scaled) ** 2
         elif isinstance(module, LINEAR_TYPES):
             weight = dense_weight(module)[0].detach()
-            scaled = whitening_factor(stats.second_moment.double()).T @ weight.double()
+            g = stats.output_second_moment
+            right = None if g is None else output_factor(g)
+            _, s, vh = whitened_singular_vectors(weight, whitening_factor(stats.second_moment), right)
+            energy = s**2
+            if right is not None:
+                # Direction i costs σᵢ² vᵢᵀ T⁻¹ G T⁻ᵀ vᵢ of the Fisher loss, T Tᵀ = G + ρI: σᵢ² (1 − ρ‖T⁻ᵀvᵢ‖²).
+                ridge = OUTPUT_RIDGE * float(g.diagonal().mean())
+                shrink = torch.linalg.solve_triangular(right.T, vh.T, upper=True).square().sum(0)
+                kl = 0.5 * (energy * (1 - ridge * shrink)).flip(0).cumsum(0).flip(0)
         else:
             return []
         rows, cols = weight.shape
-        energy = torch.linalg.svdvals(scaled) ** 2
         tail = energy.flip(0).cumsum(0).flip(0) / (float(energy.sum()) or 1.0)  # Σ_{i >= k} σ_i², relative
         full = rows * cols // (rows + cols)
         ranks = sorted({max(1, int(full * fraction)) for fraction in RANK_FRACTIONS}, reverse=True)
         return [
-            Estimate(LowRankConfig(rank=rank), rank * (rows + cols), float(tail[rank]))
+            Estimate(LowRankConfig(rank=rank), rank * (rows + cols), float(tail[rank]), _at(kl, rank))
             for rank in ranks
             if rank < min(rows, cols)
         ]
@@ -115,15 +124,24 @@ class LowRankMethod(CompressionMethod):
             how = "frequency" if head is None else "frequency, tied head"
             report = _calibrated_report(weight, rank, factors, plain, measure, how)
         else:
-            c = stats.second_moment
+            c, g = stats.second_moment, stats.output_second_moment
             if config.whitening == "diagonal":
+                if g is not None:
+                    raise ValueError("diagonal whitening takes no Fisher output metric: use cholesky whitening")
                 factors = scaled_svd(weight, rank, c.diagonal().clamp_min(0).sqrt())
             else:
-                factors = whitened_svd(weight, rank, c)
+                factors = whitened_svd(weight, rank, c, g)
             measure = lambda w: calibrated_error(weight, w, c)  # noqa: E731
-            report = _calibrated_report(weight, rank, factors, plain, measure, config.whitening or "cholesky")
+            how = (config.whitening or "cholesky") + ("" if g is None else ", Fisher outputs")
+            report = _calibrated_report(weight, rank, factors, plain, measure, how)
+            if g is not None:
+                report.details["kl"] = fisher_loss(weight, factors.reconstruct(), c, g)
         layer = LowRankEmbedding(factors) if embedding else LowRankLinear(factors, bias, layout)
         return layer, report
+
+
+def _at(values: torch.Tensor | None, index: int) -> float | None:
+    return None if values is None else float(values[index])
 
 
 def _calibrated_report(weight, rank, factors, plain, measure: Callable[[torch.Tensor], float], how: str) -> FitReport:

@@ -1,0 +1,183 @@
+"""The Fisher output metric: output gradients collected on real text, the KL they predict, low-rank fits
+that weigh output directions by it, and budgets priced in KL without measuring the linear layers."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_gpt2_dir
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import tqcompressor as tq
+from tqcompressor import allocation as allocation_module
+from tqcompressor.allocation import allocation_plan, compressible_modules, linear_layers
+from tqcompressor.calibration import CalibrationStats, collect
+from tqcompressor.linalg import calibrated_error, fisher_loss
+from tqcompressor.methods import get_method
+from tqcompressor.methods.lowrank.factors import whitened_svd
+from tqcompressor.methods.targets import dense_weight
+from tqcompressor.statistics import InputStats
+
+NAMES = ["transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_proj"]
+
+
+def sharp_gpt2() -> GPT2LMHeadModel:
+    """A tiny GPT-2 whose predictions are far from uniform (large embeddings), so gradients are informative."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=120, n_positions=64)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(8)
+    return model
+
+
+def token_ids(rows: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 120, (rows, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def kl_of(model, changed, ids) -> float:
+    with torch.no_grad():
+        p, q = model(ids).logits.log_softmax(-1), changed(ids).logits.log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_the_fisher_loss_predicts_the_kl_of_a_small_change_to_a_layer():
+    model = sharp_gpt2()
+    ids = token_ids()
+    stats = collect(model, NAMES, ids, progress=False, fisher=True)
+    assert not any(p.requires_grad is False for p in model.parameters())  # the weights' flags are restored
+    assert all(p.grad is None for p in model.parameters())  # and they got no gradients
+    for name in NAMES:
+        layer = stats.for_module(name)
+        weight = dense_weight(model.get_submodule(name))[0]
+        delta = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)) * weight.std() * 0.05
+        changed = copy.deepcopy(model)
+        with torch.no_grad():
+            changed.get_submodule(name).weight.add_(delta)
+        predicted = fisher_loss(weight, weight + delta, layer.second_moment, layer.output_second_moment)
+        assert predicted == pytest.approx(kl_of(model, changed, ids), rel=0.3)
+
+
+def test_a_layer_that_does_not_reach_the_predictions_has_no_fisher_weight():
+    model = sharp_gpt2()
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.weight.zero_()  # c_fc feeds nothing on to the predictions
+    stats = collect(
+        model, ["transformer.h.1.mlp.c_fc", "transformer.h.0.mlp.c_fc"], token_ids(16), progress=False, fisher=True
+    )
+    assert float(stats.outputs["transformer.h.1.mlp.c_fc"].abs().max()) == 0.0
+    assert float(stats.outputs["transformer.h.0.mlp.c_fc"].diagonal().min()) > 0
+
+
+def planted_layer(seed: int = 0):
+    """W whose larger part lies in output directions the Fisher ignores: a fit that ignores G spends its
+    rank there, one that weighs the outputs by G (plus its ridge) on the four that matter."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(24, 24, generator=g, dtype=torch.float64))[0]
+    matter, ignored = basis[:, :4], basis[:, 4:]
+    x = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(16, 4, generator=g, dtype=torch.float64) @ matter.T
+    weight += 2 * torch.randn(16, 20, generator=g, dtype=torch.float64) @ ignored.T
+    fisher = matter @ matter.T + 1e-6 * ignored @ ignored.T
+    return weight, x.T @ x, fisher
+
+
+def test_the_fisher_fit_lowers_the_fisher_loss_and_its_estimate_is_exact():
+    weight, c, g = planted_layer()
+    plain = whitened_svd(weight, 4, c).reconstruct()
+    weighted = whitened_svd(weight, 4, c, g).reconstruct()
+    assert fisher_loss(weight, weighted, c, g) < 0.6 * fisher_loss(weight, plain, c, g)
+    assert calibrated_error(weight, weighted, c) > calibrated_error(weight, plain, c)  # it spent the rank elsewhere
+    module = torch.nn.Linear(16, 24, bias=False).double()
+    with torch.no_grad():
+        module.weight.copy_(weight.T)
+    stats = InputStats(c, 400, g)
+    method = get_method("lowrank")
+    for estimate in method.estimates(module, stats):
+        _, report = method.fit(module, estimate.config, stats)
+        assert estimate.kl == pytest.approx(report.details["kl"], rel=1e-9, abs=1e-12)
+        assert estimate.loss > 0
+
+
+def test_an_isotropic_fisher_leaves_the_fit_as_the_input_metric_alone_makes_it():
+    weight, c, _ = planted_layer(1)
+    alone = whitened_svd(weight, 5, c).reconstruct()
+    isotropic = whitened_svd(weight, 5, c, 3.0 * torch.eye(24, dtype=torch.float64)).reconstruct()
+    torch.testing.assert_close(isotropic, alone, rtol=1e-9, atol=1e-9)
+
+
+def test_fisher_statistics_save_load_and_refuse_another_model(tmp_path):
+    model = sharp_gpt2()
+    stats = collect(model, compressible_modules(model), token_ids(16), progress=False, fisher=True)
+    assert set(stats.outputs) == set(linear_layers(model))
+    loaded = CalibrationStats.load(stats.save(tmp_path / "stats.safetensors"))
+    for name, g in stats.outputs.items():
+        assert torch.equal(loaded.for_module(name).output_second_moment, g)
+    assert loaded.for_module("transformer.wte").counts.shape == (120,)
+    loaded.check(model, compressible_modules(model))
+    loaded.outputs["transformer.h.0.mlp.c_fc"] = torch.eye(5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"Fisher statistics for transformer\.h\.0\.mlp\.c_fc"):
+        loaded.check(model, ["transformer.h.0.mlp.c_fc"])
+
+
+def test_a_budget_prices_linear_layers_by_the_fisher_and_measures_only_the_embedding(monkeypatch):
+    model = sharp_gpt2()
+    with torch.no_grad():  # block 1's MLP adds almost nothing: the Fisher says so without a measurement
+        model.transformer.h[1].mlp.c_proj.weight.mul_(1e-4)
+    ids = token_ids(24)
+    stats = collect(model, compressible_modules(model), ids, progress=False, fisher=True)
+    mlp = [f"transformer.h.1.mlp.{n}" for n in ("c_fc", "c_proj")]
+    saving = sum(model.get_submodule(n).weight.numel() for n in mlp) // 2
+    target = tq.count_parameters(model) - saving
+    with pytest.raises(ValueError, match=r"transformer\.wte have no Fisher estimate"):
+        allocation_plan(model, stats, target)
+    measured = []
+    real = allocation_module.measure_divergence
+
+    def recording(model, chosen, *args, **kwargs):
+        measured.extend(chosen)
+        return real(model, chosen, *args, **kwargs)
+
+    monkeypatch.setattr(allocation_module, "measure_divergence", recording)
+    allocation = allocation_plan(model, stats, target, sensitivity_blocks=ids[:4])
+    assert set(measured) == {"transformer.wte"}
+    freed = sum(model.get_submodule(n).weight.numel() - allocation.chosen[n].params for n in mlp)
+    assert freed >= saving and allocation.params <= target  # the harmless MLP pays for all of it
+    for name in linear_layers(model):
+        chosen = allocation.chosen[name]
+        assert chosen.cost == chosen.kl
+    # Linear layers alone need no measurement at all.
+    linear_only = collect(model, linear_layers(model), ids, progress=False, fisher=True)
+    measured.clear()
+    alone = allocation_plan(model, linear_only, target, sensitivity_blocks=ids[:4])
+    assert measured == [] and alone.params <= target
+
+
+def test_fisher_from_the_command_line(tmp_path, capsys):
+    from tqcompressor.cli import main
+
+    tiny_gpt2_dir(tmp_path)
+    base = ["compress", "--model", str(tmp_path / "tiny"), "--quiet"]
+    calibrated = [*base, "--calibration", str(tmp_path / "books")]
+    assert main([*base, "--preset", "tqcompressedgpt2", "--fisher", "--out", str(tmp_path / "x")]) == 2
+    assert "--fisher apply to --calibration DATA only" in capsys.readouterr().err
+    target = ["--target-ratio", "0.05"]
+    assert main([*calibrated, *target, "--fisher", "--no-sensitivity", "--out", str(tmp_path / "y")]) == 2
+    assert "drop --no-sensitivity" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    budget = [*calibrated, *target, "--fisher", "--sensitivity-tokens", "64", "--methods", "lowrank"]
+    assert main([*budget, "--out", str(tmp_path / "fisher")]) == 0
+    table = (tmp_path / "fisher" / "allocation.txt").read_text().splitlines()
+    assert all(line.split()[-1] != "-" for line in table[1:-1])  # every module priced in KL
+    assert main([*budget, "--sequential", "--out", str(tmp_path / "seq")]) == 0
+    assert tq.count_parameters(tq.load(tmp_path / "seq")) == tq.count_parameters(tq.load(tmp_path / "fisher"))
+    # A plan fitted sequentially: the output metrics reach every part's fit.
+    plan = tq.CompressionPlan([tq.Rule(r".*mlp\.c_fc", tq.LowRankConfig(rank=4))])
+    plan.save(tmp_path / "plan.yaml")
+    planned = [*calibrated, "--plan", str(tmp_path / "plan.yaml"), "--sequential"]
+    assert main([*planned, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*planned, "--fisher", "--out", str(tmp_path / "weighted")]) == 0
+    plain, weighted = tq.load(tmp_path / "plain"), tq.load(tmp_path / "weighted")
+    for block in range(2):
+        name = f"transformer.h.{block}.mlp.c_fc"
+        before = plain.get_submodule(name).dense_weight()
+        assert not torch.allclose(weighted.get_submodule(name).dense_weight(), before, atol=1e-4)
