@@ -46,8 +46,12 @@ def output_factor(output_second_moment: torch.Tensor) -> torch.Tensor:
     """Lower-triangular T with T Tᵀ = G + ``OUTPUT_RIDGE``·mean(diag G)·I, G = Σ g gᵀ over the loss
     gradients g of a layer's outputs: the output metric of a Fisher-weighted fit."""
     g = output_second_moment.double()
-    ridge = OUTPUT_RIDGE * float(g.diagonal().mean()) * torch.eye(len(g), dtype=g.dtype, device=g.device)
-    return whitening_factor(g + ridge)
+    return whitening_factor(g + output_ridge(g) * torch.eye(len(g), dtype=g.dtype, device=g.device))
+
+
+def output_ridge(output_second_moment: torch.Tensor) -> float:
+    """ρ = ``OUTPUT_RIDGE``·mean(diag G), the ridge ``output_factor`` adds to G."""
+    return OUTPUT_RIDGE * float(output_second_moment.double().diagonal().mean())
 
 
 def fisher_loss(

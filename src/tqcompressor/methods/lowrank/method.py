@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ...linalg import OUTPUT_RIDGE, calibrated_error, fisher_loss, output_factor, weighted_error, whitening_factor
+from ...linalg import calibrated_error, fisher_loss, output_factor, output_ridge, weighted_error, whitening_factor
 from ...statistics import InputStats, TokenStats
 from ..base import CompressionMethod, Estimate, FitReport, MethodConfig
 from ..registry import register
@@ -93,9 +93,8 @@ class LowRankMethod(CompressionMethod):
             energy = s**2
             if right is not None:
                 # Direction i costs σᵢ² vᵢᵀ T⁻¹ G T⁻ᵀ vᵢ of the Fisher loss, T Tᵀ = G + ρI: σᵢ² (1 − ρ‖T⁻ᵀvᵢ‖²).
-                ridge = OUTPUT_RIDGE * float(g.diagonal().mean())
                 shrink = torch.linalg.solve_triangular(right.T, vh.T, upper=True).square().sum(0)
-                kl = 0.5 * (energy * (1 - ridge * shrink)).flip(0).cumsum(0).flip(0)
+                kl = 0.5 * (energy * (1 - output_ridge(g) * shrink)).flip(0).cumsum(0).flip(0)
         else:
             return []
         rows, cols = weight.shape
