@@ -12,9 +12,10 @@ import torch
 from tqcompressor.evaluation import read_text
 from tqcompressor.loading import load_model
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+# $TQCOMPRESSOR_ASSETS, where set, holds a copy (a machine without ../shared beside the checkout).
+ASSETS = Path(os.environ.get("TQCOMPRESSOR_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 RESULTS = Path(__file__).resolve().parent / "results"
-os.environ.setdefault("TQCOMPRESSOR_ASSETS", str(ASSETS))  # named eval sets read their local copies
+os.environ["TQCOMPRESSOR_ASSETS"] = str(ASSETS)  # named eval sets read their local copies
 
 
 def load_smollm2():
@@ -37,4 +38,5 @@ def command_history(meta: dict, command: str) -> list[str]:
 
 def machine() -> str:
     """What made a benchmark's numbers: CPU architecture, torch threads and version."""
-    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    accelerator = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()}, {torch.get_num_threads()} threads{accelerator}, torch {torch.__version__}"

@@ -19,6 +19,9 @@ Students (``variant``):
 - ``calibrated``: truncated SVD at the same per-module sizes, fitted to calibration statistics
   (whitened), the best uniform calibrated plan of benchmarks/calibration.py;
 - ``svd``: truncated SVD at the same sizes, data-free;
+- ``auto``: the budget allocator's plan at the same total size (``compress --target-params`` with
+  ``--calibration --fisher``: every linear layer's candidates priced in KL by the Fisher output
+  metrics, the embedding's measured), fitted to the same statistics;
 - ``half-depth``: every other block of the teacher (DistilGPT-2's initialisation); at ``tq`` also a
   low-rank embedding at the rank that reaches the budget;
 - references: ``teacher`` (no training) and ``teacher-continued`` (the teacher trained on the same
@@ -44,8 +47,10 @@ import torch
 from common import ASSETS, RESULTS, heldout_ids, machine
 
 import tqcompressor as tq
+from tqcompressor.allocation import allocation_plan, compressible_modules
 from tqcompressor.calibration import collect
-from tqcompressor.data import load_blocks
+from tqcompressor.cli import DEFAULT_COUNT_TOKENS, DEFAULT_SENSITIVITY_TOKENS
+from tqcompressor.data import load_blocks, token_counts
 from tqcompressor.distillation import DistillationLoss
 from tqcompressor.evaluation import perplexity, read_text
 from tqcompressor.loading import load_model
@@ -65,6 +70,7 @@ VARIANTS = (
     "kngpt2",
     "calibrated",
     "svd",
+    "auto",
     "half-depth",
     "teacher-continued",
 )
@@ -154,15 +160,31 @@ class Runner:
             for name, ids in self.texts.items()
         }
 
+    def calibration_blocks(self) -> torch.Tensor:
+        """Calibration text that training never reads first (its own seed) but that comes from the same
+        training books."""
+        text = load_blocks(self.args.data, self.tokenizer, 512, self.args.calibration_tokens, seed=1)
+        return torch.cat([text.train, text.heldout])
+
     def calibration(self, plan: CompressionPlan):
-        """Statistics of every module the plan compresses, from calibration text that training never
-        reads first (its own seed) but that comes from the same training books."""
+        """Statistics of every module the plan compresses."""
         names = tuple(dict.fromkeys(name for _, name in resolve(self.teacher, plan)))
         if names not in self.statistics:
-            text = load_blocks(self.args.data, self.tokenizer, 512, self.args.calibration_tokens, seed=1)
-            blocks = torch.cat([text.train, text.heldout])
-            self.statistics[names] = collect(self.teacher, list(names), blocks, progress=False)
+            self.statistics[names] = collect(self.teacher, list(names), self.calibration_blocks(), progress=False)
         return self.statistics[names]
+
+    def allocated(self, budget: str):
+        """(the allocator's plan at the budget, the statistics to fit it to), as the CLI's
+        ``--target-params --calibration --fisher`` makes them."""
+        if "auto" not in self.statistics:
+            blocks = self.calibration_blocks()
+            vocab = self.teacher.get_input_embeddings().num_embeddings
+            counts = token_counts(self.args.data, self.tokenizer, vocab, DEFAULT_COUNT_TOKENS)
+            names = compressible_modules(self.teacher)
+            stats = collect(self.teacher, names, blocks, progress=False, token_counts=counts, fisher=True)
+            self.statistics["auto"] = stats, blocks[: max(1, math.ceil(DEFAULT_SENSITIVITY_TOKENS / blocks.shape[1]))]
+        stats, probe = self.statistics["auto"]
+        return allocation_plan(self.teacher, stats, self.budget_params(budget), probe).plan, stats
 
     def budget_params(self, budget: str) -> int:
         if budget == "half":
@@ -179,6 +201,10 @@ class Runner:
         started = time.perf_counter()
         if variant == "teacher-continued":
             student = copy.deepcopy(self.teacher)
+        elif variant == "auto":
+            plan, statistics = self.allocated(budget)
+            student = copy.deepcopy(self.teacher)
+            tq.compress_(student, plan, calibration=statistics, progress=False)
         elif variant == "half-depth":
             student = half_depth(self.teacher, None if budget == "half" else self.budget_params(budget))
         else:
@@ -235,6 +261,7 @@ class Runner:
             final = tq.load(work / FINAL)
             record["tokens"] = result["tokens"]
             record["curve"] = curve(work)
+        self.teacher.cpu()  # the trainer moved it to its device; every student is compressed on the CPU
         record["params"] = tq.count_parameters(final)
         record["after"] = self.evaluate(final)
         record["seconds"] = time.perf_counter() - started
@@ -284,7 +311,9 @@ def main() -> None:
     runner = Runner(args)
     data["meta"] = {
         "command": "python benchmarks/distill.py "
-        + f"--tokens {args.tokens} --seeds {' '.join(map(str, args.seeds))} --budgets {' '.join(args.budgets)}",
+        + f"--tokens {args.tokens} --seeds {' '.join(map(str, args.seeds))} --budgets {' '.join(args.budgets)} "
+        + f"--variants {' '.join(args.variants)} --batch-size {args.batch_size} --lr {args.lr} "
+        + f"--calibration-tokens {args.calibration_tokens} --time-budget {args.time_budget}",
         "machine": machine(),
         "tokens": args.tokens,
         "train_config": asdict(runner.config),

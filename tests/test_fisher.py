@@ -13,8 +13,9 @@ from tqcompressor import allocation as allocation_module
 from tqcompressor.allocation import allocation_plan, compressible_modules, linear_layers
 from tqcompressor.calibration import CalibrationStats, collect
 from tqcompressor.linalg import calibrated_error, fisher_loss
+from tqcompressor.loading import load_model
 from tqcompressor.methods import get_method
-from tqcompressor.methods.lowrank.factors import whitened_svd
+from tqcompressor.methods.lowrank.factors import scaled_svd, whitened_svd
 from tqcompressor.methods.targets import dense_weight
 from tqcompressor.statistics import InputStats
 
@@ -105,6 +106,17 @@ def test_an_isotropic_fisher_leaves_the_fit_as_the_input_metric_alone_makes_it()
     torch.testing.assert_close(isotropic, alone, rtol=1e-9, atol=1e-9)
 
 
+def test_weighted_fits_split_every_term_evenly_whatever_the_weights_scale():
+    """Output gradients are those of a mean loss, so G is tiny: the fit must not depend on its scale, and
+    neither factor may carry it, since an optimiser steps every entry alike and would wreck the small one."""
+    weight, c, g = planted_layer(2)
+    fits = [whitened_svd(weight, 4, c, g * scale) for scale in (1.0, 1e-12)]
+    fits.append(scaled_svd(weight, 4, torch.linspace(1e-9, 1e-6, 16, dtype=torch.float64), g * 1e-12))
+    torch.testing.assert_close(fits[1].reconstruct(), fits[0].reconstruct(), rtol=1e-6, atol=1e-9)
+    for fit in fits:
+        torch.testing.assert_close(fit.u.norm(dim=0), fit.v.norm(dim=1), rtol=1e-9, atol=0)
+
+
 def test_fisher_statistics_save_load_and_refuse_another_model(tmp_path):
     model = sharp_gpt2()
     stats = collect(model, compressible_modules(model), token_ids(16), progress=False, fisher=True)
@@ -155,8 +167,8 @@ def test_a_budget_prices_linear_layers_by_the_fisher_and_measures_only_the_embed
 def test_fisher_from_the_command_line(tmp_path, capsys):
     from tqcompressor.cli import main
 
-    tiny_gpt2_dir(tmp_path)
-    base = ["compress", "--model", str(tmp_path / "tiny"), "--quiet"]
+    model_dir = tiny_gpt2_dir(tmp_path)
+    base = ["compress", "--model", str(model_dir), "--quiet"]
     calibrated = [*base, "--calibration", str(tmp_path / "books")]
     assert main([*base, "--preset", "tqcompressedgpt2", "--fisher", "--out", str(tmp_path / "x")]) == 2
     assert "--fisher apply to --calibration DATA only" in capsys.readouterr().err
@@ -164,8 +176,13 @@ def test_fisher_from_the_command_line(tmp_path, capsys):
     assert main([*calibrated, *target, "--fisher", "--no-sensitivity", "--out", str(tmp_path / "y")]) == 2
     assert "drop --no-sensitivity" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-    budget = [*calibrated, *target, "--fisher", "--sensitivity-tokens", "64", "--methods", "lowrank"]
-    assert main([*budget, "--out", str(tmp_path / "fisher")]) == 0
+    budget = [*calibrated, *target, "--sensitivity-tokens", "64", "--methods", "lowrank"]
+    for flags, name in (([], "fisher"), (["--no-fisher"], "measured")):  # the Fisher is a budget's default
+        saved = ["--save-calibration", str(tmp_path / f"{name}.safetensors")]
+        assert main([*budget, *flags, *saved, "--out", str(tmp_path / name)]) == 0
+    collected = CalibrationStats.load(tmp_path / "fisher.safetensors").outputs
+    assert set(collected) == set(linear_layers(load_model(str(model_dir))[0]))
+    assert not CalibrationStats.load(tmp_path / "measured.safetensors").outputs
     table = (tmp_path / "fisher" / "allocation.txt").read_text().splitlines()
     assert all(line.split()[-1] != "-" for line in table[1:-1])  # every module priced in KL
     assert main([*budget, "--sequential", "--out", str(tmp_path / "seq")]) == 0

@@ -66,6 +66,10 @@ def _compress(args: argparse.Namespace) -> None:
         offered_methods(args.methods)  # before calibration, which can take minutes
     if args.sensitivity_tokens is not None and args.no_sensitivity:
         raise ValueError("--sensitivity-tokens sets the measurement that --no-sensitivity turns off: give one")
+    if args.fisher is None:
+        # For a budget the Fisher is better and cheaper than measuring every module (SmolLM2 at 70%: held-out
+        # ppl 80.4 against 92.8, calibration + search 835 s against 1314 s); only the embedding is measured.
+        args.fisher = budget and bool(args.calibration) and not args.no_sensitivity
     compresses = bool(args.preset or args.plan or budget)
     if not (compresses or args.keep_layers):
         raise ValueError("say what to do: --preset, --plan, --target-params, --target-ratio or --keep-layers")
@@ -444,10 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration", help="text (file, folder, JSONL or Hub name) to fit every layer to its real inputs")
     c.add_argument(
         "--fisher",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="with --calibration: also take each linear layer's output gradients (a backward pass per batch): "
         "low-rank fits then weigh output directions by how much they matter to the predictions, and a budget "
-        "prices linear layers in estimated KL without measuring them",
+        "prices linear layers in estimated KL without measuring them (default: on for a budget that measures "
+        "sensitivity, off for a plan or preset, where it triples calibration time)",
     )
     c.add_argument(
         "--calibration-tokens", type=int, help=f"tokens read from it (default {DEFAULT_CALIBRATION_TOKENS:,})"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -34,3 +34,11 @@ class TokenStats:
         distribution, so that tokens the calibration text never shows still count."""
         frequency = self.counts / self.counts.sum().clamp_min(1)
         return (1 - smoothing) * frequency + smoothing / len(self.counts)
+
+
+def on_device(stats: InputStats | TokenStats | None, device: torch.device) -> InputStats | TokenStats | None:
+    """``stats`` with every tensor on ``device``: statistics collected on one device fit a layer on another."""
+    if stats is None:
+        return None
+    moved = {f.name: getattr(stats, f.name) for f in fields(stats) if isinstance(getattr(stats, f.name), torch.Tensor)}
+    return replace(stats, **{name: tensor.to(device) for name, tensor in moved.items()})

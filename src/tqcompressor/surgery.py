@@ -18,6 +18,7 @@ from .methods import is_embedding
 from .params import count_parameters
 from .plan import CompressionPlan, Rule
 from .report import CompressionReport, LayerReport
+from .statistics import on_device
 from .tied_head import TiedEmbeddingHead
 
 if TYPE_CHECKING:
@@ -215,7 +216,7 @@ def compress_(
     reports, head = [], "unchanged"
     for rule, name in tqdm(steps, desc=f"compress ({plan.name})", disable=not progress, unit="layer"):
         module = model.get_submodule(name)
-        stats = None if calibration is None else calibration.for_module(name)
+        stats = None if calibration is None else on_device(calibration.for_module(name), module.weight.device)
         layer, report = _fit(rule, name, module, stats)
         set_submodule(model, name, layer)
         head = _rewire_head(model, name, module, layer, plan.tie_head) or head

@@ -25,6 +25,16 @@ class LowRankFactors:
     def reconstruct(self) -> torch.Tensor:
         return self.u @ self.v
 
+    def balanced(self, dtype: torch.dtype) -> LowRankFactors:
+        """The same product, in ``dtype``, with each rank-one term's two factors of equal norm. A whitened fit's split
+        can be off by orders of magnitude (a Fisher metric's scale is that of the loss gradients), and
+        optimisers step every entry alike, so distilling would wreck the small side: the house teacher's
+        Fisher-fitted student went from held-out ppl 118 to 389 over 4M tokens before this."""
+        u, v = self.u.double(), self.v.double()
+        u_norm, v_norm = u.norm(dim=0), v.norm(dim=1)
+        scale = torch.where((u_norm > 0) & (v_norm > 0), (v_norm / u_norm).sqrt(), torch.ones_like(u_norm))
+        return LowRankFactors((u * scale).to(dtype), (v / scale[:, None]).to(dtype))
+
     def relative_error(self, weight: torch.Tensor) -> float:
         target = weight.to(torch.float64)
         return float(torch.linalg.norm(target - self.reconstruct().double()) / torch.linalg.norm(target))
@@ -61,7 +71,7 @@ def whitened_svd(
     right = root[:, None] * vh[:rank]
     if right_factor is not None:  # R T = R' for lower-triangular T: Tᵀ Rᵀ = R'ᵀ
         right = torch.linalg.solve_triangular(right_factor.T, right.T, upper=True).T
-    return LowRankFactors(left.to(weight.dtype), right.to(weight.dtype))
+    return LowRankFactors(left, right).balanced(weight.dtype)
 
 
 def whitened_singular_vectors(
@@ -89,7 +99,7 @@ def scaled_svd(
     right = root[:, None] * vh[:rank]
     if factor is not None:  # R T = R' for lower-triangular T: Tᵀ Rᵀ = R'ᵀ
         right = torch.linalg.solve_triangular(factor.T, right.T, upper=True).T
-    return LowRankFactors(left.to(weight.dtype), right.to(weight.dtype))
+    return LowRankFactors(left, right).balanced(weight.dtype)
 
 
 def _check_rank(weight: torch.Tensor, rank: int) -> None:
