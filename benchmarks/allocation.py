@@ -59,6 +59,7 @@ from tqcompressor.calibration import collect, fisher_moments
 from tqcompressor.cli import DEFAULT_COUNT_TOKENS
 from tqcompressor.data import load_blocks, token_counts
 from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_text
+from tqcompressor.linalg import OUTPUT_RIDGE
 from tqcompressor.loading import load_model
 from tqcompressor.presets import matching_svd_plan
 from tqcompressor.sequential import compress_sequentially
@@ -224,7 +225,7 @@ def run_model(name: str, args, data: dict, path) -> None:
                 "sensitivity_points": None if plan_name == "auto" else "probe + first choice",
                 "search_seconds": allocation.seconds,
                 "calibration_seconds": calibration_seconds + (fisher_seconds if weighted else 0.0),
-                **({"fisher_seconds": fisher_seconds} if weighted else {}),
+                **({"fisher_seconds": fisher_seconds, "output_ridge": OUTPUT_RIDGE} if weighted else {}),
                 "compress_seconds": time.perf_counter() - started,
                 "chosen": dict(Counter(label(c) for c in chosen.values())),
                 "layers": {
@@ -258,6 +259,8 @@ def run_model(name: str, args, data: dict, path) -> None:
             started = time.perf_counter()
             fit(compressed, uniform, sequential, aim_dense=sequential and weighted, weighted=weighted)
             row = {"plan": uniform_name, "target_ratio": ratio, "target_params": target, **counted}
+            if weighted:
+                row["output_ridge"] = OUTPUT_RIDGE
             record({**row, "compress_seconds": time.perf_counter() - started}, compressed)
 
 
@@ -363,6 +366,8 @@ def write_report(data: dict) -> None:
             chosen += " ‡"
         if r["plan"] != "dense" and "count_tokens" not in r:
             chosen += " §"
+        if "-fisher" in r["plan"] and r.get("output_ridge", 1.0) != OUTPUT_RIDGE:
+            chosen += " ¶"
         wikitext = f"{r['wikitext2_ppl']:.1f}" if "wikitext2_ppl" in r else "—"
         acc = f"{r['lambada_acc']:.3f}" if "lambada_acc" in r else "—"
         target = f"{r['target_ratio']:.2f}" if r.get("target_ratio") else "1.00"
@@ -385,6 +390,11 @@ def write_report(data: dict) -> None:
             + ", ".join(f"{n:,}" for n in sorted({r["count_tokens"] for r in quality if "count_tokens" in r}))
             + " tokens). The counts matter only where an embedding is compressed or priced: SmolLM2's uniform "
             "plans do neither.",
+        ]
+    if any("-fisher" in r["plan"] and r.get("output_ridge", 1.0) != OUTPUT_RIDGE for r in quality):
+        lines += [
+            "",
+            f"¶ made with the Fisher fits' output ridge at 1.0 (`linalg.OUTPUT_RIDGE`, now {OUTPUT_RIDGE}).",
         ]
     lines += ["", f"Candidates now: {CANDIDATES}.", ""]
     lines += [

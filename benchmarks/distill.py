@@ -1,6 +1,9 @@
 """The decisive comparison: distilled students of the house teacher at equal parameters and equal tokens.
 
-    python benchmarks/distill.py [--tokens 503808] [--seeds 0 1] [--budgets tq half] [--resume]
+    python benchmarks/distill.py [--tokens 503808] [--seeds 0 1] [--budgets tq half] [--variants ...] [--resume]
+
+(On a machine without ../shared beside the checkout, such as a lent GPU, set TQCOMPRESSOR_ASSETS to a
+copy of the assets; the trainer uses the GPU where there is one, compression stays on the CPU.)
 
 Every student distils from ../shared/assets/house-teacher on corpus/gutenberg/train with the same
 tokens, optimiser settings and loss (KL + CE, T = 1). Two parameter budgets:
