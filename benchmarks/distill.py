@@ -154,6 +154,7 @@ class Runner:
             loss=DistillationLoss(alpha=1.0, beta=1.0),
         )
         self.statistics = {}
+        self.allocations = {}
         self.tq_params = None
 
     def evaluate(self, model) -> dict[str, float]:
@@ -178,16 +179,17 @@ class Runner:
 
     def allocated(self, budget: str):
         """(the allocator's plan at the budget, the statistics to fit it to), as the CLI's
-        ``--target-params --calibration --fisher`` makes them."""
-        if "auto" not in self.statistics:
+        ``--target-params --calibration`` makes them (with the Fisher); chosen once per budget."""
+        if budget not in self.allocations:
             blocks = self.calibration_blocks()
             vocab = self.teacher.get_input_embeddings().num_embeddings
             counts = token_counts(self.args.data, self.tokenizer, vocab, DEFAULT_COUNT_TOKENS)
             names = compressible_modules(self.teacher)
             stats = collect(self.teacher, names, blocks, progress=False, token_counts=counts, fisher=True)
-            self.statistics["auto"] = stats, blocks[: max(1, math.ceil(DEFAULT_SENSITIVITY_TOKENS / blocks.shape[1]))]
-        stats, probe = self.statistics["auto"]
-        return allocation_plan(self.teacher, stats, self.budget_params(budget), probe).plan, stats
+            probe = blocks[: max(1, math.ceil(DEFAULT_SENSITIVITY_TOKENS / blocks.shape[1]))]
+            plan = allocation_plan(self.teacher, stats, self.budget_params(budget), probe).plan
+            self.allocations[budget] = plan, stats
+        return self.allocations[budget]
 
     def budget_params(self, budget: str) -> int:
         if budget == "half":

@@ -24,9 +24,9 @@ the line says.
 With the Fisher in the statistics (``collect(..., fisher=True)``) a linear layer's candidates come
 priced in KL already, ½ tr(Δᵀ C Δ G) (``linalg.fisher_loss``), with no measurement: only the modules
 whose candidates lack that price (the token embedding) are measured, so ``sensitivity`` blocks are
-needed only for them. SmolLM2 at 70% (benchmarks/results/allocation.md): held-out ppl 80.4 chosen and
+needed only for them. SmolLM2 at 70% (benchmarks/results/allocation.md): held-out ppl 75.7 chosen and
 fitted with the Fisher, against 92.8 with every module measured (fitted without) and 7656 on relative
-errors alone; search 375 s against 1164 s.
+errors alone; search 364 s against 1164 s.
 """
 
 from __future__ import annotations

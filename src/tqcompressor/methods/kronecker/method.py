@@ -176,12 +176,12 @@ class KroneckerMethod(CompressionMethod):
         weight = dense_weight(module)[0].detach()
         c, g = stats.second_moment.double(), stats.output_second_moment
 
-        def priced(config: KroneckerConfig, fits: list[tuple[KroneckerFactors, list[float]]]) -> Estimate:
+        def priced(config: KroneckerConfig, params: int, fits: list[tuple[KroneckerFactors, list[float]]]) -> Estimate:
             """The best of ``fits`` on the input metric; with a Fisher metric also its KL (the fit ignores
             G, so that is an estimate, not a bound)."""
             factors, history = min(fits, key=lambda fit: fit[1][0])
             kl = None if g is None else fisher_loss(weight, factors.reconstruct(), c, g)
-            return Estimate(config, shape.num_params, history[0] ** 2, kl)
+            return Estimate(config, params, history[0] ** 2, kl)
 
         found = []
         for ratio in ESTIMATE_RATIOS:
@@ -192,7 +192,7 @@ class KroneckerMethod(CompressionMethod):
             fields = {"shape": (shape.m1, shape.n1, shape.m2, shape.n2), "rank": shape.rank}
             # The closed-form start in the identity order: the installed fit starts there too and refines.
             plain = calibrated_factors(weight, shape, c, iterations=0)
-            found.append(priced(KroneckerConfig(**fields, permute=False), [plain]))
+            found.append(priced(KroneckerConfig(**fields, permute=False), shape.num_params, [plain]))
             if shape.n2 == 1:
                 continue  # no column order to search
             # One of the orders the installed fit tries (columns searched on the Kronecker-whitened W),
@@ -200,7 +200,7 @@ class KroneckerMethod(CompressionMethod):
             config = KroneckerConfig(**fields)
             columns = self._whitened_columns(weight, shape, c, config)
             permuted = calibrated_factors(weight, shape, c, None, columns, iterations=0)
-            found.append(priced(config, [plain, permuted]))
+            found.append(priced(config, shape.num_params, [plain, permuted]))
         return found
 
     def _embedding_estimates(self, module: nn.Embedding, stats: TokenStats) -> list[Estimate]:
