@@ -193,3 +193,27 @@ def test_blocks_that_do_not_form_a_chain_are_calibrated_on_whole_model_passes():
     # Each block's modules together, on the model with the blocks before it compressed; not aimed.
     parts = [([f"blocks.{i}.0", f"blocks.{i}.2"], "fitted") for i in (0, 1)]
     assert_same_weights(model, by_hand(_ParallelBlocks(), parts, ids))
+
+
+def test_the_passes_for_a_part_stop_at_it_and_the_original_block_runs_once_per_batch():
+    """With q/k/v compressed and the rest aimed, a batch reaches o_proj in every pass of a block (the
+    original one, one per part from the second on, the move to the next block) but down_proj, the
+    block's last layer, only in the original pass, its own part's and the move on."""
+    ids = blocks(count=16)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(num_hidden_layers=2))
+    calls = {"o_proj": 0, "down_proj": 0}
+
+    def count(module, args, name):
+        calls[name] += 1
+
+    block = model.model.layers[1]
+    block.self_attn.o_proj.register_forward_pre_hook(lambda m, a: count(m, a, "o_proj"))
+    block.mlp.down_proj.register_forward_pre_hook(lambda m, a: count(m, a, "down_proj"))
+    plan = tq.CompressionPlan([tq.Rule(r"model\.layers\.\d+\.self_attn\.[qkv]_proj", CONFIG)])
+    compress_sequentially(model, plan, ids, batch_size=4, progress=False)
+    batches = 4
+    before = 1 + batches  # finding the forward order on one sequence, capturing the stack's inputs
+    finding_parts = 1  # on one batch
+    assert calls["o_proj"] == before + finding_parts + 5 * batches
+    assert calls["down_proj"] == before + finding_parts + 3 * batches

@@ -7,14 +7,14 @@ Where the model's blocks form a chain (each block's output is the next one's inp
 and positions and no KV cache; every decoder stack does), the inputs of the stack are kept twice, as
 the compressed model and as the original model give them, and each block runs alone over them: inside
 a block the modules sharing one input (q/k/v, gate/up) form a part, each part is calibrated after the
-parts before it are compressed, and a copy of the block as it was gives the original inputs; the
-layers the plan keeps dense are aimed in their turn (unless ``aim_dense=False``). Elsewhere
-a block's modules are calibrated together on whole-model passes over the compressed model, not aimed.
+parts before it are compressed (its passes stop at the part), the block run once on the original
+stream before any of it changes gives the original inputs, and the layers the plan keeps dense are
+aimed in their turn (unless ``aim_dense=False``). Elsewhere a block's modules are calibrated together
+on whole-model passes over the compressed model, not aimed.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -202,15 +202,27 @@ def _hidden_of(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _module_inputs(root: nn.Module, names: list[str], run: Callable[[], object]) -> dict[str, torch.Tensor]:
-    """The input each of ``names`` (submodules of ``root``) receives while ``run`` runs."""
+class _Reached(Exception):
+    """Stops a forward pass once the inputs wanted from it are seen."""
+
+
+def _module_inputs(
+    root: nn.Module, names: list[str], run: Callable[[], object], stop: bool = False
+) -> dict[str, torch.Tensor]:
+    """The input each of ``names`` (submodules of ``root``) receives while ``run`` runs; with ``stop``,
+    ``run`` is cut short once all of them are seen (what comes after cannot change them)."""
     seen: dict[str, torch.Tensor] = {}
-    handles = [
-        root.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]))
-        for name in names
-    ]
+
+    def hook(module, args, name):
+        seen.setdefault(name, args[0])
+        if stop and len(seen) == len(names):
+            raise _Reached
+
+    handles = [root.get_submodule(name).register_forward_pre_hook(partial(hook, name=name)) for name in names]
     try:
         run()
+    except _Reached:
+        pass
     finally:
         for handle in handles:
             handle.remove()
@@ -257,7 +269,7 @@ class _StackReplay:
                 for _ in self.parts(model, [], tokens, damping, aim_dense=True):
                     pass
             else:
-                self._move_on(self.stack[self.position], self.stack[self.position])
+                self._move_on(self.stack[self.position])
 
     def parts(
         self, model: nn.Module, members: list[str], tokens: int, damping: float, aim_dense: bool
@@ -267,12 +279,15 @@ class _StackReplay:
         next. With ``aim_dense`` the block's other linear layers are aimed in their turn and stay dense.
         Afterwards both streams have moved past the block."""
         block = self.stack[self.position]
-        original = copy.deepcopy(block)  # the block as it was gives the original model's inputs
         prefix = f"{self.name}.{self.position}."
         check_token_count(model, members, tokens)
         planned = [name[len(prefix) :] for name in members]
         dense = [n for n, m in block.named_modules() if aim_dense and isinstance(m, LINEAR_TYPES) and n not in planned]
-        for part in _shared_input_parts(block, planned + dense, self.batches[0]):
+        found = _shared_input_parts(block, planned + dense, self.batches[0])
+        # Before anything in it changes, the block gives the original inputs of every part and its output
+        # in one pass per batch; the compressed stream's passes stop at the part they are for.
+        wanted, outputs = self._original_pass(block, [part[0] for part in found])
+        for part in found:
             names = [prefix + name for name in part if name in planned]
             aim = self.compressed_parts > 0  # until then both streams are the same: nothing to correct
             if not (names or aim):
@@ -282,16 +297,14 @@ class _StackReplay:
             count = 0
             with torch.no_grad():
                 for i, (args, kwargs) in enumerate(self.batches):
-                    given = _module_inputs(block, part, partial(block, *args, **kwargs))
-                    if any(given[name] is not given[part[0]] for name in part):
+                    given = _module_inputs(block, part, partial(block, *args, **kwargs), stop=True)
+                    if len(given) < len(part) or any(given[name] is not given[part[0]] for name in part):
                         raise RuntimeError(f"{prefix}{part} changed which input they share between batches")
                     x = given[part[0]].reshape(-1, given[part[0]].shape[-1]).double()
                     second = second + x.T @ x
                     count += x.shape[0]
                     if aim:
-                        was = _with_hidden(args, kwargs, self.originals[i])
-                        wanted = _module_inputs(original, part[:1], partial(original, *was[0], **was[1]))[part[0]]
-                        cross = cross + x.T @ wanted.reshape(-1, wanted.shape[-1]).double()
+                        cross = cross + x.T @ wanted[i][part[0]].reshape(-1, x.shape[-1]).double()
                 if aim:
                     for name in part:
                         weight = dense_weight(block.get_submodule(name))[0]
@@ -309,15 +322,43 @@ class _StackReplay:
             )
             check_finite(stats)
             yield names, stats
-        self._move_on(block, original)
+        self._move_on(block, outputs)
 
     @torch.no_grad()
-    def _move_on(self, block: nn.Module, original: nn.Module) -> None:
-        """Replace both streams by what ``block`` (compressed) and ``original`` give for them."""
+    def _original_pass(
+        self, block: nn.Module, names: list[str]
+    ) -> tuple[list[dict[str, torch.Tensor]], list[torch.Tensor]]:
+        """Per batch of the original stream: the input ``block`` gives each of ``names``, and its output."""
+        inputs, outputs = [], []
         for i, (args, kwargs) in enumerate(self.batches):
             was = _with_hidden(args, kwargs, self.originals[i])
-            self.originals[i] = _hidden_of(original(*was[0], **was[1]))
-            self.batches[i] = _with_hidden(args, kwargs, _hidden_of(block(*args, **kwargs)))
+            result = {}
+
+            def run(was=was, result=result) -> None:
+                result["output"] = _hidden_of(block(*was[0], **was[1]))
+
+            seen = _module_inputs(block, names, run)
+            missing = [name for name in names if name not in seen]
+            if missing:
+                raise RuntimeError(f"{self.name}.{self.position}: batch {i} never reached {missing[:3]}")
+            inputs.append(seen)
+            outputs.append(result["output"])
+        return inputs, outputs
+
+    @torch.no_grad()
+    def _move_on(self, block: nn.Module, originals: list[torch.Tensor] | None = None) -> None:
+        """Replace the compressed stream by what ``block`` gives for it, and the original stream by
+        ``originals`` (the original block's outputs) or, without them, by what ``block`` gives for it."""
+        for i, (args, kwargs) in enumerate(self.batches):
+            output = _hidden_of(block(*args, **kwargs))
+            if originals is not None:
+                self.originals[i] = originals[i]
+            elif self.originals[i] is _split_hidden(args, kwargs)[0]:  # nothing compressed yet: one stream
+                self.originals[i] = output
+            else:
+                was = _with_hidden(args, kwargs, self.originals[i])
+                self.originals[i] = _hidden_of(block(*was[0], **was[1]))
+            self.batches[i] = _with_hidden(args, kwargs, output)
         self.position += 1
 
 
