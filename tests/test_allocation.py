@@ -286,8 +286,8 @@ def test_a_budget_is_met_and_its_plan_file_reruns(tmp_path, capsys):
     assert table[0].endswith("est. KL") and all(line.split()[-1] != "-" for line in table[1:-1])
     assert tq.count_parameters(tq.load(tmp_path / "weighted")) <= target
     deeper = [*base, "--target-ratio", "0.045", "--no-sensitivity"]  # low enough to cut linear layers too
-    assert main([*deeper, "--out", str(tmp_path / "deep")]) == 0
-    assert main([*deeper, "--sequential", "--out", str(tmp_path / "seq")]) == 0
+    assert main([*deeper, "--no-sequential", "--out", str(tmp_path / "deep")]) == 0
+    assert main([*deeper, "--out", str(tmp_path / "seq")]) == 0  # a budget is fitted sequentially by default
     assert (tmp_path / "seq" / "allocation.yaml").read_text() == (tmp_path / "deep" / "allocation.yaml").read_text()
     sequential, at_once = tq.load(tmp_path / "seq"), tq.load(tmp_path / "deep")
     assert tq.count_parameters(sequential) == tq.count_parameters(at_once)

@@ -399,7 +399,7 @@ def test_cli_compresses_with_calibration_and_reuses_saved_statistics(tmp_path, c
     assert "keeps dense" not in tq.load(tmp_path / "i").tqcompressor_history[-1]["report"]["notes"][0]
     err = capsys.readouterr().err
     assert "not both" in err and "apply to --calibration DATA only" in err and "fewer than two blocks" in err
-    assert "--no-aim-dense applies to --sequential only" in err
+    assert "--no-aim-dense applies to a sequential fit only" in err
     assert not any((tmp_path / name).exists() for name in "cdefh")
 
 

@@ -75,7 +75,7 @@ def test_loss_terms_match_a_hand_computation():
 def test_fused_loss_gradient_matches_autograd_of_the_plain_formula(temperature, monkeypatch):
     from tqcompressor import distillation
 
-    monkeypatch.setattr(distillation._LogitLoss, "CHUNK_ELEMENTS", 3 * 7)  # several chunks, a ragged last one
+    monkeypatch.setattr(distillation._LogitLoss, "CPU_CHUNK_ELEMENTS", 3 * 7)  # several chunks, a ragged last one
     torch.manual_seed(1)
     ids = torch.randint(0, 7, (2, 6))
     s_logits = torch.randn(2, 6, 7, dtype=torch.float64, requires_grad=True)
@@ -99,6 +99,15 @@ def test_fused_loss_gradient_matches_autograd_of_the_plain_formula(temperature, 
     (reference * 3).backward()
     torch.testing.assert_close(fused.double(), reference, rtol=1e-6, atol=0)
     torch.testing.assert_close(s_logits.grad, reference_logits.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_the_fused_loss_takes_cache_sized_chunks_on_a_cpu_and_few_large_ones_on_an_accelerator():
+    from tqcompressor.distillation import _LogitLoss
+
+    rows, vocab = 32 * 256, 50257  # one step of the H100 distillation benchmark
+    assert rows / _LogitLoss.chunk_rows(torch.device("cpu"), vocab) > 500
+    assert rows / _LogitLoss.chunk_rows(torch.device("cuda", 0), vocab) <= 8
+    assert _LogitLoss.chunk_rows(torch.device("cpu"), 10**9) == 1  # a vocabulary wider than a chunk
 
 
 def test_loss_rejects_bad_settings_and_vocab_mismatch():

@@ -185,8 +185,8 @@ def test_fisher_from_the_command_line(tmp_path, capsys):
     assert not CalibrationStats.load(tmp_path / "measured.safetensors").outputs
     table = (tmp_path / "fisher" / "allocation.txt").read_text().splitlines()
     assert all(line.split()[-1] != "-" for line in table[1:-1])  # every module priced in KL
-    assert main([*budget, "--sequential", "--out", str(tmp_path / "seq")]) == 0
-    assert tq.count_parameters(tq.load(tmp_path / "seq")) == tq.count_parameters(tq.load(tmp_path / "fisher"))
+    assert main([*budget, "--no-sequential", "--out", str(tmp_path / "at-once")]) == 0
+    assert tq.count_parameters(tq.load(tmp_path / "at-once")) == tq.count_parameters(tq.load(tmp_path / "fisher"))
     # A plan fitted sequentially: the output metrics reach every part's fit.
     plan = tq.CompressionPlan([tq.Rule(r".*mlp\.c_fc", tq.LowRankConfig(rank=4))])
     plan.save(tmp_path / "plan.yaml")

@@ -49,7 +49,8 @@ def optimization_step(
     indices = batch_indices(len(data.train), config.batch_size, step, config.seed)
     share = indices.view(world, -1)[rank].split(config.micro_batch_size)
     model.train()
-    sums: dict[str, float] = {}
+    # Kept on the device and read once per step: every read waits for the device to finish its queue.
+    sums: dict[str, torch.Tensor] = {}
     for i, micro in enumerate(share):
         input_ids = data.train[micro].to(accelerator.device)
         # Gradients are all-reduced once per optimizer step, on the last micro-batch.
@@ -58,12 +59,13 @@ def optimization_step(
             terms = losses(model, teacher, input_ids, config, bf16)
             accelerator.backward(terms["loss"] / len(share))
         for key, value in terms.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach()) / len(share)
+            sums[key] = sums.get(key, 0.0) + value.detach().float() / len(share)
     if config.grad_clip > 0:
-        sums["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), config.grad_clip))
+        norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+        sums["grad_norm"] = torch.as_tensor(norm, dtype=torch.float32, device=accelerator.device)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    values = torch.stack([torch.as_tensor(value, device=accelerator.device) for value in sums.values()])
     if world > 1:  # report the global mean of each term, not rank 0's share
-        reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
-        sums = dict(zip(sums, reduced.tolist(), strict=True))
-    return sums, sum(len(micro) for micro in share)
+        values = accelerator.reduce(values, "mean")
+    return dict(zip(sums, values.tolist(), strict=True)), sum(len(micro) for micro in share)

@@ -226,9 +226,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _stop_everywhere(self) -> bool:
+        if self.accelerator.num_processes == 1:
+            return self.stop_requested
         flag = torch.tensor(float(self.stop_requested), device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag)
 
     def run(self, until_step: int | None = None, describe: Callable[[nn.Module], dict] | None = None) -> dict:
