@@ -22,9 +22,10 @@ Students (``variant``):
 - ``calibrated``: truncated SVD at the same per-module sizes, fitted to calibration statistics
   (whitened), the best uniform calibrated plan of benchmarks/calibration.py;
 - ``svd``: truncated SVD at the same sizes, data-free;
-- ``auto``: the budget allocator's plan at the same total size (``compress --target-params`` with
-  ``--calibration --fisher``: every linear layer's candidates priced in KL by the Fisher output
-  metrics, the embedding's measured), fitted to the same statistics;
+- ``auto``: the budget allocator's plan at the same total size, as ``compress --target-params
+  --calibration`` makes it: every linear layer's candidates priced in KL by the Fisher output
+  metrics, the embedding's measured, the plan fitted sequentially with the output metrics (records
+  before 2026-11-27, such as ``distill_h100``, fitted it at once to the same statistics);
 - ``half-depth``: every other block of the teacher (DistilGPT-2's initialisation); at ``tq`` also a
   low-rank embedding at the rank that reaches the budget;
 - references: ``teacher`` (no training) and ``teacher-continued`` (the teacher trained on the same
@@ -61,6 +62,7 @@ from tqcompressor.methods.lowrank import LowRankConfig, rank_for_params
 from tqcompressor.plan import CompressionPlan, Rule
 from tqcompressor.presets import matching_svd_plan
 from tqcompressor.schedule import Schedule, ScheduleStep, run_schedule, step_dir
+from tqcompressor.sequential import compress_sequentially
 from tqcompressor.surgery import resolve
 from tqcompressor.training import FINAL, LOG, TrainConfig, Trainer
 
@@ -209,7 +211,15 @@ class Runner:
         elif variant == "auto":
             plan, statistics = self.allocated(budget)
             student = copy.deepcopy(self.teacher)
-            tq.compress_(student, plan, calibration=statistics, progress=False)
+            counts = next((t.counts for t in statistics.tokens.values()), None)
+            compress_sequentially(
+                student,
+                plan,
+                self.calibration_blocks(),
+                progress=False,
+                token_counts=counts,
+                output_moments=statistics.outputs,
+            )
         elif variant == "half-depth":
             student = half_depth(self.teacher, None if budget == "half" else self.budget_params(budget))
         else:
