@@ -50,7 +50,7 @@ from collections import Counter
 from dataclasses import replace
 
 import torch
-from common import ASSETS, RESULTS, command_history, heldout_ids, load_smollm2, machine
+from common import ASSETS, RESULTS, command_history, command_line, heldout_ids, load_smollm2, machine
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
@@ -128,6 +128,16 @@ def label(candidate) -> str:
     return f"{candidate.method}{'+perm' if permuted else ''}"
 
 
+def evaluation_texts(tokenizer, max_tokens: int, passages: int | None) -> tuple[dict[str, list[int]], list[str]]:
+    """What ``evaluate`` scores: (held-out token ids, and unless ``passages`` is None also WikiText-2's;
+    the first ``passages`` LAMBADA passages)."""
+    texts = {"heldout": heldout_ids(tokenizer, max_tokens)}
+    if passages is None:
+        return texts, []
+    texts["wikitext2"] = tokenizer(read_text("wikitext2"), verbose=False)["input_ids"][: max_tokens + 1]
+    return texts, lambada_passages()[:passages]
+
+
 def evaluate(model, texts: dict[str, list[int]], passages, tokenizer) -> dict:
     model.eval()
     record = {f"{k}_ppl": perplexity(model, ids, max_length=512, progress=False)["ppl"] for k, ids in texts.items()}
@@ -161,11 +171,8 @@ def run_model(name: str, args, data: dict, path) -> None:
     done = {(r["model"], r["plan"], r.get("target_ratio")) for r in data["records"]}
     model, tokenizer = load_smollm2() if name == "smollm2-135m" else load_model(str(ASSETS / "house-teacher"))
     model.eval()
-    texts = {"heldout": heldout_ids(tokenizer, args.max_tokens)}
-    passages = []
-    if name == "smollm2-135m":
-        texts["wikitext2"] = tokenizer(read_text("wikitext2"), verbose=False)["input_ids"][: args.max_tokens + 1]
-        passages = lambada_passages()[: args.lambada_passages]
+    wide = name == "smollm2-135m"  # also WikiText-2 and LAMBADA
+    texts, passages = evaluation_texts(tokenizer, args.max_tokens, args.lambada_passages if wide else None)
 
     def record(row: dict, compressed) -> None:
         row.update(
@@ -320,14 +327,7 @@ def main() -> None:
     if data is None or "models" not in data["meta"]:
         data = {"meta": {"models": args.models}, "records": []}
     if not args.from_json:
-
-        def flag(key: str, value) -> str:
-            shown = "" if value is True else f" {' '.join(map(str, value)) if isinstance(value, list) else value}"
-            return f"--{key.replace('_', '-')}{shown}"
-
-        command = "python benchmarks/allocation.py " + " ".join(
-            flag(k, v) for k, v in vars(args).items() if k not in ("from_json", "resume") and v is not False
-        )
+        command = command_line("allocation.py", args, left_out=("from_json", "resume"))
         meta = data["meta"]
         data["meta"] = {
             "commands": command_history(meta, command + (" --resume" if args.resume else "")),

@@ -19,13 +19,12 @@ import copy
 import json
 import time
 
-from allocation import calibrate, evaluate, with_fisher
-from common import RESULTS, command_history, heldout_ids, load_smollm2, machine
+from allocation import calibrate, evaluate, evaluation_texts, with_fisher
+from common import RESULTS, command_history, command_line, load_smollm2, machine
 
 import tqcompressor as tq
 from tqcompressor.allocation import allocation_plan
 from tqcompressor.cli import DEFAULT_COUNT_TOKENS
-from tqcompressor.evaluation import lambada_passages, read_text
 from tqcompressor.linalg import OUTPUT_RIDGE
 from tqcompressor.sequential import compress_sequentially
 
@@ -36,11 +35,7 @@ def run(args, data: dict) -> None:
     done = {r["calibration_tokens"] for r in data["records"]}
     model, tokenizer = load_smollm2()
     model.eval()
-    texts = {
-        "heldout": heldout_ids(tokenizer, args.max_tokens),
-        "wikitext2": tokenizer(read_text("wikitext2"), verbose=False)["input_ids"][: args.max_tokens + 1],
-    }
-    passages = lambada_passages()[: args.lambada_passages]
+    texts, passages = evaluation_texts(tokenizer, args.max_tokens, args.lambada_passages)
     if not any(r["plan"] == "dense" for r in data["records"]):
         row = {"plan": "dense", "calibration_tokens": 0, "params": tq.count_parameters(model)}
         record(data, row, model, texts, tokenizer, passages)
@@ -146,11 +141,7 @@ def main() -> None:
     data = json.loads(PATH.read_text()) if args.resume and PATH.exists() else {"meta": {}, "records": []}
     if data["records"] and any(r.get("target_ratio", args.ratio) != args.ratio for r in data["records"]):
         parser.error("the records hold another --ratio: start without --resume")
-    command = "python benchmarks/calibration_tokens.py " + " ".join(
-        f"--{k.replace('_', '-')}" + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
-        for k, v in vars(args).items()
-        if k != "resume" and v is not False
-    )
+    command = command_line("calibration_tokens.py", args, left_out=("resume",))
     data["meta"] = {"commands": command_history(data["meta"], command + (" --resume" if args.resume else ""))}
     data["meta"]["machine"] = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,18 @@ def command_history(meta: dict, command: str) -> list[str]:
     return [*earlier, command]
 
 
+def command_line(script: str, args, left_out: tuple[str, ...] = ()) -> str:
+    """The command that ran ``script`` with the parsed ``args``: every flag given a value, switches only
+    when on, ``left_out`` (dest names) omitted."""
+
+    def flag(key: str, value) -> str:
+        shown = "" if value is True else f" {' '.join(map(str, value)) if isinstance(value, list) else value}"
+        return f"--{key.replace('_', '-')}{shown}"
+
+    flags = (flag(k, v) for k, v in vars(args).items() if k not in left_out and v is not False)
+    return " ".join([f"python benchmarks/{script}", *flags])
+
+
 def machine() -> str:
     """What made a benchmark's numbers: CPU architecture, torch threads and version."""
     accelerator = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""

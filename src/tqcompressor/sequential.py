@@ -208,10 +208,12 @@ class _Reached(Exception):
 
 def _module_inputs(
     root: nn.Module, names: list[str], run: Callable[[], object], stop: bool = False
-) -> dict[str, torch.Tensor]:
-    """The input each of ``names`` (submodules of ``root``) receives while ``run`` runs; with ``stop``,
-    ``run`` is cut short once all of them are seen (what comes after cannot change them)."""
+) -> tuple[dict[str, torch.Tensor], object]:
+    """(the input each of ``names`` (submodules of ``root``) receives while ``run`` runs, what ``run``
+    returned); with ``stop``, ``run`` is cut short once all of them are seen (what comes after cannot
+    change them) and returns nothing."""
     seen: dict[str, torch.Tensor] = {}
+    result = None
 
     def hook(module, args, name):
         seen.setdefault(name, args[0])
@@ -220,13 +222,13 @@ def _module_inputs(
 
     handles = [root.get_submodule(name).register_forward_pre_hook(partial(hook, name=name)) for name in names]
     try:
-        run()
+        result = run()
     except _Reached:
         pass
     finally:
         for handle in handles:
             handle.remove()
-    return seen
+    return seen, result
 
 
 class _StackReplay:
@@ -297,7 +299,7 @@ class _StackReplay:
             count = 0
             with torch.no_grad():
                 for i, (args, kwargs) in enumerate(self.batches):
-                    given = _module_inputs(block, part, partial(block, *args, **kwargs), stop=True)
+                    given, _ = _module_inputs(block, part, partial(block, *args, **kwargs), stop=True)
                     if len(given) < len(part) or any(given[name] is not given[part[0]] for name in part):
                         raise RuntimeError(f"{prefix}{part} changed which input they share between batches")
                     x = given[part[0]].reshape(-1, given[part[0]].shape[-1]).double()
@@ -332,17 +334,12 @@ class _StackReplay:
         inputs, outputs = [], []
         for i, (args, kwargs) in enumerate(self.batches):
             was = _with_hidden(args, kwargs, self.originals[i])
-            result = {}
-
-            def run(was=was, result=result) -> None:
-                result["output"] = _hidden_of(block(*was[0], **was[1]))
-
-            seen = _module_inputs(block, names, run)
+            seen, output = _module_inputs(block, names, partial(block, *was[0], **was[1]))
             missing = [name for name in names if name not in seen]
             if missing:
                 raise RuntimeError(f"{self.name}.{self.position}: batch {i} never reached {missing[:3]}")
             inputs.append(seen)
-            outputs.append(result["output"])
+            outputs.append(_hidden_of(output))
         return inputs, outputs
 
     @torch.no_grad()

@@ -65,7 +65,7 @@ def optimization_step(
         sums["grad_norm"] = torch.as_tensor(norm, dtype=torch.float32, device=accelerator.device)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    values = torch.stack([torch.as_tensor(value, device=accelerator.device) for value in sums.values()])
+    values = torch.stack(list(sums.values()))
     if world > 1:  # report the global mean of each term, not rank 0's share
         values = accelerator.reduce(values, "mean")
     return dict(zip(sums, values.tolist(), strict=True)), sum(len(micro) for micro in share)
