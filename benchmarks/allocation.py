@@ -142,18 +142,20 @@ def evaluate(model, texts: dict[str, list[int]], passages, tokenizer) -> dict:
     model.eval()
     record = {f"{k}_ppl": perplexity(model, ids, max_length=512, progress=False)["ppl"] for k, ids in texts.items()}
     if passages:
-        record["lambada_acc"] = lambada(model, tokenizer, passages, progress=False)["acc"]
+        scored = lambada(model, tokenizer, passages, progress=False)
+        record.update(lambada_acc=scored["acc"], lambada_ppl=scored["ppl"])
     return record
 
 
-def calibrate(model, tokenizer, args):
+def calibrate(model, tokenizer, args, seed: int = 0):
     """(statistics of every compressible module, their seconds, the calibration blocks, the first
     ``--sensitivity-tokens`` of them for the sensitivity probe, the embedding's token counts on
-    ``--count-tokens`` of the text as the CLI takes them)."""
+    ``--count-tokens`` of the text as the CLI takes them). ``seed`` orders the books, so it picks the text."""
     source = ASSETS / "corpus/gutenberg/train"
-    text = load_blocks(source, tokenizer, 512, args.calibration_tokens, seed=0)
+    text = load_blocks(source, tokenizer, 512, args.calibration_tokens, seed=seed)
     blocks = torch.cat([text.train, text.heldout])
-    counts = token_counts(source, tokenizer, model.get_input_embeddings().num_embeddings, args.count_tokens)
+    vocab = model.get_input_embeddings().num_embeddings
+    counts = token_counts(source, tokenizer, vocab, args.count_tokens, seed=seed)
     started = time.perf_counter()
     stats = collect(model, compressible_modules(model), blocks, progress=False, token_counts=counts)
     seconds = time.perf_counter() - started

@@ -1,15 +1,22 @@
-"""How much calibration text a budget needs: SmolLM2-135M at one budget, chosen with the Fisher among
-low-rank candidates and fitted sequentially with the layers kept dense aimed (the ``auto-fisher-sequential``
-row of allocation.py, and what the CLI does for a budget), at several calibration sizes; no distillation.
+"""How much calibration text a budget needs, and how much the choice of text matters: SmolLM2-135M at
+one budget, chosen with the Fisher among low-rank candidates (as allocation.py's ``auto-fisher-sequential``
+rows; its ``auto-fisher`` rows offer Kronecker candidates too, which SmolLM2's choices never took) and
+fitted sequentially with the layers kept dense aimed (what the CLI does for a budget) or at once, at
+several calibration sizes and seeds; no distillation.
 
-    python benchmarks/calibration_tokens.py [--tokens 32768 65536] [--ratio 0.7] [--sensitivity-tokens 1024]
-        [--count-tokens 4194304] [--max-tokens 8000] [--lambada-passages 200] [--resume]
+    python benchmarks/calibration_tokens.py [--tokens 32768 65536] [--seeds 0] [--fits sequential at-once]
+        [--anchors 0 1] [--ratio 0.7] [--sensitivity-tokens 1024] [--count-tokens 4194304]
+        [--max-tokens 8000] [--lambada-passages 200] [--resume]
 
 The CLI's default is 262,144 calibration tokens; allocation.py uses 32,768 to stay within hours on two
-cores. Each size is calibrated from scratch on the first blocks of ``corpus/gutenberg/train`` (seed 0, as
-allocation.py), so a larger size holds different blocks, not only more. Records are appended to
-benchmarks/results/calibration_tokens.json as they finish (``--resume`` keeps them); the markdown and
-the plot (held-out and WikiText-2 ppl against calibration tokens) are rewritten.
+cores. Each (size, seed) is calibrated from scratch on blocks of ``corpus/gutenberg/train``, its books
+read in the seed's order (seed 0 as allocation.py), so another seed is other books, and a larger size
+holds different blocks, not only more. The fits of a (size, seed) share its statistics and its plan:
+at once, and sequentially once per ``--anchors`` value (``compress_sequentially``'s anchor; plan
+``auto-fisher-sequential-anchor-A`` where it is not 0).
+Records are appended to benchmarks/results/calibration_tokens.json as they finish (``--resume`` keeps
+them); the markdown (every run, then the spread over seeds) and the plot (held-out and WikiText-2 ppl
+against calibration tokens, one point per seed) are rewritten.
 """
 
 from __future__ import annotations
@@ -18,45 +25,77 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import dataclass
 
+import torch
 from allocation import calibrate, evaluate, evaluation_texts, with_fisher
-from common import RESULTS, command_history, command_line, load_smollm2, machine
+from common import ASSETS, RESULTS, command_history, command_line, load_smollm2, machine
 
 import tqcompressor as tq
 from tqcompressor.allocation import allocation_plan
 from tqcompressor.cli import DEFAULT_COUNT_TOKENS
+from tqcompressor.data import token_counts
 from tqcompressor.linalg import OUTPUT_RIDGE
 from tqcompressor.sequential import compress_sequentially
 
 PATH = RESULTS / "calibration_tokens.json"
 
 
+FITS = {"sequential": "auto-fisher-sequential", "at-once": "auto-fisher"}
+
+
 def run(args, data: dict) -> None:
-    done = {r["calibration_tokens"] for r in data["records"]}
+    done = {(r["calibration_tokens"], r.get("seed", 0), r["plan"]) for r in data["records"]}
     model, tokenizer = load_smollm2()
     model.eval()
     texts, passages = evaluation_texts(tokenizer, args.max_tokens, args.lambada_passages)
-    if not any(r["plan"] == "dense" for r in data["records"]):
+    counts = token_counts(
+        ASSETS / "corpus/gutenberg/train", tokenizer, model.get_input_embeddings().num_embeddings, args.count_tokens
+    )
+    scoring = Scoring(texts, passages, tokenizer, frequency_ranks(counts))
+    dense = [r for r in data["records"] if r["plan"] == "dense"]
+    if not dense or "lambada_ppl" not in dense[0]:  # scored again where made before these scores were recorded
+        data["records"] = [r for r in data["records"] if r["plan"] != "dense"]
         row = {"plan": "dense", "calibration_tokens": 0, "params": tq.count_parameters(model)}
-        record(data, row, model, texts, tokenizer, passages)
+        record(data, row, model, scoring)
     target = round(args.ratio * tq.count_parameters(model))
     for tokens in args.tokens:
-        if tokens in done:
-            continue
-        sizes = argparse.Namespace(
-            calibration_tokens=tokens, count_tokens=args.count_tokens, sensitivity_tokens=args.sensitivity_tokens
-        )
-        stats, calibration_seconds, blocks, probe_blocks, counts = calibrate(model, tokenizer, sizes)
-        fisher, fisher_seconds = with_fisher(model, stats, blocks)
-        allocation = allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"])
+        for seed in args.seeds:
+            fits = [(FITS["at-once"], None)] if "at-once" in args.fits else []
+            if "sequential" in args.fits:
+                fits += [(sequential_plan(anchor), anchor) for anchor in args.anchors]
+            plans = [(plan, anchor) for plan, anchor in fits if (tokens, seed, plan) not in done]
+            if plans:
+                fit_budget(args, data, model, scoring, target, tokens, seed, plans)
+
+
+def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, seed: int, plans) -> None:
+    sizes = argparse.Namespace(
+        calibration_tokens=tokens, count_tokens=args.count_tokens, sensitivity_tokens=args.sensitivity_tokens
+    )
+    stats, calibration_seconds, blocks, probe_blocks, counts = calibrate(model, scoring.tokenizer, sizes, seed=seed)
+    fisher, fisher_seconds = with_fisher(model, stats, blocks)
+    allocation = allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"])
+    for plan, anchor in plans:
         compressed = copy.deepcopy(model)
         started = time.perf_counter()
-        compress_sequentially(
-            compressed, allocation.plan, blocks, progress=False, token_counts=counts, output_moments=fisher.outputs
-        )
+        if anchor is not None:
+            compress_sequentially(
+                compressed,
+                allocation.plan,
+                blocks,
+                progress=False,
+                token_counts=counts,
+                output_moments=fisher.outputs,
+                anchor=anchor,
+            )
+        else:
+            tq.compress_(compressed, allocation.plan, calibration=fisher, progress=False)
         row = {
-            "plan": "auto-fisher-sequential",
+            "plan": plan,
+            **({} if anchor is None else {"anchor": anchor}),
             "calibration_tokens": tokens,
+            "seed": seed,
             "calibrated_on": int(blocks.numel()),  # whole blocks of 512
             "target_ratio": args.ratio,
             "target_params": target,
@@ -67,41 +106,138 @@ def run(args, data: dict) -> None:
             "search_seconds": allocation.seconds,
             "compress_seconds": time.perf_counter() - started,
         }
-        record(data, row, compressed, texts, tokenizer, passages)
+        record(data, row, compressed, scoring)
         del compressed
 
 
-def record(data: dict, row: dict, model, texts: dict, tokenizer, passages: list[str]) -> None:
-    row.update(model="smollm2-135m", **evaluate(model, texts, passages, tokenizer))
+def sequential_plan(anchor: float) -> str:
+    """The record's plan name for a sequential fit with ``anchor`` (``compress_sequentially``)."""
+    return FITS["sequential"] + (f"-anchor-{anchor:g}" if anchor else "")
+
+
+def record(data: dict, row: dict, model, scoring: Scoring) -> None:
+    row.update(model="smollm2-135m", **evaluate(model, scoring.texts, scoring.passages, scoring.tokenizer))
+    row.update(by_frequency(model, scoring))
     data["records"].append(row)
     PATH.write_text(json.dumps(data, indent=1))
     print(json.dumps(row), flush=True)
 
 
+@dataclass
+class Scoring:
+    texts: dict[str, list[int]]
+    passages: list[str]
+    tokenizer: object
+    ranks: torch.Tensor  # each token id's rank by frequency in the Gutenberg text (0: the most frequent)
+
+
+# Target tokens by their frequency rank: what a model that drifts toward frequent tokens would show.
+FREQUENCY_BINS = ((0, 100), (100, 1_000), (1_000, 10_000), (10_000, None))
+
+
+def frequency_ranks(counts: torch.Tensor) -> torch.Tensor:
+    ranks = torch.empty(len(counts), dtype=torch.long)
+    ranks[counts.argsort(descending=True, stable=True)] = torch.arange(len(counts))
+    return ranks
+
+
+def bin_name(low: int, high: int | None) -> str:
+    return f"{low}-{high}" if high is not None else f"{low}+"
+
+
+@torch.inference_mode()
+def by_frequency(model, scoring: Scoring, window: int = 512) -> dict:
+    """Held-out NLL by the target token's frequency bin (windows of ``window`` side by side, each target
+    scored once), and the share of LAMBADA passages whose greedy first token of the last word is one
+    of the 100 most frequent tokens (the target's own share is in the dense record)."""
+    ids = torch.tensor(scoring.texts["heldout"])
+    nll, targets = [], []
+    for start in range(0, len(ids) - 1, window - 1):
+        chunk = ids[start : start + window]
+        logits = model(chunk[:-1].unsqueeze(0)).logits[0].float()
+        nll.append(torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="none"))
+        targets.append(chunk[1:])
+    nll, rank = torch.cat(nll), scoring.ranks[torch.cat(targets)]
+    bins = {}
+    for low, high in FREQUENCY_BINS:
+        chosen = (rank >= low) & (rank < (high if high is not None else len(scoring.ranks)))
+        bins[bin_name(low, high)] = {"tokens": int(chosen.sum()), "nll": float(nll[chosen].mean())}
+    frequent, target_frequent = 0, 0
+    for text in scoring.passages:
+        context, word = text.rsplit(" ", 1)
+        context_ids = scoring.tokenizer(context)["input_ids"]
+        first = scoring.tokenizer(" " + word)["input_ids"][0]
+        guess = int(model(torch.tensor([context_ids])).logits[0, -1].argmax())
+        frequent += int(scoring.ranks[guess] < 100)
+        target_frequent += int(scoring.ranks[first] < 100)
+    share = frequent / max(len(scoring.passages), 1)
+    return {
+        "heldout_nll_by_frequency": bins,
+        "lambada_guess_frequent": share,
+        "lambada_target_frequent": target_frequent / max(len(scoring.passages), 1),
+    }
+
+
 def write_report(data: dict) -> None:
-    meta, records = data["meta"], sorted(data["records"], key=lambda r: r["calibration_tokens"])
+    meta = data["meta"]
+    records = sorted(data["records"], key=lambda r: (r["calibration_tokens"], r["plan"], r.get("seed", 0)))
     dense = next((r for r in records if r["plan"] == "dense"), None)
     fitted = [r for r in records if r["plan"] != "dense"]
     lines = [
-        "# Calibration tokens for a budget: SmolLM2-135M, auto (Fisher, low-rank), sequential, no training",
+        "# Calibration text for a budget: SmolLM2-135M, auto (Fisher, low-rank), no training",
         "",
         "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + f". Machine: {meta['machine']}.",
         "",
-        "| calibration tokens | params | held-out ppl | WikiText-2 ppl | LAMBADA acc | calibration s | Fisher s "
-        "| search s | fitting s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| calibration tokens | seed | plan | params | held-out ppl | WikiText-2 ppl | LAMBADA acc | LAMBADA ppl "
+        "| calibration s | Fisher s | search s | fitting s |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if dense is not None:
         lines.append(
-            f"| dense | {dense['params']:,} | {dense['heldout_ppl']:.1f} | {dense['wikitext2_ppl']:.1f} "
-            f"| {dense['lambada_acc']:.3f} | — | — | — | — |"
+            f"| dense | — | dense | {dense['params']:,} | {dense['heldout_ppl']:.1f} | {dense['wikitext2_ppl']:.1f} "
+            f"| {dense['lambada_acc']:.3f} | {_optional(dense, 'lambada_ppl')} | — | — | — | — |"
         )
     for r in fitted:
         lines.append(
-            f"| {r['calibration_tokens']:,} | {r['params']:,} | {r['heldout_ppl']:.1f} | {r['wikitext2_ppl']:.1f} "
-            f"| {r['lambada_acc']:.3f} | {r['calibration_seconds']:.0f} | {r['fisher_seconds']:.0f} "
+            f"| {r['calibration_tokens']:,} | {r.get('seed', 0)} | {r['plan']} | {r['params']:,} "
+            f"| {r['heldout_ppl']:.1f} | {r['wikitext2_ppl']:.1f} | {r['lambada_acc']:.3f} "
+            f"| {_optional(r, 'lambada_ppl')} | {r['calibration_seconds']:.0f} | {r['fisher_seconds']:.0f} "
             f"| {r['search_seconds']:.0f} | {r['compress_seconds']:.0f} |"
         )
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in fitted:
+        groups.setdefault((r["calibration_tokens"], r["plan"]), []).append(r)
+    if any(len(group) > 1 for group in groups.values()):
+        lines += [
+            "",
+            "Over seeds (mean, min–max):",
+            "",
+            "| calibration tokens | plan | seeds | held-out ppl | WikiText-2 ppl | LAMBADA acc |",
+            "|---:|---|---:|---|---|---|",
+        ]
+        for (tokens, plan), group in groups.items():
+            spread = " | ".join(_spread([r[k] for r in group], digits) for k, digits in SPREAD_COLUMNS)
+            lines.append(f"| {tokens:,} | {plan} | {len(group)} | {spread} |")
+    analysed = [r for r in records if "heldout_nll_by_frequency" in r]
+    if analysed:
+        names = list(analysed[0]["heldout_nll_by_frequency"])
+        lines += [
+            "",
+            "Where the loss goes: held-out NLL by the target token's frequency rank in the Gutenberg text "
+            "(tokens per bin in the header), and the share of LAMBADA passages whose greedy first token of "
+            "the last word is one of the 100 most frequent tokens (of the targets: "
+            f"{analysed[0]['lambada_target_frequent']:.3f}):",
+            "",
+            "| calibration tokens | seed | plan | "
+            + " | ".join(f"NLL rank {n} ({analysed[0]['heldout_nll_by_frequency'][n]['tokens']})" for n in names)
+            + " | LAMBADA guess frequent |",
+            "|---:|---:|---|" + "---:|" * (len(names) + 1),
+        ]
+        for r in analysed:
+            nll = " | ".join(f"{r['heldout_nll_by_frequency'][n]['nll']:.2f}" for n in names)
+            tokens = "dense" if r["plan"] == "dense" else f"{r['calibration_tokens']:,}"
+            seed = "—" if r["plan"] == "dense" else r.get("seed", 0)
+            lines.append(f"| {tokens} | {seed} | {r['plan']} | {nll} | {r['lambada_guess_frequent']:.3f} |")
     (RESULTS / "calibration_tokens.md").write_text("\n".join(lines) + "\n")
     if not fitted:
         return
@@ -111,26 +247,50 @@ def write_report(data: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    tokens = [r["calibration_tokens"] for r in fitted]
     for key, label in (("heldout_ppl", "held-out"), ("wikitext2_ppl", "WikiText-2")):
-        at = f"{label}, at {fitted[0]['target_ratio']:.0%}"
-        line = ax.plot(tokens, [r[key] for r in fitted], marker="o", label=at)
+        color = None
+        for plan, marker in ((FITS["sequential"], "o"), (FITS["at-once"], "x")):
+            runs = [r for r in fitted if r["plan"] == plan]
+            if not runs:
+                continue
+            at = f"{label}, {plan}, at {runs[0]['target_ratio']:.0%}"
+            points = ax.plot(
+                [r["calibration_tokens"] for r in runs], [r[key] for r in runs], marker, color=color, label=at
+            )
+            color = points[0].get_color()
         if dense is not None:
-            ax.axhline(dense[key], color=line[0].get_color(), linestyle=":", label=f"{label}, dense")
+            ax.axhline(dense[key], color=color, linestyle=":", label=f"{label}, dense")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("calibration tokens")
+    ax.set_xlabel("calibration tokens (one point per seed)")
     ax.set_ylabel("perplexity")
-    ax.set_title("SmolLM2-135M: auto budget, Fisher, sequential")
-    ax.legend()
+    ax.set_title("SmolLM2-135M: auto budget, Fisher")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "calibration_tokens.png", dpi=120)
     plt.close(fig)
 
 
+SPREAD_COLUMNS = (("heldout_ppl", 1), ("wikitext2_ppl", 1), ("lambada_acc", 3))
+
+
+def _spread(values: list[float], digits: int) -> str:
+    return f"{sum(values) / len(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def _optional(record: dict, key: str) -> str:
+    """Records made before a column existed show a dash."""
+    return f"{record[key]:.1f}" if key in record else "—"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[32_768, 65_536])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="orders of the books the text is read from")
+    parser.add_argument("--fits", nargs="+", choices=sorted(FITS), default=["sequential"])
+    parser.add_argument(
+        "--anchors", type=float, nargs="+", default=[0.0], help="a sequential fit for each (compress_sequentially)"
+    )
     parser.add_argument("--ratio", type=float, default=0.7)
     parser.add_argument("--sensitivity-tokens", type=int, default=1024)
     parser.add_argument("--count-tokens", type=int, default=DEFAULT_COUNT_TOKENS)

@@ -397,10 +397,19 @@ def test_cli_compresses_with_calibration_and_reuses_saved_statistics(tmp_path, c
     assert "the plan keeps dense" in tq.load(tmp_path / "g").tqcompressor_history[-1]["report"]["notes"][0]
     assert main([*collected, "--sequential", "--no-aim-dense", "--out", str(tmp_path / "i")]) == 0
     assert "keeps dense" not in tq.load(tmp_path / "i").tqcompressor_history[-1]["report"]["notes"][0]
+    assert main([*collected, "--anchor", "1", "--out", str(tmp_path / "j")]) == 2
+    assert main([*collected, "--sequential", "--anchor", "-1", "--out", str(tmp_path / "k")]) == 2
+    # Held to the original inputs, the sequential fit comes out as the fit at once (model a), not as g.
+    assert main([*collected, "--sequential", "--anchor", "1e9", "--out", str(tmp_path / "l")]) == 0
+    anchored, aimed = tq.load(tmp_path / "l").state_dict(), tq.load(tmp_path / "g").state_dict()
+    for name, x in first.state_dict().items():
+        torch.testing.assert_close(anchored[name], x, rtol=1e-4, atol=1e-5, msg=name)
+    assert any(not torch.allclose(anchored[name], x, rtol=1e-3, atol=1e-4) for name, x in aimed.items())
     err = capsys.readouterr().err
     assert "not both" in err and "apply to --calibration DATA only" in err and "fewer than two blocks" in err
     assert "--no-aim-dense applies to a sequential fit only" in err
-    assert not any((tmp_path / name).exists() for name in "cdefh")
+    assert "--anchor applies to a sequential fit only" in err and "must be 0 or more" in err
+    assert not any((tmp_path / name).exists() for name in "cdefhjk")
 
 
 def _two_books(folder):

@@ -1,20 +1,26 @@
-"""The Fisher output metric: output gradients collected on real text, the KL they predict, low-rank fits
-that weigh output directions by it, and budgets priced in KL without measuring the linear layers."""
+"""The Fisher output metric: output gradients collected on real text, the KL they predict, low-rank and
+Kronecker fits that weigh output directions by it, and budgets priced in KL without measuring the linear
+layers."""
 
 import copy
+import math
 
 import pytest
 import torch
 from conftest import tiny_gpt2_dir
+from test_calibration import anisotropic_inputs
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
 from tqcompressor import allocation as allocation_module
 from tqcompressor.allocation import allocation_plan, compressible_modules, linear_layers
 from tqcompressor.calibration import CalibrationStats, collect
-from tqcompressor.linalg import calibrated_error, fisher_loss
+from tqcompressor.linalg import calibrated_error, fisher_loss, ridged_output_metric
 from tqcompressor.loading import load_model
 from tqcompressor.methods import get_method
+from tqcompressor.methods.kronecker.calibrated import _a_step, _b_step, _objective, calibrated_factors, objective
+from tqcompressor.methods.kronecker.method import _fit_objective
+from tqcompressor.methods.kronecker.shapes import KroneckerShape
 from tqcompressor.methods.lowrank.factors import scaled_svd, whitened_svd
 from tqcompressor.methods.targets import dense_weight
 from tqcompressor.statistics import InputStats
@@ -115,6 +121,100 @@ def test_weighted_fits_split_every_term_evenly_whatever_the_weights_scale():
     torch.testing.assert_close(fits[1].reconstruct(), fits[0].reconstruct(), rtol=1e-6, atol=1e-9)
     for fit in fits:
         torch.testing.assert_close(fit.u.norm(dim=0), fit.v.norm(dim=1), rtol=1e-9, atol=0)
+
+
+def positive_definite(size: int, seed: int, spread: float = 1e-3) -> torch.Tensor:
+    """Eigenvalues from 1 down to ``spread``, in a random basis."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(size, size, generator=g, dtype=torch.float64))[0]
+    eigenvalues = torch.logspace(0, math.log10(spread), size, dtype=torch.float64)
+    return basis @ torch.diag(eigenvalues) @ basis.T
+
+
+def test_kronecker_steps_under_a_kronecker_fisher_are_the_exact_least_squares_minimisers():
+    m1, n1, m2, n2, r = 3, 2, 2, 3, 2
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(m1 * m2, n1 * n2, generator=g, dtype=torch.float64)
+    x = anisotropic_inputs(400, m1 * m2, seed=4)
+    c = x.T @ x
+    g1, g2 = positive_definite(n1, 5), positive_definite(n2, 6)
+    fisher = torch.kron(g1, g2)
+    a = torch.randn(r, m1, n1, generator=g, dtype=torch.float64)
+    b = torch.randn(r, m2, n2, generator=g, dtype=torch.float64)
+    c4, cw4 = c.reshape(m1, m2, m1, m2), (c @ w).reshape(m1, m2, n1, n2)
+    norm = float((w * (c @ w @ fisher)).sum())
+    assert _objective(norm, c4, cw4, a, b, g1, g2) == pytest.approx(objective(w, c, a, b, fisher))
+    # tr(ΔᵀCΔG) = ‖X Δ T‖² for T Tᵀ = G: one dense least-squares system over vec(A), solved directly.
+    t = torch.linalg.cholesky(fisher)
+    design = torch.stack(
+        [
+            (x @ torch.einsum("rac,rbd->abcd", basis.reshape(r, m1, n1), b).reshape(m1 * m2, n1 * n2) @ t).reshape(-1)
+            for basis in torch.eye(r * m1 * n1, dtype=torch.float64)
+        ],
+        dim=1,
+    )
+    direct = torch.linalg.lstsq(design, (x @ w @ t).reshape(-1)).solution.reshape(r, m1, n1)
+    stepped = _a_step(c4, cw4, b, g2)
+    assert objective(w, c, stepped, b, fisher) == pytest.approx(objective(w, c, direct, b, fisher))
+    new_b = _b_step(c4, cw4, a, g1)
+    for _ in range(3):  # no perturbation of the solved B lowers the objective
+        assert objective(w, c, a, new_b, fisher) <= objective(w, c, a, new_b + 1e-3 * torch.randn_like(new_b), fisher)
+
+
+def kronecker_layer(fisher: torch.Tensor, weight: torch.Tensor) -> torch.nn.Linear:
+    module = torch.nn.Linear(*weight.shape, bias=False).double()
+    with torch.no_grad():
+        module.weight.copy_(weight.T)
+    return module
+
+
+def test_a_kronecker_fit_weighs_the_outputs_by_the_fisher():
+    shape = KroneckerShape(8, 6, 4, 5, 2)
+    g = torch.Generator().manual_seed(7)
+    x = anisotropic_inputs(2000, 32, seed=8)
+    c = x.T @ x
+    fisher = torch.kron(positive_definite(6, 9, 1e-4), positive_definite(5, 10, 1e-4))
+    planted = torch.einsum(
+        "rac,rbd->abcd",
+        torch.randn(2, 8, 6, generator=g, dtype=torch.float64),
+        torch.randn(2, 4, 5, generator=g, dtype=torch.float64),
+    ).reshape(32, 30)
+    exact, _ = calibrated_factors(planted, shape, c, output_metric=fisher)
+    assert fisher_loss(planted, exact.reconstruct(), c, fisher) < 1e-9 * fisher_loss(planted, 0 * planted, c, fisher)
+
+    w = torch.randn(32, 30, generator=g, dtype=torch.float64)
+    alone, _ = calibrated_factors(w, shape, c)
+    weighted, history = calibrated_factors(w, shape, c, output_metric=fisher)
+    assert history[-1] <= history[0]
+    assert fisher_loss(w, weighted.reconstruct(), c, fisher) < 0.8 * fisher_loss(w, alone.reconstruct(), c, fisher)
+
+    # The method fits with the Fisher in the statistics, reports its KL, and prices its candidates in KL.
+    module, method = kronecker_layer(fisher, w), get_method("kronecker")
+    config = method.config_class(shape=(8, 6, 4, 5), rank=2, permute=False)
+    _, plain = method.fit(module, config, InputStats(c, 2000))
+    _, report = method.fit(module, config, InputStats(c, 2000, fisher))
+    assert report.best_start == "identity, Fisher"
+    assert report.details["kl"] < 0.8 * fisher_loss(w, alone.reconstruct(), c, fisher)
+    assert report.error > plain.error  # it spent its terms where the Fisher looks
+    estimates = method.estimates(module, InputStats(c, 2000, fisher))
+    assert estimates and all(e.kl is not None and e.kl > 0 for e in estimates)
+
+
+def test_the_fisher_never_leaves_a_kronecker_fit_worse_on_its_own_objective():
+    """A Fisher far from a Kronecker product (rank 4, in a random basis) misleads the refinement, which
+    takes it as G₁ ⊗ G₂; the fit on C alone is still among the ones the exact objective chooses from."""
+    weight, c, fisher = planted_layer(1)
+    module, method = kronecker_layer(fisher, weight), get_method("kronecker")
+    metric = ridged_output_metric(fisher)
+    for shape in ((4, 6, 4, 4), (8, 4, 2, 6)):
+        config = method.config_class(shape=shape, rank=2, time_budget=float("inf"))
+        alone, _ = method.fit(module, config, InputStats(c, 400))
+        weighted, _ = method.fit(module, config, InputStats(c, 400, fisher))
+        installed = {
+            fit: dense_weight(layer.to_dense())[0] for fit, layer in (("alone", alone), ("weighted", weighted))
+        }
+        chosen = _fit_objective(weight, installed["weighted"], c, metric)
+        assert chosen <= _fit_objective(weight, installed["alone"], c, metric) * (1 + 1e-9)
 
 
 def test_fisher_statistics_save_load_and_refuse_another_model(tmp_path):

@@ -3,6 +3,7 @@ the original model computed there; checked against the definition computed on wh
 
 import copy
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -48,23 +49,30 @@ def _inputs(model: nn.Module, name: str, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen]).double()
 
 
-def by_hand(model: nn.Module, parts: list[tuple[list[str], str]], ids: torch.Tensor) -> nn.Module:
+def by_hand(model: nn.Module, parts: list[tuple[list[str], str]], ids: torch.Tensor, anchor: float = 0.0) -> nn.Module:
     """The definition on whole-model passes: for each part in order, its input second moment on the model
-    compressed so far and the cross moment with the untouched original's inputs; the weights aimed, then
-    fitted to the statistics ``collect`` gives. A part's mode: "aimed" (aimed, then fitted), "fitted"
-    (fitted as it is) or "kept" (aimed, and left dense)."""
+    compressed so far and the cross moment with the untouched original's inputs (each plus ``anchor``
+    times the original inputs' second moment); the weights aimed, then fitted to the statistics
+    ``collect`` gives (with the anchor, to the mixed second moment). A part's mode: "aimed" (aimed, then
+    fitted), "fitted" (fitted as it is) or "kept" (aimed, and left dense)."""
     original = copy.deepcopy(model).eval()
     model.eval()
     for names, mode in parts:
+        mixed = None
         if mode in ("aimed", "kept"):
             given, wanted = _inputs(model, names[0], ids), _inputs(original, names[0], ids)
+            mixed = given.T @ given + anchor * wanted.T @ wanted
+            cross = given.T @ wanted + anchor * wanted.T @ wanted
             for name in names:
                 weight = dense_weight(model.get_submodule(name))[0]
                 with torch.no_grad():
-                    weight.copy_(aimed_weight(weight, given.T @ given, given.T @ wanted, DAMPING).to(weight.dtype))
+                    weight.copy_(aimed_weight(weight, mixed, cross, DAMPING).to(weight.dtype))
         if mode != "kept":
             plan = tq.CompressionPlan([tq.Rule(re.escape(name), CONFIG) for name in names])
-            tq.compress_(model, plan, calibration=collect(model, names, ids, progress=False), progress=False)
+            stats = collect(model, names, ids, progress=False)
+            if anchor and mixed is not None:
+                stats.inputs = {key: replace(s, second_moment=mixed) for key, s in stats.inputs.items()}
+            tq.compress_(model, plan, calibration=stats, progress=False)
     return model
 
 
@@ -123,6 +131,23 @@ def test_each_part_is_fitted_on_the_compressed_inputs_and_aimed_at_the_original_
     assert_same_weights(model, by_hand(build(), parts, ids))
     with pytest.raises(AssertionError):  # aiming changes the fit
         assert_same_weights(model, by_hand(build(), [(names, "fitted") for names, _ in fitted], ids))
+
+
+def test_an_anchor_mixes_the_original_inputs_into_each_part_and_in_the_limit_fits_at_once():
+    ids = blocks(count=16)
+    plan = tq.CompressionPlan([tq.Rule(r"transformer\.h\.(0\.(mlp|attn)|2\.mlp)\.c_\w+", CONFIG)])
+    parts = gpt2_parts({0: "aimed", 1: "kept", 2: ("kept", "kept", "aimed", "aimed")})
+    anchored = gpt2_3_layers()
+    compress_sequentially(anchored, plan, ids, progress=False, anchor=1.0)
+    assert_same_weights(anchored, by_hand(gpt2_3_layers(), parts, ids, anchor=1.0))
+    with pytest.raises(AssertionError):
+        assert_same_weights(anchored, by_hand(gpt2_3_layers(), parts, ids))
+    # Held to the original inputs alone, each part is fitted as at once and nothing is aimed.
+    held = gpt2_3_layers()
+    compress_sequentially(held, plan, ids, progress=False, anchor=1e9)
+    at_once = gpt2_3_layers()
+    tq.compress_(at_once, plan, calibration=tq.calibrate(at_once, plan, ids, progress=False), progress=False)
+    assert_same_weights(held, at_once)
 
 
 def test_layers_the_plan_keeps_dense_are_aimed_too_even_after_the_last_compressed_one_unless_asked_not_to():

@@ -77,6 +77,8 @@ def _compress(args: argparse.Namespace) -> None:
         args.sequential = budget and bool(args.calibration)
     if args.no_aim_dense and not args.sequential:
         raise ValueError("--no-aim-dense applies to a sequential fit only")
+    if args.anchor is not None and not args.sequential:
+        raise ValueError("--anchor applies to a sequential fit only")
     if args.sequential and args.save_calibration and not budget:
         raise ValueError(
             "--sequential collects each block's statistics on the model as compressed so far: none to save"
@@ -117,6 +119,7 @@ def _compress(args: argparse.Namespace) -> None:
             aim_dense=not args.no_aim_dense,
             token_counts=counts,
             output_moments=fisher,
+            anchor=args.anchor or 0.0,
         )
     else:
         calibration = _calibration(args, model, tokenizer, [name for _, name in resolve(model, plan)])
@@ -171,6 +174,7 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
             aim_dense=not args.no_aim_dense,
             token_counts=counts,
             output_moments=stats.outputs,
+            anchor=args.anchor or 0.0,
         )
     else:
         report = compress_(model, allocation.plan, calibration=stats, progress=not args.quiet)
@@ -482,6 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with a sequential fit, leave the linear layers the plan keeps dense as they are (by default they are "
         "aimed at the original outputs too: their size stays, their weights change)",
+    )
+    c.add_argument(
+        "--anchor",
+        type=float,
+        help="with a sequential fit, also hold each part to the original model on the original inputs, with this "
+        "weight: ‖X̃Ŵ − XW‖² + A‖X(Ŵ − W)‖² (default 0: aimed only; large: as fitted at once). Aimed fits drift "
+        "toward frequent tokens; see README, 'Anchoring sequential fits'",
     )
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(run=_compress)

@@ -45,8 +45,13 @@ OUTPUT_RIDGE = 0.3
 def output_factor(output_second_moment: torch.Tensor) -> torch.Tensor:
     """Lower-triangular T with T Tᵀ = G + ``OUTPUT_RIDGE``·mean(diag G)·I, G = Σ g gᵀ over the loss
     gradients g of a layer's outputs: the output metric of a Fisher-weighted fit."""
+    return whitening_factor(ridged_output_metric(output_second_moment))
+
+
+def ridged_output_metric(output_second_moment: torch.Tensor) -> torch.Tensor:
+    """G + ρI (float64), ρ = ``output_ridge(G)``: the output metric Fisher-weighted fits minimise under."""
     g = output_second_moment.double()
-    return whitening_factor(g + output_ridge(g) * torch.eye(len(g), dtype=g.dtype, device=g.device))
+    return g + output_ridge(g) * torch.eye(len(g), dtype=g.dtype, device=g.device)
 
 
 def output_ridge(output_second_moment: torch.Tensor) -> float:

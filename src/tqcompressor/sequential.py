@@ -46,6 +46,7 @@ def compress_sequentially(
     aim_dense: bool = True,
     token_counts: torch.Tensor | None = None,
     output_moments: dict[str, torch.Tensor] | None = None,
+    anchor: float = 0.0,
 ):
     """Compress ``model`` by ``plan`` (a ``CompressionPlan``) part by part, calibrating each part on
     ``blocks`` (sequences x tokens) as the model compressed so far sees them; ``damping``: the ridge of
@@ -55,11 +56,15 @@ def compress_sequentially(
     halved, 8k tokens: held-out ppl 210 aimed so, 65077 with the attention left as it was, 2675 fitted
     at once). ``token_counts``: an embedding's row weights counted on more text (as in ``collect``).
     ``output_moments``: the original model's Fisher output metrics per module (``CalibrationStats.outputs``
-    from ``collect(..., fisher=True)``), given to each part's fit. Returns one report."""
+    from ``collect(..., fisher=True)``), given to each part's fit. ``anchor`` A: each aimed part minimises
+    ‖X̃Ŵ − XW‖² + A‖X(Ŵ − W)‖², X̃ its inputs in the model compressed so far and X the original's: 0 aims
+    only, a large A fits as at once. Returns one report."""
     from .plan import CompressionPlan, Rule
     from .report import CompressionReport
     from .surgery import compress_, resolve
 
+    if not anchor >= 0:
+        raise ValueError(f"the anchor weighs an error: it must be 0 or more, got {anchor}")
     steps = resolve(model, plan)  # the whole plan is checked before anything changes
     names = list(dict.fromkeys(name for _, name in steps))
     calibration_targets(model, names)
@@ -86,7 +91,7 @@ def compress_sequentially(
     def finish(name: str | None) -> None:
         """Aim the blocks of stack ``name`` after its last compressed one."""
         if aim_dense and stacks.get(name) is not None:
-            stacks[name].advance_to(len(stacks[name].stack), model, tokens, damping, aim=True)
+            stacks[name].advance_to(len(stacks[name].stack), model, tokens, damping, anchor, aim=True)
 
     was_training = model.training
     model.eval()
@@ -105,8 +110,8 @@ def compress_sequentially(
                     stacks[stack] = replay = None
                 seconds += time.perf_counter() - started
             if replay is not None:
-                replay.advance_to(index, model, tokens, damping, aim=aim_dense)
-                parts = replay.parts(model, members, tokens, damping, aim_dense)
+                replay.advance_to(index, model, tokens, damping, anchor, aim=aim_dense)
+                parts = replay.parts(model, members, tokens, damping, anchor, aim_dense)
                 aimed += 1
             else:
                 parts = iter([(members, collect(model, members, blocks, batch_size, False, token_counts))])
@@ -261,20 +266,20 @@ class _StackReplay:
         return True
 
     @torch.no_grad()
-    def advance_to(self, index: int, model: nn.Module, tokens: int, damping: float, aim: bool) -> None:
+    def advance_to(self, index: int, model: nn.Module, tokens: int, damping: float, anchor: float, aim: bool) -> None:
         """Run both streams through the blocks before ``index`` that the plan leaves as they are, with
         ``aim`` aiming their linear layers (once the streams differ)."""
         if index < self.position:
             raise RuntimeError(f"{self.name}.{index} comes before the kept inputs of block {self.position}")
         while self.position < index:
             if aim and self.compressed_parts > 0:
-                for _ in self.parts(model, [], tokens, damping, aim_dense=True):
+                for _ in self.parts(model, [], tokens, damping, anchor, aim_dense=True):
                     pass
             else:
                 self._move_on(self.stack[self.position])
 
     def parts(
-        self, model: nn.Module, members: list[str], tokens: int, damping: float, aim_dense: bool
+        self, model: nn.Module, members: list[str], tokens: int, damping: float, anchor: float, aim_dense: bool
     ) -> Iterator[tuple[list[str], CalibrationStats]]:
         """Yield (modules sharing one input, their statistics) through block ``position`` in forward order,
         each part's weights aimed at the original model's outputs; compress each part before taking the
@@ -295,7 +300,7 @@ class _StackReplay:
             if not (names or aim):
                 continue
             started = time.perf_counter()
-            second = cross = 0
+            second = cross = original = 0
             count = 0
             with torch.no_grad():
                 for i, (args, kwargs) in enumerate(self.batches):
@@ -306,8 +311,14 @@ class _StackReplay:
                     second = second + x.T @ x
                     count += x.shape[0]
                     if aim:
-                        cross = cross + x.T @ wanted[i][part[0]].reshape(-1, x.shape[-1]).double()
+                        x_original = wanted[i][part[0]].reshape(-1, x.shape[-1]).double()
+                        cross = cross + x.T @ x_original
+                        if anchor:
+                            original = original + x_original.T @ x_original
                 if aim:
+                    # ‖X̃Ŵ − XW‖² + anchor·‖X(Ŵ − W)‖² is ‖X̃'(Ŵ − W*)‖² + const for X̃'ᵀX̃' = C̃ + anchor·C
+                    # and X̃'ᵀX' = M + anchor·C: the same aim and fit on the mixed moments.
+                    second, cross = second + anchor * original, cross + anchor * original
                     for name in part:
                         weight = dense_weight(block.get_submodule(name))[0]
                         weight.copy_(aimed_weight(weight, second, cross, damping).to(weight.dtype))

@@ -1,11 +1,14 @@
 """Kronecker factors fitted to what a layer computes on real inputs: minimise ‖X (W − Σ Aᵢ ⊗ Bᵢ)‖_F over
-calibration inputs X, known through C = XᵀX (in x in), after the permutations are applied.
+calibration inputs X, known through C = XᵀX (in x in), after the permutations are applied; with a
+Fisher output metric G (out x out), tr(Δᵀ C Δ G) instead, as the low-rank fit does.
 
 Start in closed form: approximate C by its nearest Kronecker product C₁ ⊗ C₂ (split like the factors'
-rows) and whiten by S₁ ⊗ S₂, which keeps the Kronecker structure, so plain Van Loan applies. Then
-refine on the exact objective by alternating least squares: with every Bᵢ fixed the Aᵢ solve one
-linear system shared by all columns of A, and vice versa. Each half-step is an exact minimiser, and a
-step that would raise the objective (round-off) is not taken.
+rows) and whiten by S₁ ⊗ S₂, which keeps the Kronecker structure, so plain Van Loan applies (G likewise,
+by T₁ ⊗ T₂ on the columns). Then refine by alternating least squares: with every Bᵢ fixed the Aᵢ solve
+one linear system shared by all columns of A, and vice versa. Each half-step is an exact minimiser, and
+a step that would raise the objective (round-off) is not taken. The refinement is exact in C and takes
+G as G₁ ⊗ G₂: then G₁ cancels from the A-step's normal equations and G₂ only weighs the inner products
+of the Bᵢ, while a full G would make the A-step one system of rank·m1·n1 unknowns.
 
 ``row_scaled_factors`` is the other case: one term with B a single row (an embedding's kron(E', b)),
 the metric C on W's columns and weights on its rows; there b alone is searched, in closed form for the
@@ -42,20 +45,44 @@ def kronecker_whitened(
     return whitened, s1, s2
 
 
-def objective(w: torch.Tensor, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
-    """tr(Δᵀ C Δ) with Δ = W − Σ aᵢ ⊗ bᵢ (everything in the permuted order)."""
+def objective(
+    w: torch.Tensor, c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor | None = None
+) -> float:
+    """tr(Δᵀ C Δ) with Δ = W − Σ aᵢ ⊗ bᵢ (everything in the permuted order); tr(Δᵀ C Δ G) with ``g``."""
     m1, n1, m2, n2 = a.shape[1], a.shape[2], b.shape[1], b.shape[2]
     delta = w - torch.einsum("rac,rbd->abcd", a, b).reshape(m1 * m2, n1 * n2)
-    return float((delta * (c @ delta)).sum())
+    weighted = delta if g is None else delta @ g
+    return float((weighted * (c @ delta)).sum())
 
 
-def _objective(norm: float, c4: torch.Tensor, cw4: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
-    """``objective`` from tr(WᵀCW), C and CW alone: tr(KᵀCK) − 2 tr(KᵀCW) + tr(WᵀCW) for K = Σ aᵢ ⊗ bᵢ,
-    without forming the residual, whose product with C costs in² x out per call."""
-    aa = torch.einsum("iac,jxc->ijax", a, a)
-    bb = torch.einsum("ibd,jed->ijbe", b, b)
+def _kronecker_right(w: torch.Tensor, right1: torch.Tensor, right2: torch.Tensor) -> torch.Tensor:
+    """W (R₁ ⊗ R₂) without forming the Kronecker product."""
+    n1, n2 = len(right1), len(right2)
+    return torch.einsum("xab,ac,bd->xcd", w.reshape(-1, n1, n2), right1, right2).reshape(w.shape)
+
+
+def _times(factors: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
+    """Each factor times ``metric`` on its columns; None: the identity."""
+    return factors if metric is None else factors @ metric
+
+
+def _objective(
+    norm: float,
+    c4: torch.Tensor,
+    cw4: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    g1: torch.Tensor | None = None,
+    g2: torch.Tensor | None = None,
+) -> float:
+    """``objective`` (with G = G₁ ⊗ G₂) from tr(WᵀCWG), C and CW alone: tr(KᵀCKG) − 2 tr(KᵀCWG) +
+    tr(WᵀCWG) for K = Σ aᵢ ⊗ bᵢ, without forming the residual, whose product with C costs in² x out per
+    call; K G = Σ aᵢG₁ ⊗ bᵢG₂."""
+    ag, bg = _times(a, g1), _times(b, g2)
+    aa = torch.einsum("iac,jxc->ijax", ag, a)
+    bb = torch.einsum("ibd,jed->ijbe", bg, b)
     quadratic = (torch.einsum("abxe,ijax->ijbe", c4, aa) * bb).sum()
-    cross = (torch.einsum("ibd,abcd->iac", b, cw4) * a).sum()
+    cross = (torch.einsum("ibd,abcd->iac", bg, cw4) * ag).sum()
     return float(norm - 2 * cross + quadratic)
 
 
@@ -65,23 +92,27 @@ def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram + jitter * eye, rhs)
 
 
-def _a_step(c4: torch.Tensor, cw4: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """argmin over A with B fixed: G[(i,a),(j,a')] = Σ C[a,b,a',b'] (Bᵢ Bⱼᵀ)[b,b'], rhs = Σ Bᵢ[b,d] (CW)[a,b,c,d]."""
+def _a_step(c4: torch.Tensor, cw4: torch.Tensor, b: torch.Tensor, g2: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin over A with B fixed: L A = R with L[(i,a),(j,a')] = Σ C[a,b,a',b'] (Bᵢ G₂ Bⱼᵀ)[b,b'] and
+    R[(i,a),c] = Σ (BᵢG₂)[b,d] (CW)[a,b,c,d] (both sides carry G₁ on the right, which cancels)."""
     r = b.shape[0]
     m1 = c4.shape[0]
-    bb = torch.einsum("ibd,jed->ijbe", b, b)
+    bg = _times(b, g2)
+    bb = torch.einsum("ibd,jed->ijbe", bg, b)
     gram = torch.einsum("abxe,ijbe->iajx", c4, bb).reshape(r * m1, r * m1)
-    rhs = torch.einsum("ibd,abcd->iac", b, cw4).reshape(r * m1, -1)
+    rhs = torch.einsum("ibd,abcd->iac", bg, cw4).reshape(r * m1, -1)
     return _solve(gram, rhs).reshape(r, m1, -1)
 
 
-def _b_step(c4: torch.Tensor, cw4: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """argmin over B with A fixed: H[(i,b),(j,b')] = Σ C[a,b,a',b'] (Aᵢ Aⱼᵀ)[a,a'], rhs = Σ Aᵢ[a,c] (CW)[a,b,c,d]."""
+def _b_step(c4: torch.Tensor, cw4: torch.Tensor, a: torch.Tensor, g1: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin over B with A fixed: H B = R with H[(i,b),(j,b')] = Σ C[a,b,a',b'] (Aᵢ G₁ Aⱼᵀ)[a,a'] and
+    R[(i,b),d] = Σ (AᵢG₁)[a,c] (CW)[a,b,c,d]."""
     r = a.shape[0]
     m2 = c4.shape[1]
-    aa = torch.einsum("iac,jxc->ijax", a, a)
+    ag = _times(a, g1)
+    aa = torch.einsum("iac,jxc->ijax", ag, a)
     gram = torch.einsum("abxe,ijax->ibje", c4, aa).reshape(r * m2, r * m2)
-    rhs = torch.einsum("iac,abcd->ibd", a, cw4).reshape(r * m2, -1)
+    rhs = torch.einsum("iac,abcd->ibd", ag, cw4).reshape(r * m2, -1)
     return _solve(gram, rhs).reshape(r, m2, -1)
 
 
@@ -93,30 +124,44 @@ def calibrated_factors(
     col_perm: torch.Tensor | None = None,
     iterations: int = 20,
     tolerance: float = 1e-4,
+    output_metric: torch.Tensor | None = None,
 ) -> tuple[KroneckerFactors, list[float]]:
     """Factors of W[row_perm][:, col_perm] fitted to the calibration objective, and the relative
-    calibrated error after the closed-form start and after each refinement sweep."""
+    calibrated error after the closed-form start and after each refinement sweep. ``output_metric``: G
+    (out x out, positive definite, e.g. a ridged Fisher), weighing the outputs; the errors are then
+    relative in that metric, with G as the refinement takes it (G₁ ⊗ G₂)."""
     row_perm, col_perm = checked_orders(weight, shape, row_perm, col_perm)
     device = weight.device
     m1, n1, m2, n2 = shape.m1, shape.n1, shape.m2, shape.n2
     w = weight.double()[row_perm][:, col_perm]
     c = second_moment.double().to(device)[row_perm][:, row_perm]
     cw = c @ w
-    norm = float((w * cw).sum())
+    g1 = g2 = None
+    if output_metric is not None:
+        g = output_metric.double().to(device)[col_perm][:, col_perm]
+        g1, g2 = nearest_kronecker_product(g, n1, n2)
+    wg = w if g1 is None else _kronecker_right(w, g1, g2)
+    norm = float((wg * cw).sum())
     c4, cw4 = c.reshape(m1, m2, m1, m2), cw.reshape(m1, m2, n1, n2)
 
     whitened, s1, s2 = kronecker_whitened(w, c, m1, m2)
+    if g1 is not None:
+        t1, t2 = whitening_factor(g1), whitening_factor(g2)
+        whitened = _kronecker_right(whitened, t1, t2)
     start = fit_factors(whitened, shape)
     a = torch.linalg.solve_triangular(s1.T.expand(shape.rank, m1, m1), start.a.double(), upper=True)
     b = torch.linalg.solve_triangular(s2.T.expand(shape.rank, m2, m2), start.b.double(), upper=True)
-    best = _objective(norm, c4, cw4, a, b)
+    if g1 is not None:  # ã = S₁ᵀ a T₁: undo T₁ on the right
+        a = torch.linalg.solve_triangular(t1.expand(shape.rank, n1, n1), a, upper=False, left=False)
+        b = torch.linalg.solve_triangular(t2.expand(shape.rank, n2, n2), b, upper=False, left=False)
+    best = _objective(norm, c4, cw4, a, b, g1, g2)
     history = [max(best, 0.0) ** 0.5 / norm**0.5]
     for _ in range(iterations):
         before = best
         for step in ("a", "b"):
-            candidate_a = _a_step(c4, cw4, b) if step == "a" else a
-            candidate_b = _b_step(c4, cw4, a) if step == "b" else b
-            value = _objective(norm, c4, cw4, candidate_a, candidate_b)
+            candidate_a = _a_step(c4, cw4, b, g2) if step == "a" else a
+            candidate_b = _b_step(c4, cw4, a, g1) if step == "b" else b
+            value = _objective(norm, c4, cw4, candidate_a, candidate_b, g1, g2)
             if value < best:
                 a, b, best = candidate_a, candidate_b, value
         history.append(max(best, 0.0) ** 0.5 / norm**0.5)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ...linalg import calibrated_error, fisher_loss, weighted_error
+from ...linalg import calibrated_error, fisher_loss, ridged_output_metric, weighted_error
 from ...statistics import InputStats, TokenStats
 from ..base import CompressionMethod, Estimate, FitReport, MethodConfig
 from ..registry import register
@@ -175,13 +175,15 @@ class KroneckerMethod(CompressionMethod):
             return []
         weight = dense_weight(module)[0].detach()
         c, g = stats.second_moment.double(), stats.output_second_moment
+        metric = None if g is None else ridged_output_metric(g)
 
-        def priced(config: KroneckerConfig, params: int, fits: list[tuple[KroneckerFactors, list[float]]]) -> Estimate:
-            """The best of ``fits`` on the input metric; with a Fisher metric also its KL (the fit ignores
-            G, so that is an estimate, not a bound)."""
-            factors, history = min(fits, key=lambda fit: fit[1][0])
-            kl = None if g is None else fisher_loss(weight, factors.reconstruct(), c, g)
-            return Estimate(config, params, history[0] ** 2, kl)
+        def priced(config: KroneckerConfig, params: int, fits: list[KroneckerFactors]) -> Estimate:
+            """The best of ``fits`` on the objective they were fitted to, with its KL under the Fisher
+            where there is one (the refinement takes the Fisher as G₁ ⊗ G₂: an estimate, not a bound)."""
+            factors = min(fits, key=lambda f: _fit_objective(weight, f.reconstruct(), c, metric))
+            approximation = factors.reconstruct()
+            kl = None if g is None else fisher_loss(weight, approximation, c, g)
+            return Estimate(config, params, calibrated_error(weight, approximation, c) ** 2, kl)
 
         found = []
         for ratio in ESTIMATE_RATIOS:
@@ -191,16 +193,17 @@ class KroneckerMethod(CompressionMethod):
                 continue
             fields = {"shape": (shape.m1, shape.n1, shape.m2, shape.n2), "rank": shape.rank}
             # The closed-form start in the identity order: the installed fit starts there too and refines.
-            plain = calibrated_factors(weight, shape, c, iterations=0)
-            found.append(priced(KroneckerConfig(**fields, permute=False), shape.num_params, [plain]))
+            plain = _closed_forms(weight, shape, c, metric)
+            found.append(priced(KroneckerConfig(**fields, permute=False), shape.num_params, plain))
             if shape.n2 == 1:
                 continue  # no column order to search
             # One of the orders the installed fit tries (columns searched on the Kronecker-whitened W),
-            # before its refinement: the fit keeps its best refined order, so it lands at or below this.
+            # before its refinement: the fit keeps its best refined order, so on C alone it lands at or
+            # below this.
             config = KroneckerConfig(**fields)
             columns = self._whitened_columns(weight, shape, c, config)
-            permuted = calibrated_factors(weight, shape, c, None, columns, iterations=0)
-            found.append(priced(config, shape.num_params, [plain, permuted]))
+            permuted = _closed_forms(weight, shape, c, metric, columns)
+            found.append(priced(config, shape.num_params, plain + permuted))
         return found
 
     def _embedding_estimates(self, module: nn.Embedding, stats: TokenStats) -> list[Estimate]:
@@ -279,32 +282,48 @@ class KroneckerMethod(CompressionMethod):
         order the Frobenius search finds, a column order searched on the Kronecker-whitened W, and the
         orders searched on W with each input row scaled by its RMS on the calibration inputs (the
         diagonal of C: a whitening that, unlike S₁ ⊗ S₂, commutes with permuting the inputs), and the
-        column order a budget's estimate priced, so the fit never lands above its estimate."""
+        column order a budget's estimate priced, so on C alone the fit never lands above its estimate. With a Fisher
+        output metric in ``stats`` the best is the one lowest on the Fisher objective (``_fit_objective``)."""
         weight, bias, layout = dense_weight(module)
         shape = config.linear_shape(*weight.shape)
-        c = stats.second_moment
-        fitted = {"identity": calibrated_factors(weight, shape, c)}
+        c, g = stats.second_moment, stats.output_second_moment
+        metric = None if g is None else ridged_output_metric(g)
+        fitted: dict[str, tuple[KroneckerFactors, list[float]]] = {}
+
+        def fit(name: str, row_perm: torch.Tensor | None = None, col_perm: torch.Tensor | None = None) -> None:
+            # With the Fisher, also fitted on both metrics: the refinement takes G as G₁ ⊗ G₂, which can
+            # miss the Fisher's real shape, so the exact objective decides between the two.
+            fitted[name] = calibrated_factors(weight, shape, c, row_perm, col_perm)
+            if metric is not None:
+                fitted[f"{name}, Fisher"] = calibrated_factors(
+                    weight, shape, c, row_perm, col_perm, output_metric=metric
+                )
+
+        fit("identity")
         details = {"frobenius_fit": calibrated_error(weight, nearest_kronecker(weight, shape).reconstruct(), c)}
         if config.permute is not False:
             searches = 1 + (config.permute in (True, "cols")) + (config.permute in (True, "rows"))
             frobenius = self._search(weight, shape, config, share=searches)
             details["frobenius_fit_permuted"] = calibrated_error(weight, frobenius.factors.reconstruct(), c)
             order = frobenius.factors
-            fitted["frobenius-search"] = calibrated_factors(weight, shape, c, order.row_perm, order.col_perm)
+            fit("frobenius-search", order.row_perm, order.col_perm)
             if config.permute in (True, "cols"):
                 whitened, _, _ = kronecker_whitened(weight, c, shape.m1, shape.m2)
                 for name, estimate in (("whitened-columns", False), ("estimate-columns", True)):
                     found = self._search(whitened, shape, config, rows=False, share=searches, estimate=estimate)
-                    fitted[name] = calibrated_factors(weight, shape, c, None, found.factors.col_perm)
+                    fit(name, None, found.factors.col_perm)
             if config.permute in (True, "rows"):
                 scale = c.diagonal().clamp_min(0).sqrt().to(weight)[:, None]
                 scaled = self._search(scale * weight, shape, config, share=searches).factors
-                fitted["scaled-search"] = calibrated_factors(weight, shape, c, scaled.row_perm, scaled.col_perm)
-        errors = {name: calibrated_error(weight, f.reconstruct(), c) for name, (f, _) in fitted.items()}
-        best = min(errors, key=errors.get)
+                fit("scaled-search", scaled.row_perm, scaled.col_perm)
+        approximations = {name: f.reconstruct() for name, (f, _) in fitted.items()}
+        best = min(approximations, key=lambda name: _fit_objective(weight, approximations[name], c, metric))
+        errors = {name: calibrated_error(weight, approximation, c) for name, approximation in approximations.items()}
         factors, history = fitted[best]
         details.update(closed_form=fitted["identity"][1][0], sweeps=float(len(history) - 1))
         details.update({f"order_{name}": error for name, error in errors.items()})
+        if g is not None:
+            details["kl"] = fisher_loss(weight, approximations[best], c, g)
         report = FitReport(
             list(weight.shape),
             shape.describe(),
@@ -362,6 +381,28 @@ class KroneckerMethod(CompressionMethod):
             details={} if stats is None else {"frobenius": relative_error(layer.weight, dense)},
         )
         return layer, report
+
+
+def _closed_forms(
+    weight: torch.Tensor,
+    shape: KroneckerShape,
+    c: torch.Tensor,
+    metric: torch.Tensor | None,
+    col_perm: torch.Tensor | None = None,
+) -> list[KroneckerFactors]:
+    """The closed-form calibrated starts in one order: on C alone and, with a Fisher ``metric``, on both."""
+    metrics = [None] if metric is None else [None, metric]
+    return [calibrated_factors(weight, shape, c, None, col_perm, iterations=0, output_metric=m)[0] for m in metrics]
+
+
+def _fit_objective(
+    weight: torch.Tensor, approximation: torch.Tensor, c: torch.Tensor, metric: torch.Tensor | None
+) -> float:
+    """What the fits minimise, to choose among them: the calibrated error, or under ``metric`` the
+    Fisher loss."""
+    if metric is None:
+        return calibrated_error(weight, approximation, c)
+    return fisher_loss(weight, approximation, c, metric)
 
 
 def _embedding_metric(stats: TokenStats | None, inner_of: KroneckerEmbedding | None) -> torch.Tensor | None:
