@@ -60,6 +60,24 @@ def test_calibrated_kronecker_recovers_a_planted_sum_and_beats_the_frobenius_fit
     assert calibrated < 0.9 * calibrated_error(w, nearest_kronecker(w, shape).reconstruct(), c)
 
 
+def direct_a_step(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, n1: int, right: torch.Tensor | None = None
+) -> torch.Tensor:
+    """argmin over A of ‖X (W − Σ Aᵢ ⊗ Bᵢ) T‖ (T = ``right``, default I) written as one dense
+    least-squares system over vec(A) and solved directly: what the alternating A-step must match."""
+    r, m2, n2 = b.shape
+    m1 = x.shape[1] // m2
+    t = torch.eye(n1 * n2, dtype=torch.float64) if right is None else right
+    design = torch.stack(
+        [
+            (x @ torch.einsum("rac,rbd->abcd", basis.reshape(r, m1, n1), b).reshape(m1 * m2, n1 * n2) @ t).reshape(-1)
+            for basis in torch.eye(r * m1 * n1, dtype=torch.float64)
+        ],
+        dim=1,
+    )
+    return torch.linalg.lstsq(design, (x @ w @ t).reshape(-1)).solution.reshape(r, m1, n1)
+
+
 def test_each_alternating_step_is_the_exact_least_squares_minimiser():
     m1, n1, m2, n2, r = 3, 2, 2, 3, 2
     g = torch.Generator().manual_seed(3)
@@ -69,18 +87,10 @@ def test_each_alternating_step_is_the_exact_least_squares_minimiser():
     a = torch.randn(r, m1, n1, generator=g, dtype=torch.float64)
     b = torch.randn(r, m2, n2, generator=g, dtype=torch.float64)
     c4, cw4 = c.reshape(m1, m2, m1, m2), (c @ w).reshape(m1, m2, n1, n2)
-    # The same problem written as one dense least-squares system over vec(A), solved directly.
-    design = torch.stack(
-        [
-            (x @ torch.einsum("rac,rbd->abcd", basis.reshape(r, m1, n1), b).reshape(m1 * m2, n1 * n2)).reshape(-1)
-            for basis in torch.eye(r * m1 * n1, dtype=torch.float64)
-        ],
-        dim=1,
-    )
-    direct = torch.linalg.lstsq(design, (x @ w).reshape(-1)).solution
+    direct = direct_a_step(x, w, b, n1)
     # The objective the refinement compares steps by, from C and CW alone, is the residual's.
     assert _objective(float((w * (c @ w)).sum()), c4, cw4, a, b) == pytest.approx(objective(w, c, a, b))
-    assert objective(w, c, _a_step(c4, cw4, b), b) == pytest.approx(objective(w, c, direct.reshape(r, m1, n1), b))
+    assert objective(w, c, _a_step(c4, cw4, b), b) == pytest.approx(objective(w, c, direct, b))
     new_b = _b_step(c4, cw4, a)
     for _ in range(3):  # no perturbation of the solved B lowers the objective
         assert objective(w, c, a, new_b) <= objective(w, c, a, new_b + 1e-3 * torch.randn_like(new_b))

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_gpt2_dir
-from test_calibration import anisotropic_inputs
+from test_calibration import anisotropic_inputs, direct_a_step
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
@@ -144,16 +144,8 @@ def test_kronecker_steps_under_a_kronecker_fisher_are_the_exact_least_squares_mi
     c4, cw4 = c.reshape(m1, m2, m1, m2), (c @ w).reshape(m1, m2, n1, n2)
     norm = float((w * (c @ w @ fisher)).sum())
     assert _objective(norm, c4, cw4, a, b, g1, g2) == pytest.approx(objective(w, c, a, b, fisher))
-    # tr(ΔᵀCΔG) = ‖X Δ T‖² for T Tᵀ = G: one dense least-squares system over vec(A), solved directly.
-    t = torch.linalg.cholesky(fisher)
-    design = torch.stack(
-        [
-            (x @ torch.einsum("rac,rbd->abcd", basis.reshape(r, m1, n1), b).reshape(m1 * m2, n1 * n2) @ t).reshape(-1)
-            for basis in torch.eye(r * m1 * n1, dtype=torch.float64)
-        ],
-        dim=1,
-    )
-    direct = torch.linalg.lstsq(design, (x @ w @ t).reshape(-1)).solution.reshape(r, m1, n1)
+    # tr(ΔᵀCΔG) = ‖X Δ T‖² for T Tᵀ = G.
+    direct = direct_a_step(x, w, b, n1, torch.linalg.cholesky(fisher))
     stepped = _a_step(c4, cw4, b, g2)
     assert objective(w, c, stepped, b, fisher) == pytest.approx(objective(w, c, direct, b, fisher))
     new_b = _b_step(c4, cw4, a, g1)

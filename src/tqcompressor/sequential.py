@@ -81,7 +81,7 @@ def compress_sequentially(
     for group, members in groups.items():
         stack, _ = _stack_position(model, group)
         if stack is not None and stack not in stacks and _all_linear(model, members):
-            stacks[stack] = _StackReplay.capture(model, stack, blocks, batch_size)
+            stacks[stack] = _StackReplay.capture(model, stack, blocks, batch_size, damping, anchor)
     seconds = time.perf_counter() - started
     history = list(getattr(model, "tqcompressor_history", []))
     before, layers, head = None, [], ""
@@ -91,7 +91,7 @@ def compress_sequentially(
     def finish(name: str | None) -> None:
         """Aim the blocks of stack ``name`` after its last compressed one."""
         if aim_dense and stacks.get(name) is not None:
-            stacks[name].advance_to(len(stacks[name].stack), model, tokens, damping, anchor, aim=True)
+            stacks[name].advance_to(len(stacks[name].stack), model, tokens, aim=True)
 
     was_training = model.training
     model.eval()
@@ -110,8 +110,8 @@ def compress_sequentially(
                     stacks[stack] = replay = None
                 seconds += time.perf_counter() - started
             if replay is not None:
-                replay.advance_to(index, model, tokens, damping, anchor, aim=aim_dense)
-                parts = replay.parts(model, members, tokens, damping, anchor, aim_dense)
+                replay.advance_to(index, model, tokens, aim=aim_dense)
+                parts = replay.parts(model, members, tokens, aim_dense)
                 aimed += 1
             else:
                 parts = iter([(members, collect(model, members, blocks, batch_size, False, token_counts))])
@@ -239,21 +239,25 @@ def _module_inputs(
 class _StackReplay:
     """What one stack of repeated blocks (``model.layers``) receives per calibration batch, kept on the
     model's device twice: as the compressed model gives it (``batches``: each block's arguments) and as
-    the original model does (``originals``: the hidden states alone, the other arguments are shared)."""
+    the original model does (``originals``: the hidden states alone, the other arguments are shared).
+    ``damping`` and ``anchor`` say how its parts are aimed (``compress_sequentially``)."""
 
-    def __init__(self, name: str, stack: nn.Module, batches: list[tuple[tuple, dict]]):
+    def __init__(self, name: str, stack: nn.Module, batches: list[tuple[tuple, dict]], damping: float, anchor: float):
         self.name, self.stack, self.batches, self.position = name, stack, batches, 0
+        self.damping, self.anchor = damping, anchor
         self.originals = [_split_hidden(args, kwargs)[0] for args, kwargs in batches]
         self.compressed_parts = 0  # parts of the model compressed when ``batches`` was taken
         self.dense_aimed = 0  # layers the plan keeps dense whose weights were aimed
         self.dense_seconds = 0.0  # spent aiming parts with nothing to compress
 
     @classmethod
-    def capture(cls, model: nn.Module, name: str, blocks: torch.Tensor, batch_size: int) -> _StackReplay | None:
+    def capture(
+        cls, model: nn.Module, name: str, blocks: torch.Tensor, batch_size: int, damping: float, anchor: float
+    ) -> _StackReplay | None:
         """Run the whole model once and keep what ``stack[0]`` receives; ``None`` where the blocks do
         not form a chain."""
         batches = _stack_inputs(model, name, blocks, batch_size)
-        return None if batches is None else cls(name, model.get_submodule(name), batches)
+        return None if batches is None else cls(name, model.get_submodule(name), batches, damping, anchor)
 
     def recapture(self, model: nn.Module, blocks: torch.Tensor, batch_size: int, compressed_parts: int) -> bool:
         """Retake the compressed model's inputs (the original ones stay); False if the chain broke."""
@@ -266,20 +270,20 @@ class _StackReplay:
         return True
 
     @torch.no_grad()
-    def advance_to(self, index: int, model: nn.Module, tokens: int, damping: float, anchor: float, aim: bool) -> None:
+    def advance_to(self, index: int, model: nn.Module, tokens: int, aim: bool) -> None:
         """Run both streams through the blocks before ``index`` that the plan leaves as they are, with
         ``aim`` aiming their linear layers (once the streams differ)."""
         if index < self.position:
             raise RuntimeError(f"{self.name}.{index} comes before the kept inputs of block {self.position}")
         while self.position < index:
             if aim and self.compressed_parts > 0:
-                for _ in self.parts(model, [], tokens, damping, anchor, aim_dense=True):
+                for _ in self.parts(model, [], tokens, aim_dense=True):
                     pass
             else:
                 self._move_on(self.stack[self.position])
 
     def parts(
-        self, model: nn.Module, members: list[str], tokens: int, damping: float, anchor: float, aim_dense: bool
+        self, model: nn.Module, members: list[str], tokens: int, aim_dense: bool
     ) -> Iterator[tuple[list[str], CalibrationStats]]:
         """Yield (modules sharing one input, their statistics) through block ``position`` in forward order,
         each part's weights aimed at the original model's outputs; compress each part before taking the
@@ -313,15 +317,15 @@ class _StackReplay:
                     if aim:
                         x_original = wanted[i][part[0]].reshape(-1, x.shape[-1]).double()
                         cross = cross + x.T @ x_original
-                        if anchor:
+                        if self.anchor:
                             original = original + x_original.T @ x_original
                 if aim:
                     # ‖X̃Ŵ − XW‖² + anchor·‖X(Ŵ − W)‖² is ‖X̃'(Ŵ − W*)‖² + const for X̃'ᵀX̃' = C̃ + anchor·C
                     # and X̃'ᵀX' = M + anchor·C: the same aim and fit on the mixed moments.
-                    second, cross = second + anchor * original, cross + anchor * original
+                    second, cross = second + self.anchor * original, cross + self.anchor * original
                     for name in part:
                         weight = dense_weight(block.get_submodule(name))[0]
-                        weight.copy_(aimed_weight(weight, second, cross, damping).to(weight.dtype))
+                        weight.copy_(aimed_weight(weight, second, cross, self.damping).to(weight.dtype))
                     self.dense_aimed += sum(name in dense for name in part)
             if not names:
                 self.dense_seconds += time.perf_counter() - started

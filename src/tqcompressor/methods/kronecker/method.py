@@ -180,8 +180,7 @@ class KroneckerMethod(CompressionMethod):
         def priced(config: KroneckerConfig, params: int, fits: list[KroneckerFactors]) -> Estimate:
             """The best of ``fits`` on the objective they were fitted to, with its KL under the Fisher
             where there is one (the refinement takes the Fisher as G₁ ⊗ G₂: an estimate, not a bound)."""
-            factors = min(fits, key=lambda f: _fit_objective(weight, f.reconstruct(), c, metric))
-            approximation = factors.reconstruct()
+            approximation = min((f.reconstruct() for f in fits), key=lambda w: _fit_objective(weight, w, c, metric))
             kl = None if g is None else fisher_loss(weight, approximation, c, g)
             return Estimate(config, params, calibrated_error(weight, approximation, c) ** 2, kl)
 
