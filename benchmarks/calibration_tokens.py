@@ -5,15 +5,16 @@ fitted sequentially with the layers kept dense aimed (what the CLI does for a bu
 several calibration sizes and seeds; no distillation.
 
     python benchmarks/calibration_tokens.py [--tokens 32768 65536] [--seeds 0] [--fits sequential at-once]
-        [--anchors 0 1] [--ratio 0.7] [--sensitivity-tokens 1024] [--count-tokens 4194304]
-        [--max-tokens 8000] [--lambada-passages 200] [--resume]
+        [--anchors 0 1] [--reconstruction-epochs 0 10] [--ratio 0.7] [--sensitivity-tokens 1024]
+        [--count-tokens 4194304] [--max-tokens 8000] [--lambada-passages 200] [--resume]
 
 The CLI's default is 262,144 calibration tokens; allocation.py uses 32,768 to stay within hours on two
 cores. Each (size, seed) is calibrated from scratch on blocks of ``corpus/gutenberg/train``, its books
 read in the seed's order (seed 0 as allocation.py), so another seed is other books, and a larger size
 holds different blocks, not only more. The fits of a (size, seed) share its statistics and its plan:
-at once, and sequentially once per ``--anchors`` value (``compress_sequentially``'s anchor; plan
-``auto-fisher-sequential-anchor-A`` where it is not 0).
+at once, and sequentially once per ``--anchors`` value and ``--reconstruction-epochs`` value
+(``compress_sequentially``'s anchor and block reconstruction; plan ``auto-fisher-sequential-anchor-A``
+where A is not 0, with ``-reconstructed-E`` where E is not 0).
 Records are appended to benchmarks/results/calibration_tokens.json as they finish (``--resume`` keeps
 them); the markdown (every run, then the spread over seeds) and the plot (held-out and WikiText-2 ppl
 against calibration tokens, one point per seed) are rewritten.
@@ -36,6 +37,7 @@ from tqcompressor.allocation import allocation_plan
 from tqcompressor.cli import DEFAULT_COUNT_TOKENS
 from tqcompressor.data import token_counts
 from tqcompressor.linalg import OUTPUT_RIDGE
+from tqcompressor.reconstruction import RECONSTRUCTION_LR
 from tqcompressor.sequential import compress_sequentially
 
 PATH = RESULTS / "calibration_tokens.json"
@@ -61,10 +63,14 @@ def run(args, data: dict) -> None:
     target = round(args.ratio * tq.count_parameters(model))
     for tokens in args.tokens:
         for seed in args.seeds:
-            fits = [(FITS["at-once"], None)] if "at-once" in args.fits else []
+            fits = [(FITS["at-once"], None, 0)] if "at-once" in args.fits else []
             if "sequential" in args.fits:
-                fits += [(sequential_plan(anchor), anchor) for anchor in args.anchors]
-            plans = [(plan, anchor) for plan, anchor in fits if (tokens, seed, plan) not in done]
+                fits += [
+                    (sequential_plan(anchor, epochs), anchor, epochs)
+                    for anchor in args.anchors
+                    for epochs in args.reconstruction_epochs
+                ]
+            plans = [fit for fit in fits if (tokens, seed, fit[0]) not in done]
             if plans:
                 fit_budget(args, data, model, scoring, target, tokens, seed, plans)
 
@@ -76,11 +82,12 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
     stats, calibration_seconds, blocks, probe_blocks, counts = calibrate(model, scoring.tokenizer, sizes, seed=seed)
     fisher, fisher_seconds = with_fisher(model, stats, blocks)
     allocation = allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"])
-    for plan, anchor in plans:
+    for plan, anchor, epochs in plans:
         compressed = copy.deepcopy(model)
         started = time.perf_counter()
+        notes = []
         if anchor is not None:
-            compress_sequentially(
+            notes = compress_sequentially(
                 compressed,
                 allocation.plan,
                 blocks,
@@ -88,12 +95,14 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
                 token_counts=counts,
                 output_moments=fisher.outputs,
                 anchor=anchor,
-            )
+                reconstruction_epochs=epochs,
+            ).notes
         else:
             tq.compress_(compressed, allocation.plan, calibration=fisher, progress=False)
         row = {
             "plan": plan,
             **({} if anchor is None else {"anchor": anchor}),
+            **({"reconstruction_epochs": epochs, "reconstruction_lr": RECONSTRUCTION_LR} if epochs else {}),
             "calibration_tokens": tokens,
             "seed": seed,
             "calibrated_on": int(blocks.numel()),  # whole blocks of 512
@@ -105,14 +114,18 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
             "fisher_seconds": fisher_seconds,
             "search_seconds": allocation.seconds,
             "compress_seconds": time.perf_counter() - started,
+            "notes": notes,
         }
         record(data, row, compressed, scoring)
         del compressed
 
 
-def sequential_plan(anchor: float) -> str:
-    """The record's plan name for a sequential fit with ``anchor`` (``compress_sequentially``)."""
-    return FITS["sequential"] + (f"-anchor-{anchor:g}" if anchor else "")
+def sequential_plan(anchor: float, epochs: int = 0) -> str:
+    """The record's plan name for a sequential fit with ``anchor`` and ``epochs`` of block reconstruction
+    (``compress_sequentially``)."""
+    return (
+        FITS["sequential"] + (f"-anchor-{anchor:g}" if anchor else "") + (f"-reconstructed-{epochs}" if epochs else "")
+    )
 
 
 def record(data: dict, row: dict, model, scoring: Scoring) -> None:
@@ -290,6 +303,13 @@ def main() -> None:
     parser.add_argument("--fits", nargs="+", choices=sorted(FITS), default=["sequential"])
     parser.add_argument(
         "--anchors", type=float, nargs="+", default=[0.0], help="a sequential fit for each (compress_sequentially)"
+    )
+    parser.add_argument(
+        "--reconstruction-epochs",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="a sequential fit for each anchor and each of these (compress_sequentially; 0: none)",
     )
     parser.add_argument("--ratio", type=float, default=0.7)
     parser.add_argument("--sensitivity-tokens", type=int, default=1024)

@@ -422,6 +422,34 @@ def test_cli_compresses_with_calibration_and_reuses_saved_statistics(tmp_path, c
     assert not any((tmp_path / name).exists() for name in "cdefhjk")
 
 
+def test_cli_reconstructs_the_blocks_of_a_sequential_fit(tmp_path, capsys):
+    from tqcompressor.cli import main
+
+    tiny_gpt2_dir(tmp_path, books_repeats=80)
+    (tmp_path / "plan.yaml").write_text(
+        "rules:\n  - {pattern: 'transformer\\.h\\.\\d+\\.mlp\\.c_fc', method: lowrank, ratio: 0.5}\n"
+    )
+    given = ["compress", "--model", str(tmp_path / "tiny"), "--plan", str(tmp_path / "plan.yaml"), "--quiet"]
+    given += ["--calibration", str(tmp_path / "books"), "--calibration-tokens", "1024", "--sequential"]
+    assert main([*given, "--out", str(tmp_path / "fitted")]) == 0
+    assert main([*given, "--reconstruction-epochs", "3", "--out", str(tmp_path / "tuned")]) == 0
+    notes = tq.load(tmp_path / "tuned").tqcompressor_history[-1]["report"]["notes"]
+    assert "reconstructed 2 blocks (3 epochs" in notes[-1]
+    fitted, tuned = tq.load(tmp_path / "fitted").state_dict(), tq.load(tmp_path / "tuned").state_dict()
+    assert fitted.keys() == tuned.keys()
+    assert any(not torch.allclose(tuned[name], x, rtol=1e-3, atol=1e-4) for name, x in fitted.items())
+    capsys.readouterr()
+    at_once = [name for name in given if name != "--sequential"]
+    assert main([*at_once, "--reconstruction-epochs", "3", "--out", str(tmp_path / "a")]) == 2
+    assert main([*given, "--reconstruction-lr", "0.01", "--out", str(tmp_path / "b")]) == 2
+    assert main([*given, "--reconstruction-epochs", "-1", "--out", str(tmp_path / "c")]) == 2
+    assert main([*given, "--reconstruction-epochs", "1", "--reconstruction-lr", "0", "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "--reconstruction-epochs applies to a sequential fit only" in err
+    assert "give --reconstruction-epochs" in err and "0 or more" in err and "must be positive" in err
+    assert not any((tmp_path / name).exists() for name in "abcd")
+
+
 def _two_books(folder):
     """Two books of different words (about 800 tokens each): a short count reads one, a longer one both."""
     folder.mkdir()

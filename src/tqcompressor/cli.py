@@ -25,6 +25,7 @@ from .params import count_parameters
 from .plan import CompressionPlan
 from .plots import plot_layers
 from .presets import PRESETS, preset
+from .reconstruction import RECONSTRUCTION_LR
 from .report import CompressionReport
 from .schedule import Schedule, run_schedule, step_dir
 from .sequential import compress_sequentially
@@ -79,6 +80,10 @@ def _compress(args: argparse.Namespace) -> None:
         raise ValueError("--no-aim-dense applies to a sequential fit only")
     if args.anchor is not None and not args.sequential:
         raise ValueError("--anchor applies to a sequential fit only")
+    if args.reconstruction_epochs is not None and not args.sequential:
+        raise ValueError("--reconstruction-epochs applies to a sequential fit only")
+    if args.reconstruction_lr is not None and not args.reconstruction_epochs:
+        raise ValueError("--reconstruction-lr sets the step of a block reconstruction: give --reconstruction-epochs")
     if args.sequential and args.save_calibration and not budget:
         raise ValueError(
             "--sequential collects each block's statistics on the model as compressed so far: none to save"
@@ -116,10 +121,9 @@ def _compress(args: argparse.Namespace) -> None:
             plan,
             blocks,
             progress=not args.quiet,
-            aim_dense=not args.no_aim_dense,
             token_counts=counts,
             output_moments=fisher,
-            anchor=args.anchor or 0.0,
+            **_sequential_options(args),
         )
     else:
         calibration = _calibration(args, model, tokenizer, [name for _, name in resolve(model, plan)])
@@ -127,6 +131,15 @@ def _compress(args: argparse.Namespace) -> None:
     save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report.table())
     print(f"saved to {out}")
+
+
+def _sequential_options(args: argparse.Namespace) -> dict:
+    """``compress_sequentially``'s options as the command line gives them."""
+    options = {"aim_dense": not args.no_aim_dense, "anchor": args.anchor or 0.0}
+    options["reconstruction_epochs"] = args.reconstruction_epochs or 0
+    if args.reconstruction_lr is not None:
+        options["reconstruction_lr"] = args.reconstruction_lr
+    return options
 
 
 def _indices(text: str) -> list[int]:
@@ -171,10 +184,9 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
             allocation.plan,
             blocks,
             progress=not args.quiet,
-            aim_dense=not args.no_aim_dense,
             token_counts=counts,
             output_moments=stats.outputs,
-            anchor=args.anchor or 0.0,
+            **_sequential_options(args),
         )
     else:
         report = compress_(model, allocation.plan, calibration=stats, progress=not args.quiet)
@@ -493,6 +505,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="with a sequential fit, also hold each part to the original model on the original inputs, with this "
         "weight: ‖X̃Ŵ − XW‖² + A‖X(Ŵ − W)‖² (default 0: aimed only; large: as fitted at once). Aimed fits drift "
         "toward frequent tokens; see README, 'Anchoring sequential fits'",
+    )
+    c.add_argument(
+        "--reconstruction-epochs",
+        type=int,
+        help="with a sequential fit, after each block's layers are fitted, tune all the block's parameters together "
+        "to its original outputs by gradient descent for this many passes over the calibration text (one batch "
+        "held out keeps the best pass; default 0: closed-form fits only); see README, 'Block reconstruction'",
+    )
+    c.add_argument(
+        "--reconstruction-lr",
+        type=float,
+        help=f"Adam's step for --reconstruction-epochs (default {RECONSTRUCTION_LR:g})",
     )
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(run=_compress)
