@@ -78,7 +78,9 @@ def direct_a_step(
     return torch.linalg.lstsq(design, (x @ w @ t).reshape(-1)).solution.reshape(r, m1, n1)
 
 
-def test_each_alternating_step_is_the_exact_least_squares_minimiser():
+def alternating_step_problem():
+    """What the alternating-step tests start from: a 6 x 6 weight W split (3, 2) x (2, 3) at rank 2,
+    anisotropic inputs X with C = XᵀX, random factors A, B, and C, CW reshaped as the steps take them."""
     m1, n1, m2, n2, r = 3, 2, 2, 3, 2
     g = torch.Generator().manual_seed(3)
     w = torch.randn(m1 * m2, n1 * n2, generator=g, dtype=torch.float64)
@@ -86,8 +88,12 @@ def test_each_alternating_step_is_the_exact_least_squares_minimiser():
     c = x.T @ x
     a = torch.randn(r, m1, n1, generator=g, dtype=torch.float64)
     b = torch.randn(r, m2, n2, generator=g, dtype=torch.float64)
-    c4, cw4 = c.reshape(m1, m2, m1, m2), (c @ w).reshape(m1, m2, n1, n2)
-    direct = direct_a_step(x, w, b, n1)
+    return w, x, c, a, b, c.reshape(m1, m2, m1, m2), (c @ w).reshape(m1, m2, n1, n2)
+
+
+def test_each_alternating_step_is_the_exact_least_squares_minimiser():
+    w, x, c, a, b, c4, cw4 = alternating_step_problem()
+    direct = direct_a_step(x, w, b, a.shape[2])
     # The objective the refinement compares steps by, from C and CW alone, is the residual's.
     assert _objective(float((w * (c @ w)).sum()), c4, cw4, a, b) == pytest.approx(objective(w, c, a, b))
     assert objective(w, c, _a_step(c4, cw4, b), b) == pytest.approx(objective(w, c, direct, b))

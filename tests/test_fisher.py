@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_gpt2_dir
-from test_calibration import anisotropic_inputs, direct_a_step
+from test_calibration import alternating_step_problem, anisotropic_inputs, direct_a_step
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
@@ -132,16 +132,10 @@ def positive_definite(size: int, seed: int, spread: float = 1e-3) -> torch.Tenso
 
 
 def test_kronecker_steps_under_a_kronecker_fisher_are_the_exact_least_squares_minimisers():
-    m1, n1, m2, n2, r = 3, 2, 2, 3, 2
-    g = torch.Generator().manual_seed(3)
-    w = torch.randn(m1 * m2, n1 * n2, generator=g, dtype=torch.float64)
-    x = anisotropic_inputs(400, m1 * m2, seed=4)
-    c = x.T @ x
+    w, x, c, a, b, c4, cw4 = alternating_step_problem()
+    n1, n2 = a.shape[2], b.shape[2]
     g1, g2 = positive_definite(n1, 5), positive_definite(n2, 6)
     fisher = torch.kron(g1, g2)
-    a = torch.randn(r, m1, n1, generator=g, dtype=torch.float64)
-    b = torch.randn(r, m2, n2, generator=g, dtype=torch.float64)
-    c4, cw4 = c.reshape(m1, m2, m1, m2), (c @ w).reshape(m1, m2, n1, n2)
     norm = float((w * (c @ w @ fisher)).sum())
     assert _objective(norm, c4, cw4, a, b, g1, g2) == pytest.approx(objective(w, c, a, b, fisher))
     # tr(ΔᵀCΔG) = ‖X Δ T‖² for T Tᵀ = G.
