@@ -217,6 +217,10 @@ def write_report(data: dict) -> None:
             f"| {_optional(r, 'lambada_ppl')} | {r['calibration_seconds']:.0f} | {r['fisher_seconds']:.0f} "
             f"| {r['search_seconds']:.0f} | {r['compress_seconds']:.0f} |"
         )
+    older = [r for r in fitted if "code" in r]
+    if older:
+        lines += ["", "Made by older code:", ""]
+        lines += [f"- {r['plan']}, seed {r.get('seed', 0)}: {r['code']}" for r in older]
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in fitted:
         groups.setdefault((r["calibration_tokens"], r["plan"]), []).append(r)

@@ -25,11 +25,14 @@ class _GatedBlock(nn.Module):
         return x + self.down(nn.functional.silu(self.gate(x)) * self.up(x))
 
 
-def _planted(seed: int = 0):
-    """(a block, a perturbed copy of it, inputs in 6 batches, what the block gives for them)."""
+def _planted(seed: int = 0, first_scale: float = 1.0):
+    """(a block, a perturbed copy of it, inputs in 6 batches, what the block gives for them); each batch's
+    first token scaled by ``first_scale``, as a real LM's first token is."""
     torch.manual_seed(seed)
     original = _GatedBlock()
     inputs = [torch.randn(64, 8) for _ in range(6)]
+    for x in inputs:
+        x[0] *= first_scale
     with torch.no_grad():
         targets = [original(x) for x in inputs]
         student = copy.deepcopy(original)
@@ -45,11 +48,24 @@ def test_reconstruction_recovers_a_planted_block_and_keeps_the_best_epoch():
     result = reconstruct(list(student.parameters()), lambda i: student(inputs[i]), targets, epochs=60, lr=1e-2)
     assert result.after < 0.05 * result.before
     assert 0 < result.epoch <= 60
-    with torch.no_grad():
-        held_out = float((student(inputs[-1]) - targets[-1]).square().sum() / targets[-1].square().sum())
-    assert held_out == pytest.approx(result.after, rel=1e-5)  # the state kept is the one scored
+    assert _token_errors(student, inputs[-1], targets[-1]).mean() == pytest.approx(result.after, rel=1e-5)
     assert [p.requires_grad for p in student.parameters()] == flags
     assert all(p.grad is None for p in student.parameters())
+
+
+def _token_errors(block: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return (block(x) - target).square().sum(-1) / target.square().sum(-1)
+
+
+def test_reconstruction_fits_every_token_not_the_largest():
+    """A first token 300 times the others' size holds nearly all of a batch's squared output: a batch-wide
+    error would fit it alone; per token, the others are fitted as well."""
+    _, student, inputs, targets = _planted(first_scale=300.0)
+    started = _token_errors(student, inputs[-1], targets[-1])[1:].mean()
+    result = reconstruct(list(student.parameters()), lambda i: student(inputs[i]), targets, epochs=60, lr=1e-2)
+    assert _token_errors(student, inputs[-1], targets[-1]).mean() == pytest.approx(result.after, rel=1e-5)
+    assert _token_errors(student, inputs[-1], targets[-1])[1:].mean() < 0.1 * started
 
 
 def test_a_reconstruction_that_only_raises_the_held_out_error_leaves_the_block_as_it_came():
