@@ -36,10 +36,10 @@ def reconstruct(
     seed: int = 0,
 ) -> Reconstruction:
     """Minimise each batch's mean over tokens of ‖output(i) − targets[i]‖² / ‖targets[i]‖² (norms over the
-    last dimension) over ``parameters`` with Adam, one
-    step per batch, ``epochs`` passes over the batches but the last, in an order drawn from ``seed``. The
-    last batch is held out: the parameters after the epoch with the lowest held-out error are kept, or the
-    given ones if no epoch lowers it, so a reconstruction never leaves the held-out error higher than it found it."""
+    last dimension) over ``parameters`` with Adam, one step per batch, ``epochs`` passes over the batches
+    but the last, in an order drawn from ``seed``. The last batch is held out: the parameters after the
+    epoch with the lowest held-out error are kept, or the given ones if no epoch lowers it, so a
+    reconstruction never leaves the held-out error higher than it found it."""
     if len(targets) < 2:
         raise ValueError("block reconstruction holds one calibration batch out: it needs at least two batches")
     if epochs < 1:
