@@ -2,7 +2,7 @@
 
     python benchmarks/allocation.py [--models house-teacher smollm2-135m gpt2-small-random] [--ratios 0.7 0.5]
         [--calibration-tokens 32768] [--sensitivity-tokens 1024] [--count-tokens 4194304] [--max-tokens 8000]
-        [--sequential [--only-sequential]] [--fisher] [--resume]
+        [--sequential [--only-sequential]] [--fisher] [--reconstruction-epochs E] [--resume]
 
 Plans per model and budget (every one fitted to the same calibration statistics):
 
@@ -25,6 +25,9 @@ Plans per model and budget (every one fitted to the same calibration statistics)
   ``uniform-svd-fisher`` is the uniform SVD plan fitted the same way; with ``--sequential`` also
   ``auto-fisher-sequential`` (low-rank candidates, fitted part by part with the output metrics and the
   dense layers aimed) and ``uniform-svd-fisher-sequential``;
+- with ``--fisher --sequential --reconstruction-epochs E`` also ``auto-fisher-sequential-reconstructed-E``
+  and ``uniform-svd-fisher-sequential-reconstructed-E``: those fits followed in every block by E passes of
+  block reconstruction (``compress_sequentially(..., reconstruction_epochs=E)``);
 - uniform plans at the same size: SmolLM2: every linear layer low-rank at one rank ratio
   (``uniform-svd``), or Kronecker at that ratio without permutations (``uniform-kronecker``; a
   permutation search on all 210 layers would take most of an hour here); house teacher: the best
@@ -62,6 +65,7 @@ from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_
 from tqcompressor.linalg import OUTPUT_RIDGE
 from tqcompressor.loading import load_model
 from tqcompressor.presets import matching_svd_plan
+from tqcompressor.reconstruction import RECONSTRUCTION_LR
 from tqcompressor.sequential import compress_sequentially
 from tqcompressor.surgery import planned_parameters
 
@@ -191,7 +195,9 @@ def run_model(name: str, args, data: dict, path) -> None:
 
     fisher, fisher_seconds = with_fisher(model, stats, blocks) if args.fisher else (None, 0.0)
 
-    def fit(compressed, plan, sequential: bool, aim_dense: bool = False, weighted: bool = False) -> None:
+    def fit(
+        compressed, plan, sequential: bool, aim_dense: bool = False, weighted: bool = False, epochs: int = 0
+    ) -> None:
         calibration = fisher if weighted else stats
         if sequential:
             compress_sequentially(
@@ -202,10 +208,16 @@ def run_model(name: str, args, data: dict, path) -> None:
                 aim_dense=aim_dense,
                 token_counts=counts,
                 output_moments=calibration.outputs,
+                reconstruction_epochs=epochs,
             )
         else:
             tq.compress_(compressed, plan, calibration=calibration, progress=False)
 
+    epochs = args.reconstruction_epochs
+    reconstructed = f"{FISHER_SEQUENTIAL}-reconstructed-{epochs}" if epochs else ""
+    fisher_sequential = [FISHER_SEQUENTIAL, reconstructed] if reconstructed else [FISHER_SEQUENTIAL]
+    if not (args.fisher and args.sequential):
+        fisher_sequential = []
     for ratio, target, uniforms in budgets(name, model, args.ratios):
         plans = {}
         for plan_name, sensitivity in (("auto", None), ("auto-sensitivity", probe_blocks)):
@@ -215,17 +227,22 @@ def run_model(name: str, args, data: dict, path) -> None:
             plans[SEQUENTIAL] = allocation_plan(model, stats, target, probe_blocks, methods=["lowrank"])
         if args.fisher and (name, FISHER, ratio) not in done and not args.only_sequential:
             plans[FISHER] = allocation_plan(model, fisher, target, probe_blocks)
-        if args.fisher and args.sequential and (name, FISHER_SEQUENTIAL, ratio) not in done:
-            plans[FISHER_SEQUENTIAL] = allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"])
+        wanted = [p for p in fisher_sequential if (name, p, ratio) not in done]
+        if wanted:  # one choice for the fits with and without reconstruction
+            choice = allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"])
+            plans.update(dict.fromkeys(wanted, choice))
         for plan_name, allocation in plans.items():
             compressed = copy.deepcopy(model)
             started = time.perf_counter()
-            sequential = plan_name in (SEQUENTIAL, FISHER_SEQUENTIAL)
-            weighted = plan_name in (FISHER, FISHER_SEQUENTIAL)
-            fit(compressed, allocation.plan, sequential, aim_dense=plan_name == FISHER_SEQUENTIAL, weighted=weighted)
+            sequential = plan_name in (SEQUENTIAL, *fisher_sequential)
+            weighted = plan_name in (FISHER, *fisher_sequential)
+            passes = epochs if plan_name == reconstructed else 0
+            aim_dense = plan_name in fisher_sequential
+            fit(compressed, allocation.plan, sequential, aim_dense=aim_dense, weighted=weighted, epochs=passes)
             chosen = allocation.chosen
             row = {
                 "plan": plan_name,
+                **({"reconstruction_epochs": passes, "reconstruction_lr": RECONSTRUCTION_LR} if passes else {}),
                 "target_ratio": ratio,
                 "target_params": target,
                 **counted,
@@ -254,20 +271,24 @@ def run_model(name: str, args, data: dict, path) -> None:
             copied = ("candidates", "sensitivity_points", "chosen", "layers")
             row.update({k: earlier[k] for k in copied if k in earlier})
             record({**row, "compress_seconds": time.perf_counter() - started}, compressed)
-        fits = [(uniform_name, uniform, False, False) for uniform_name, uniform in uniforms.items()]
+        fits = [(uniform_name, uniform, False, False, 0) for uniform_name, uniform in uniforms.items()]
         if args.sequential:  # the same fit for the best uniform plan, so that the comparison is like for like
-            fits += [(f"{n}-sequential", u, True, False) for n, u in uniforms.items() if n.startswith("uniform-svd")]
+            fits += [(f"{n}-sequential", u, True, False, 0) for n, u in uniforms.items() if n.startswith("uniform-svd")]
         if args.fisher:
             svd = [(n, u) for n, u in uniforms.items() if n.startswith("uniform-svd")]
-            fits += [(f"{n}-fisher", u, False, True) for n, u in svd]
-            fits += [(f"{n}-fisher-sequential", u, True, True) for n, u in svd if args.sequential]
-        for uniform_name, uniform, sequential, weighted in fits:
+            fits += [(f"{n}-fisher", u, False, True, 0) for n, u in svd]
+            fits += [(f"{n}-fisher-sequential", u, True, True, 0) for n, u in svd if args.sequential]
+            if args.sequential and reconstructed:
+                fits += [(f"{n}-fisher-sequential-reconstructed-{epochs}", u, True, True, epochs) for n, u in svd]
+        for uniform_name, uniform, sequential, weighted, passes in fits:
             if (name, uniform_name, ratio) in done:
                 continue
             compressed = copy.deepcopy(model)
             started = time.perf_counter()
-            fit(compressed, uniform, sequential, aim_dense=sequential and weighted, weighted=weighted)
+            fit(compressed, uniform, sequential, aim_dense=sequential and weighted, weighted=weighted, epochs=passes)
             row = {"plan": uniform_name, "target_ratio": ratio, "target_params": target, **counted}
+            if passes:
+                row.update(reconstruction_epochs=passes, reconstruction_lr=RECONSTRUCTION_LR)
             if weighted:
                 row["output_ridge"] = OUTPUT_RIDGE
             record({**row, "compress_seconds": time.perf_counter() - started}, compressed)
@@ -319,11 +340,19 @@ def main() -> None:
         help=f"with --sequential: the {SEQUENTIAL} plans, not the at-once ones",
     )
     parser.add_argument("--fisher", action="store_true", help=f"also the {FISHER} plans (Fisher output metrics)")
+    parser.add_argument(
+        "--reconstruction-epochs",
+        type=int,
+        default=0,
+        help="with --fisher --sequential: also those fits with this many passes of block reconstruction",
+    )
     parser.add_argument("--resume", action="store_true", help="keep finished records in allocation.json")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown")
     args = parser.parse_args()
     if args.only_sequential and not args.sequential:
         parser.error("--only-sequential needs --sequential")
+    if args.reconstruction_epochs and not (args.fisher and args.sequential):
+        parser.error("--reconstruction-epochs needs --fisher and --sequential")
     path = RESULTS / "allocation.json"
     data = json.loads(path.read_text()) if (args.resume or args.from_json) and path.exists() else None
     if data is None or "models" not in data["meta"]:
@@ -408,16 +437,12 @@ def write_report(data: dict) -> None:
     for model in dict.fromkeys(r["model"] for r in quality):
         for ratio in dict.fromkeys(r["target_ratio"] for r in quality if r["model"] == model and r["target_ratio"]):
             rows = {r["plan"]: r for r in quality if r["model"] == model and r["target_ratio"] == ratio}
-            for plan in ("auto", "auto-sensitivity", SEQUENTIAL, AIM_DENSE, FISHER, FISHER_SEQUENTIAL):
+            order = ("auto", "auto-sensitivity", SEQUENTIAL, AIM_DENSE, FISHER, FISHER_SEQUENTIAL)
+            autos = [p for p in rows if p.startswith("auto")]
+            for plan in sorted(autos, key=lambda p: order.index(p) if p in order else len(order)):
                 # Against the best uniform plan fitted the same way (at once or sequentially, with or
-                # without the Fisher output metric).
-                fitted_alike = [
-                    r
-                    for p, r in rows.items()
-                    if p.startswith("uniform")
-                    and ("-sequential" in p) == ("-sequential" in plan)
-                    and ("-fisher" in p) == ("-fisher" in plan)
-                ]
+                # without the Fisher output metric, with as many passes of reconstruction).
+                fitted_alike = [r for p, r in rows.items() if p.startswith("uniform") and fitting(p) == fitting(plan)]
                 uniform = min(fitted_alike, key=lambda r: r["heldout_ppl"], default=None)
                 if plan in rows and uniform is not None:
                     change = 1 - rows[plan]["heldout_ppl"] / uniform["heldout_ppl"]
@@ -444,6 +469,12 @@ def write_report(data: dict) -> None:
                 f"{r['calibration_seconds']:.0f} s of calibration on {r['calibration_tokens']:,} tokens; chose {chosen}"
             )
     (RESULTS / "allocation.md").write_text("\n".join(lines) + "\n")
+
+
+def fitting(plan: str) -> tuple:
+    """How a plan's record was fitted, from its name: sequentially, with the Fisher, reconstructed how long."""
+    passes = re.search(r"-reconstructed-\d+", plan)
+    return "-sequential" in plan, "-fisher" in plan, passes.group() if passes else ""
 
 
 def where_chosen(records: list[dict]) -> list[str]:

@@ -504,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="with a sequential fit, also hold each part to the original model on the original inputs, with this "
         "weight: ‖X̃Ŵ − XW‖² + A‖X(Ŵ − W)‖² (default 0: aimed only; large: as fitted at once). Aimed fits drift "
-        "toward frequent tokens; see README, 'Anchoring sequential fits'",
+        "toward frequent tokens; with --reconstruction-epochs, 1 lowered SmolLM2's held-out ppl 2-3%%; see README, "
+        "'Anchoring sequential fits' and 'Reconstruction with an anchor'",
     )
     c.add_argument(
         "--reconstruction-epochs",
