@@ -215,9 +215,7 @@ def run_model(name: str, args, data: dict, path) -> None:
 
     epochs = args.reconstruction_epochs
     reconstructed = f"{FISHER_SEQUENTIAL}-reconstructed-{epochs}" if epochs else ""
-    fisher_sequential = [FISHER_SEQUENTIAL, reconstructed] if reconstructed else [FISHER_SEQUENTIAL]
-    if not (args.fisher and args.sequential):
-        fisher_sequential = []
+    fisher_sequential = [p for p in (FISHER_SEQUENTIAL, reconstructed) if p] if args.fisher and args.sequential else []
     for ratio, target, uniforms in budgets(name, model, args.ratios):
         plans = {}
         for plan_name, sensitivity in (("auto", None), ("auto-sensitivity", probe_blocks)):
@@ -242,7 +240,7 @@ def run_model(name: str, args, data: dict, path) -> None:
             chosen = allocation.chosen
             row = {
                 "plan": plan_name,
-                **({"reconstruction_epochs": passes, "reconstruction_lr": RECONSTRUCTION_LR} if passes else {}),
+                **reconstruction_fields(passes),
                 "target_ratio": ratio,
                 "target_params": target,
                 **counted,
@@ -287,8 +285,7 @@ def run_model(name: str, args, data: dict, path) -> None:
             started = time.perf_counter()
             fit(compressed, uniform, sequential, aim_dense=sequential and weighted, weighted=weighted, epochs=passes)
             row = {"plan": uniform_name, "target_ratio": ratio, "target_params": target, **counted}
-            if passes:
-                row.update(reconstruction_epochs=passes, reconstruction_lr=RECONSTRUCTION_LR)
+            row.update(reconstruction_fields(passes))
             if weighted:
                 row["output_ridge"] = OUTPUT_RIDGE
             record({**row, "compress_seconds": time.perf_counter() - started}, compressed)
@@ -469,6 +466,11 @@ def write_report(data: dict) -> None:
                 f"{r['calibration_seconds']:.0f} s of calibration on {r['calibration_tokens']:,} tokens; chose {chosen}"
             )
     (RESULTS / "allocation.md").write_text("\n".join(lines) + "\n")
+
+
+def reconstruction_fields(passes: int) -> dict:
+    """A record's block reconstruction settings (none without passes)."""
+    return {"reconstruction_epochs": passes, "reconstruction_lr": RECONSTRUCTION_LR} if passes else {}
 
 
 def fitting(plan: str) -> tuple:

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from allocation import calibrate, evaluate, evaluation_texts, with_fisher
+from allocation import calibrate, evaluate, evaluation_texts, reconstruction_fields, with_fisher
 from common import ASSETS, RESULTS, command_history, command_line, load_smollm2, machine
 
 import tqcompressor as tq
@@ -37,7 +37,6 @@ from tqcompressor.allocation import allocation_plan
 from tqcompressor.cli import DEFAULT_COUNT_TOKENS
 from tqcompressor.data import token_counts
 from tqcompressor.linalg import OUTPUT_RIDGE
-from tqcompressor.reconstruction import RECONSTRUCTION_LR
 from tqcompressor.sequential import compress_sequentially
 
 PATH = RESULTS / "calibration_tokens.json"
@@ -102,7 +101,7 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
         row = {
             "plan": plan,
             **({} if anchor is None else {"anchor": anchor}),
-            **({"reconstruction_epochs": epochs, "reconstruction_lr": RECONSTRUCTION_LR} if epochs else {}),
+            **reconstruction_fields(epochs),
             "calibration_tokens": tokens,
             "seed": seed,
             "calibrated_on": int(blocks.numel()),  # whole blocks of 512
