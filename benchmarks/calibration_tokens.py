@@ -17,7 +17,7 @@ at once, and sequentially once per ``--anchors`` value and ``--reconstruction-ep
 where A is not 0, with ``-reconstructed-E`` where E is not 0).
 Records are appended to benchmarks/results/calibration_tokens.json as they finish (``--resume`` keeps
 them); the markdown (every run, then the spread over seeds) and the plot (held-out and WikiText-2 ppl
-against calibration tokens, one point per seed) are rewritten.
+against calibration tokens, one series per plan, one point per seed) are rewritten.
 """
 
 from __future__ import annotations
@@ -262,27 +262,29 @@ def write_report(data: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("heldout_ppl", "held-out"), ("wikitext2_ppl", "WikiText-2")):
-        color = None
-        for plan, marker in ((FITS["sequential"], "o"), (FITS["at-once"], "x")):
+    plans = sorted({r["plan"] for r in fitted})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    for ax, (key, label) in zip(axes, (("heldout_ppl", "held-out"), ("wikitext2_ppl", "WikiText-2")), strict=True):
+        for index, plan in enumerate(plans):
             runs = [r for r in fitted if r["plan"] == plan]
-            if not runs:
-                continue
-            at = f"{label}, {plan}, at {runs[0]['target_ratio']:.0%}"
-            points = ax.plot(
-                [r["calibration_tokens"] for r in runs], [r[key] for r in runs], marker, color=color, label=at
+            ax.plot(
+                [r["calibration_tokens"] for r in runs],
+                [r[key] for r in runs],
+                "oxs^vD<>"[index % 8],
+                color=f"C{index % 10}",
+                label=f"{plan}, at {runs[0]['target_ratio']:.0%}",
             )
-            color = points[0].get_color()
         if dense is not None:
-            ax.axhline(dense[key], color=color, linestyle=":", label=f"{label}, dense")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("calibration tokens (one point per seed)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("SmolLM2-135M: auto budget, Fisher")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+            ax.axhline(dense[key], color="black", linestyle=":", label="dense")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("calibration tokens (one point per seed)")
+        ax.set_ylabel(f"{label} perplexity")
+    if dense is not None:
+        axes[0].axhline(1.5 * dense["heldout_ppl"], color="grey", linestyle="--", label="1.5x dense (the stretch)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)
+    fig.suptitle("SmolLM2-135M: auto budget, Fisher, no training")
+    fig.tight_layout(rect=(0, 0.18, 1, 1))
     fig.savefig(RESULTS / "calibration_tokens.png", dpi=120)
     plt.close(fig)
 
