@@ -41,9 +41,10 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
 
 
 def iter_texts(source: str | Path, seed: int = 0, field: str = "text") -> Iterator[str]:
-    """Documents of a text file, a folder of text/JSONL files (in a seeded order, so that a token cap
-    samples across the folder instead of reading its first files only), a JSONL file, or, for a name
-    that is no path (no suffix, no leading . or /), a Hub dataset ``name[:config]``, streamed."""
+    """Documents of a text file, a folder of text/JSONL files (whole files in a seeded order, so that a
+    token cap samples across a folder of many short files; with a few long ones it reads one or two),
+    a JSONL file, or, for a name that is no path (no suffix, no leading . or /), a Hub dataset
+    ``name[:config]``, streamed."""
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (*TEXT_SUFFIXES, ".jsonl"))
