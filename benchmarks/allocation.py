@@ -151,12 +151,14 @@ def evaluate(model, texts: dict[str, list[int]], passages, tokenizer) -> dict:
     return record
 
 
-def calibrate(model, tokenizer, args, seed: int = 0):
+def calibrate(model, tokenizer, args, seed: int = 0, spread: bool = False):
     """(statistics of every compressible module, their seconds, the calibration blocks, the first
     ``--sensitivity-tokens`` of them for the sensitivity probe, the embedding's token counts on
-    ``--count-tokens`` of the text as the CLI takes them). ``seed`` orders the books, so it picks the text."""
+    ``--count-tokens`` of the text as the CLI takes them). ``seed`` orders the books, so it picks the text;
+    ``spread`` draws the blocks at random from those ``--count-tokens`` rather than reading the first books."""
     source = ASSETS / "corpus/gutenberg/train"
-    text = load_blocks(source, tokenizer, 512, args.calibration_tokens, seed=seed)
+    pool = args.count_tokens if spread else None
+    text = load_blocks(source, tokenizer, 512, args.calibration_tokens, seed=seed, pool_tokens=pool)
     blocks = torch.cat([text.train, text.heldout])
     vocab = model.get_input_embeddings().num_embeddings
     counts = token_counts(source, tokenizer, vocab, args.count_tokens, seed=seed)

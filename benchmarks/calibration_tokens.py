@@ -6,15 +6,18 @@ several calibration sizes and seeds; no distillation.
 
     python benchmarks/calibration_tokens.py [--tokens 32768 65536] [--seeds 0] [--fits sequential at-once]
         [--anchors 0 1] [--reconstruction-epochs 0 10] [--ratio 0.7] [--sensitivity-tokens 1024]
-        [--count-tokens 4194304] [--max-tokens 8000] [--lambada-passages 200] [--resume]
+        [--count-tokens 4194304] [--max-tokens 8000] [--lambada-passages 200] [--spread] [--resume]
 
 The CLI's default is 262,144 calibration tokens; allocation.py uses 32,768 to stay within hours on two
 cores. Each (size, seed) is calibrated from scratch on blocks of ``corpus/gutenberg/train``, its books
 read in the seed's order (seed 0 as allocation.py), so another seed is other books, and a larger size
-holds different blocks, not only more. The fits of a (size, seed) share its statistics and its plan:
-at once, and sequentially once per ``--anchors`` value and ``--reconstruction-epochs`` value
-(``compress_sequentially``'s anchor and block reconstruction; plan ``auto-fisher-sequential-anchor-A``
-where A is not 0, with ``-reconstructed-E`` where E is not 0).
+holds different blocks, not only more. Those blocks are the first books' (one or two at these sizes);
+with ``--spread`` they are drawn at random from the first ``--count-tokens`` as the CLI draws them
+(plan suffix ``-spread``), so another seed is another sample of 20 to 26 books (seeds 0-3). The fits
+of a (size, seed) share its statistics and its plan: at once, and sequentially once per ``--anchors``
+value and ``--reconstruction-epochs`` value (``compress_sequentially``'s anchor and block
+reconstruction; plan ``auto-fisher-sequential-anchor-A`` where A is not 0, with ``-reconstructed-E``
+where E is not 0).
 Records are appended to benchmarks/results/calibration_tokens.json as they finish (``--resume`` keeps
 them); the markdown (every run, then the spread over seeds) and the plot (held-out and WikiText-2 ppl
 against calibration tokens, one series per plan, one point per seed) are rewritten.
@@ -47,6 +50,7 @@ FITS = {"sequential": "auto-fisher-sequential", "at-once": "auto-fisher"}
 
 def run(args, data: dict) -> None:
     done = {(r["calibration_tokens"], r.get("seed", 0), r["plan"]) for r in data["records"]}
+    suffix = "-spread" if args.spread else ""
     model, tokenizer = load_smollm2()
     model.eval()
     texts, passages = evaluation_texts(tokenizer, args.max_tokens, args.lambada_passages)
@@ -62,10 +66,10 @@ def run(args, data: dict) -> None:
     target = round(args.ratio * tq.count_parameters(model))
     for tokens in args.tokens:
         for seed in args.seeds:
-            fits = [(FITS["at-once"], None, 0)] if "at-once" in args.fits else []
+            fits = [(FITS["at-once"] + suffix, None, 0)] if "at-once" in args.fits else []
             if "sequential" in args.fits:
                 fits += [
-                    (sequential_plan(anchor, epochs), anchor, epochs)
+                    (sequential_plan(anchor, epochs) + suffix, anchor, epochs)
                     for anchor in args.anchors
                     for epochs in args.reconstruction_epochs
                 ]
@@ -78,7 +82,9 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
     sizes = argparse.Namespace(
         calibration_tokens=tokens, count_tokens=args.count_tokens, sensitivity_tokens=args.sensitivity_tokens
     )
-    stats, calibration_seconds, blocks, probe_blocks, counts = calibrate(model, scoring.tokenizer, sizes, seed=seed)
+    stats, calibration_seconds, blocks, probe_blocks, counts = calibrate(
+        model, scoring.tokenizer, sizes, seed=seed, spread=args.spread
+    )
     fisher, fisher_seconds = with_fisher(model, stats, blocks)
     allocation = allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"])
     for plan, anchor, epochs in plans:
@@ -105,6 +111,7 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
             "calibration_tokens": tokens,
             "seed": seed,
             "calibrated_on": int(blocks.numel()),  # whole blocks of 512
+            **({"drawn_from_tokens": args.count_tokens} if args.spread else {}),
             "target_ratio": args.ratio,
             "target_params": target,
             "params": tq.count_parameters(compressed),
@@ -321,6 +328,12 @@ def main() -> None:
     parser.add_argument("--count-tokens", type=int, default=DEFAULT_COUNT_TOKENS)
     parser.add_argument("--max-tokens", type=int, default=8_000)
     parser.add_argument("--lambada-passages", type=int, default=200)
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="draw the calibration blocks at random from the first --count-tokens (plan suffix -spread) "
+        "instead of taking the first books",
+    )
     parser.add_argument("--resume", action="store_true", help="keep finished records")
     args = parser.parse_args()
     data = json.loads(PATH.read_text()) if args.resume and PATH.exists() else {"meta": {}, "records": []}

@@ -480,6 +480,52 @@ def test_token_counts_count_the_text_in_the_order_blocks_read_it(tmp_path):
         token_counts(books, tokenizer, 100, 64)
 
 
+def test_blocks_drawn_from_a_pool_sample_every_book_and_stay_within_the_counted_text(tmp_path):
+    from tqcompressor.data import load_blocks, token_counts
+
+    books, tokenizer = _two_books(tmp_path / "books"), gpt2_tokenizer()
+    ishmael, times = tokenizer(" Ishmael")["input_ids"][0], tokenizer(" times")["input_ids"][0]
+
+    def words(text) -> set[int]:
+        return set(torch.cat([text.train, text.heldout]).unique().tolist())
+
+    first = load_blocks(books, tokenizer, 16, 512, seed=0)
+    assert len({ishmael, times} & words(first)) == 1  # the cap holds one book
+    drawn = load_blocks(books, tokenizer, 16, 512, seed=0, pool_tokens=1600)
+    assert drawn.train.numel() + drawn.heldout.numel() == 512
+    assert {ishmael, times} <= words(drawn)
+    assert torch.equal(drawn.train, load_blocks(books, tokenizer, 16, 512, seed=0, pool_tokens=1600).train)
+    in_blocks = torch.bincount(torch.cat([drawn.train, drawn.heldout]).reshape(-1), minlength=50257).double()
+    assert (in_blocks <= token_counts(books, tokenizer, 50257, 1600)).all()
+    for cap in (None, 1024):
+        with pytest.raises(ValueError, match="pool_tokens"):
+            load_blocks(books, tokenizer, 16, cap, pool_tokens=512 if cap else 1600)
+
+
+def test_cli_calibrates_on_blocks_drawn_across_the_counted_text(tmp_path):
+    from tqcompressor.cli import main
+    from tqcompressor.data import load_blocks
+    from tqcompressor.loading import load_model
+
+    tiny = tiny_gpt2_dir(tmp_path, books_repeats=1)
+    books, tokenizer = _two_books(tmp_path / "two"), gpt2_tokenizer()
+    fc = "transformer.h.0.mlp.c_fc"
+    (tmp_path / "plan.yaml").write_text(f"rules:\n  - {{pattern: '{fc}', method: lowrank, rank: 4}}\n")
+    stats = tmp_path / "stats.safetensors"
+    args = ["compress", "--model", str(tiny), "--plan", str(tmp_path / "plan.yaml"), "--quiet"]
+    args += ["--calibration", str(books), "--calibration-tokens", "512", "--count-tokens", "1600"]
+    assert main([*args, "--save-calibration", str(stats), "--out", str(tmp_path / "out")]) == 0
+
+    def moment(**pool) -> torch.Tensor:
+        text = load_blocks(books, tokenizer, 64, 512, seed=0, **pool)
+        model = load_model(str(tiny))[0]
+        return collect(model, [fc], torch.cat([text.train, text.heldout]), progress=False).for_module(fc).second_moment
+
+    saved = CalibrationStats.load(stats).for_module(fc).second_moment
+    torch.testing.assert_close(saved, moment(pool_tokens=1600))
+    assert not torch.allclose(saved, moment())  # not the first 512 tokens: those are one book
+
+
 def test_collect_takes_token_counts_from_more_text_for_embeddings_only():
     model = tiny_gpt2()
     ids = blocks()

@@ -231,10 +231,17 @@ def _calibration_tokens(args: argparse.Namespace) -> int:
     return args.calibration_tokens or DEFAULT_CALIBRATION_TOKENS
 
 
+def _count_tokens(args: argparse.Namespace) -> int:
+    """--count-tokens, or its default: the part of the --calibration text that is read at all."""
+    return args.count_tokens or max(DEFAULT_COUNT_TOKENS, _calibration_tokens(args))
+
+
 def _calibration_blocks(args: argparse.Namespace, model, tokenizer) -> torch.Tensor:
-    tokens = _calibration_tokens(args)
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
-    text = load_blocks(args.calibration, tokenizer, min(512, limit), tokens, seed=0)
+    # Drawn across --count-tokens of the text: a cap filled from the start reads one or two long books.
+    text = load_blocks(
+        args.calibration, tokenizer, min(512, limit), _calibration_tokens(args), seed=0, pool_tokens=_count_tokens(args)
+    )
     blocks = torch.cat([text.train, text.heldout])  # calibration holds nothing out
     vocab = model.get_input_embeddings().num_embeddings
     if int(blocks.max()) >= vocab:
@@ -248,8 +255,8 @@ def _token_counts(args: argparse.Namespace, model, tokenizer, names: list[str]) 
     embeddings = calibration_targets(model, names)[1]
     if not embeddings:
         return None
-    tokens = args.count_tokens or max(DEFAULT_COUNT_TOKENS, _calibration_tokens(args))
-    return token_counts(args.calibration, tokenizer, model.get_submodule(embeddings[0]).num_embeddings, tokens)
+    vocab = model.get_submodule(embeddings[0]).num_embeddings
+    return token_counts(args.calibration, tokenizer, vocab, _count_tokens(args))
 
 
 def _calibration(args: argparse.Namespace, model, tokenizer, names: list[str]) -> CalibrationStats | None:
@@ -476,13 +483,17 @@ def build_parser() -> argparse.ArgumentParser:
         "sensitivity, off for a plan or preset, where it triples calibration time)",
     )
     c.add_argument(
-        "--calibration-tokens", type=int, help=f"tokens read from it (default {DEFAULT_CALIBRATION_TOKENS:,})"
+        "--calibration-tokens",
+        type=int,
+        help="tokens run through the model, in blocks drawn at random from --count-tokens of the text "
+        f"(default {DEFAULT_CALIBRATION_TOKENS:,})",
     )
     c.add_argument(
         "--count-tokens",
         type=int,
-        help="tokens of the --calibration text whose counts weight an embedding's rows (tokenised only, no "
-        f"forward pass; at least --calibration-tokens; default {DEFAULT_COUNT_TOKENS:,}, or all of a shorter text)",
+        help="tokens of the --calibration text read: the calibration blocks are drawn from them and their "
+        "counts weight an embedding's rows (tokenised only, no forward pass; at least --calibration-tokens; "
+        f"default {DEFAULT_COUNT_TOKENS:,}, or all of a shorter text)",
     )
     c.add_argument("--calibration-stats", help="statistics saved earlier with --save-calibration")
     c.add_argument("--save-calibration", help="write the collected statistics here (safetensors)")

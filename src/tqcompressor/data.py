@@ -110,22 +110,32 @@ def load_blocks(
     heldout_fraction: float = 0.02,
     seed: int = 0,
     field: str = "text",
+    pool_tokens: int | None = None,
 ) -> TokenBlocks:
     """Tokenise documents (each followed by the end-of-text token) until ``max_tokens``, pack them into
-    blocks of ``block_size``, shuffle the blocks with ``seed`` and split off a held-out slice."""
+    blocks of ``block_size``, shuffle the blocks with ``seed`` and split off a held-out slice.
+
+    With ``pool_tokens``, the first ``pool_tokens`` are read and ``max_tokens`` of them are drawn as
+    blocks at random positions: a few long books would otherwise fill a small cap with one or two of
+    them, and which ones decides the result more than the cap does."""
     if block_size < 2:
         raise ValueError(f"block_size must be at least 2, got {block_size}")
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
-    ids = token_ids(source, tokenizer, max_tokens, seed, field)
-    count = len(ids) // block_size
+    if pool_tokens is not None and (max_tokens is None or pool_tokens < max_tokens):
+        raise ValueError(
+            f"pool_tokens draws max_tokens from a larger text: give max_tokens <= {pool_tokens}, got {max_tokens}"
+        )
+    ids = token_ids(source, tokenizer, pool_tokens or max_tokens, seed, field)
+    available = len(ids) // block_size
+    count = min(available, max_tokens // block_size) if pool_tokens is not None else available
     if count < 2:
         raise ValueError(
-            f"{source} gives {len(ids)} tokens: fewer than two blocks of {block_size} "
-            "(need a train and a held-out block)"
+            f"{source} gives {min(len(ids), max_tokens or len(ids))} tokens: fewer than two blocks of "
+            f"{block_size} (need a train and a held-out block)"
         )
-    blocks = torch.tensor(ids[: count * block_size], dtype=torch.long).view(count, block_size)
-    blocks = blocks[torch.randperm(count, generator=torch.Generator().manual_seed(seed))]
+    blocks = torch.tensor(ids[: available * block_size], dtype=torch.long).view(available, block_size)
+    blocks = blocks[torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count]]
     held = max(1, round(count * heldout_fraction))
     return TokenBlocks(train=blocks[held:], heldout=blocks[:held], source=str(source))
 
