@@ -60,7 +60,7 @@ import tqcompressor as tq
 from tqcompressor.allocation import allocation_plan, compressible_modules, linear_layers
 from tqcompressor.calibration import collect, fisher_moments
 from tqcompressor.cli import DEFAULT_COUNT_TOKENS
-from tqcompressor.data import load_blocks, token_counts
+from tqcompressor.data import id_counts, pack_blocks, token_ids
 from tqcompressor.evaluation import lambada, lambada_passages, perplexity, read_text
 from tqcompressor.linalg import OUTPUT_RIDGE
 from tqcompressor.loading import load_model
@@ -156,12 +156,11 @@ def calibrate(model, tokenizer, args, seed: int = 0, spread: bool = False):
     ``--sensitivity-tokens`` of them for the sensitivity probe, the embedding's token counts on
     ``--count-tokens`` of the text as the CLI takes them). ``seed`` orders the books, so it picks the text;
     ``spread`` draws the blocks at random from those ``--count-tokens`` rather than reading the first books."""
-    source = ASSETS / "corpus/gutenberg/train"
-    pool = args.count_tokens if spread else None
-    text = load_blocks(source, tokenizer, 512, args.calibration_tokens, seed=seed, pool_tokens=pool)
+    ids = token_ids(ASSETS / "corpus/gutenberg/train", tokenizer, args.count_tokens, seed=seed)
+    # The first books' blocks are the first ids; spread blocks come from all of them.
+    text = pack_blocks(ids if spread else ids[: args.calibration_tokens], 512, args.calibration_tokens, seed=seed)
     blocks = torch.cat([text.train, text.heldout])
-    vocab = model.get_input_embeddings().num_embeddings
-    counts = token_counts(source, tokenizer, vocab, args.count_tokens, seed=seed)
+    counts = id_counts(ids, model.get_input_embeddings().num_embeddings)
     started = time.perf_counter()
     stats = collect(model, compressible_modules(model), blocks, progress=False, token_counts=counts)
     seconds = time.perf_counter() - started

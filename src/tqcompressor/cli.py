@@ -15,7 +15,7 @@ import torch
 from .allocation import allocation_plan, compressible_modules, offered_methods
 from .assets import default_model
 from .calibration import CalibrationStats, calibration_targets, collect, fisher_moments
-from .data import load_blocks, token_counts
+from .data import id_counts, load_blocks, pack_blocks, token_ids
 from .depth import keep_layers_
 from .distillation import DistillationLoss
 from .evaluation import DATASETS, evaluate, fidelity, read_text, size_report
@@ -111,9 +111,9 @@ def _compress(args: argparse.Namespace) -> None:
         search = {"time_budget": args.time_budget} if args.time_budget is not None else {}
         plan = preset(args.preset, model.config, tie_head=not args.dense_head, **search)
     if args.sequential:
-        blocks = _calibration_blocks(args, model, tokenizer)
+        blocks, ids = _calibration_text(args, model, tokenizer)
         names = [name for _, name in resolve(model, plan)]
-        counts = _token_counts(args, model, tokenizer, names)
+        counts = _token_counts(model, ids, names)
         linear = calibration_targets(model, names)[0]
         fisher = fisher_moments(model, linear, blocks, progress=not args.quiet) if args.fisher and linear else None
         report = compress_sequentially(
@@ -126,7 +126,7 @@ def _compress(args: argparse.Namespace) -> None:
             **_sequential_options(args),
         )
     else:
-        calibration = _calibration(args, model, tokenizer, [name for _, name in resolve(model, plan)])
+        calibration = _calibration(args, model, tokenizer, [name for _, name in resolve(model, plan)])[0]
         report = compress_(model, plan, calibration=calibration, progress=not args.quiet)
     save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report.table())
@@ -167,9 +167,8 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
         )
     if args.target_ratio is not None and not 0 < args.target_ratio < 1:
         raise ValueError(f"--target-ratio must be between 0 and 1, got {args.target_ratio}")
-    stats = _calibration(args, model, tokenizer, compressible_modules(model))
+    stats, blocks = _calibration(args, model, tokenizer, compressible_modules(model))
     target = args.target_params or round(args.target_ratio * count_parameters(model))
-    blocks = _calibration_blocks(args, model, tokenizer) if args.sequential or not args.no_sensitivity else None
     probe_blocks = None
     if not args.no_sensitivity:
         wanted = args.sensitivity_tokens or DEFAULT_SENSITIVITY_TOKENS
@@ -236,42 +235,45 @@ def _count_tokens(args: argparse.Namespace) -> int:
     return args.count_tokens or max(DEFAULT_COUNT_TOKENS, _calibration_tokens(args))
 
 
-def _calibration_blocks(args: argparse.Namespace, model, tokenizer) -> torch.Tensor:
+def _calibration_text(args: argparse.Namespace, model, tokenizer) -> tuple[torch.Tensor, list[int]]:
+    """(the calibration blocks, the --count-tokens of the --calibration text they are drawn from): the
+    text is tokenised once, for the blocks and for the embedding's counts."""
+    ids = token_ids(args.calibration, tokenizer, _count_tokens(args), seed=0)
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
     # Drawn across --count-tokens of the text: a cap filled from the start reads one or two long books.
-    text = load_blocks(
-        args.calibration, tokenizer, min(512, limit), _calibration_tokens(args), seed=0, pool_tokens=_count_tokens(args)
-    )
+    text = pack_blocks(ids, min(512, limit), _calibration_tokens(args), source=args.calibration)
     blocks = torch.cat([text.train, text.heldout])  # calibration holds nothing out
     vocab = model.get_input_embeddings().num_embeddings
     if int(blocks.max()) >= vocab:
         raise ValueError(f"the tokenizer produces ids up to {int(blocks.max())}, beyond the model's {vocab} embeddings")
-    return blocks
+    return blocks, ids
 
 
-def _token_counts(args: argparse.Namespace, model, tokenizer, names: list[str]) -> torch.Tensor | None:
-    """The token counts an embedding among ``names`` is weighted by, taken on --count-tokens of the
-    --calibration text (more than the forward passes read: counting only tokenises); None without one."""
+def _token_counts(model, ids: list[int], names: list[str]) -> torch.Tensor | None:
+    """The token counts an embedding among ``names`` is weighted by, taken on all of ``ids`` (the
+    --count-tokens read: more than the forward passes read, since counting only tokenises); None without one."""
     embeddings = calibration_targets(model, names)[1]
     if not embeddings:
         return None
-    vocab = model.get_submodule(embeddings[0]).num_embeddings
-    return token_counts(args.calibration, tokenizer, vocab, _count_tokens(args))
+    return id_counts(ids, model.get_submodule(embeddings[0]).num_embeddings)
 
 
-def _calibration(args: argparse.Namespace, model, tokenizer, names: list[str]) -> CalibrationStats | None:
-    """Statistics of the modules ``names``: loaded, collected from --calibration, or none."""
+def _calibration(
+    args: argparse.Namespace, model, tokenizer, names: list[str]
+) -> tuple[CalibrationStats | None, torch.Tensor | None]:
+    """(statistics of the modules ``names``: loaded, collected from --calibration, or none; the
+    calibration blocks, where --calibration gives them)."""
     if args.calibration_stats:
-        return CalibrationStats.load(args.calibration_stats)
+        return CalibrationStats.load(args.calibration_stats), None
     if not args.calibration:
-        return None
-    blocks = _calibration_blocks(args, model, tokenizer)
-    counts = _token_counts(args, model, tokenizer, names)
+        return None, None
+    blocks, ids = _calibration_text(args, model, tokenizer)
+    counts = _token_counts(model, ids, names)
     stats = collect(model, names, blocks, progress=not args.quiet, token_counts=counts, fisher=args.fisher)
     print(f"calibration: {json.dumps(stats.summary())}", file=sys.stderr)
     if args.save_calibration:
         stats.save(args.save_calibration)
-    return stats
+    return stats, blocks
 
 
 def _eval(args: argparse.Namespace) -> None:

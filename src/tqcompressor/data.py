@@ -96,10 +96,17 @@ def token_counts(
 ) -> torch.Tensor:
     """How often each token id occurs in the first ``max_tokens`` tokens of ``source`` (float64,
     ``vocab_size``): read in the order ``load_blocks`` reads, so its blocks are counted too."""
-    ids = torch.tensor(token_ids(source, tokenizer, max_tokens, seed, field), dtype=torch.long)
-    if len(ids) and int(ids.max()) >= vocab_size:
-        raise ValueError(f"the tokenizer gives id {int(ids.max())}, outside the model's {vocab_size}-token vocabulary")
-    return torch.bincount(ids, minlength=vocab_size).double()
+    return id_counts(token_ids(source, tokenizer, max_tokens, seed, field), vocab_size)
+
+
+def id_counts(ids: list[int], vocab_size: int) -> torch.Tensor:
+    """How often each id in ``ids`` occurs (float64, ``vocab_size``)."""
+    counted = torch.tensor(ids, dtype=torch.long)
+    if len(counted) and int(counted.max()) >= vocab_size:
+        raise ValueError(
+            f"the tokenizer gives id {int(counted.max())}, outside the model's {vocab_size}-token vocabulary"
+        )
+    return torch.bincount(counted, minlength=vocab_size).double()
 
 
 def load_blocks(
@@ -118,17 +125,28 @@ def load_blocks(
     With ``pool_tokens``, the first ``pool_tokens`` are read and ``max_tokens`` of them are drawn as
     blocks at random positions: a few long books would otherwise fill a small cap with one or two of
     them, and which ones decides the result more than the cap does."""
-    if block_size < 2:
-        raise ValueError(f"block_size must be at least 2, got {block_size}")
-    if not 0 < heldout_fraction < 1:
-        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    _check_packing(block_size, heldout_fraction)  # before reading: a streamed text takes long
     if pool_tokens is not None and (max_tokens is None or pool_tokens < max_tokens):
         raise ValueError(
             f"pool_tokens draws max_tokens from a larger text: give max_tokens <= {pool_tokens}, got {max_tokens}"
         )
     ids = token_ids(source, tokenizer, pool_tokens or max_tokens, seed, field)
+    return pack_blocks(ids, block_size, max_tokens if pool_tokens else None, heldout_fraction, seed, str(source))
+
+
+def pack_blocks(
+    ids: list[int],
+    block_size: int,
+    max_tokens: int | None = None,
+    heldout_fraction: float = 0.02,
+    seed: int = 0,
+    source: str = "the text",
+) -> TokenBlocks:
+    """``ids`` packed into blocks of ``block_size``, shuffled with ``seed``, the first ``max_tokens``
+    of them (all when None) kept, and a held-out slice split off: blocks at random positions in ``ids``."""
+    _check_packing(block_size, heldout_fraction)
     available = len(ids) // block_size
-    count = min(available, max_tokens // block_size) if pool_tokens is not None else available
+    count = available if max_tokens is None else min(available, max_tokens // block_size)
     if count < 2:
         raise ValueError(
             f"{source} gives {min(len(ids), max_tokens or len(ids))} tokens: fewer than two blocks of "
@@ -137,7 +155,14 @@ def load_blocks(
     blocks = torch.tensor(ids[: available * block_size], dtype=torch.long).view(available, block_size)
     blocks = blocks[torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:count]]
     held = max(1, round(count * heldout_fraction))
-    return TokenBlocks(train=blocks[held:], heldout=blocks[:held], source=str(source))
+    return TokenBlocks(train=blocks[held:], heldout=blocks[:held], source=source)
+
+
+def _check_packing(block_size: int, heldout_fraction: float) -> None:
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2, got {block_size}")
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
 
 
 def batch_indices(num_blocks: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
