@@ -1,12 +1,14 @@
 """How much calibration text a budget needs, and how much the choice of text matters: SmolLM2-135M at
-one budget, chosen with the Fisher among low-rank candidates (as allocation.py's ``auto-fisher-sequential``
-rows; its ``auto-fisher`` rows offer Kronecker candidates too, which SmolLM2's choices never took) and
-fitted sequentially with the layers kept dense aimed (what the CLI does for a budget) or at once, at
+a budget (``--ratio``; records at several budgets live side by side), chosen with the Fisher among
+low-rank candidates (as allocation.py's ``auto-fisher-sequential`` rows; its ``auto-fisher`` rows offer
+Kronecker candidates too, which SmolLM2's choices never took) and fitted sequentially with the layers
+kept dense aimed (what the CLI does for a budget) or at once, at
 several calibration sizes and seeds; no distillation.
 
     python benchmarks/calibration_tokens.py [--tokens 32768 65536] [--seeds 0] [--fits sequential at-once]
         [--anchors 0 1] [--reconstruction-epochs 0 10] [--ratio 0.7] [--sensitivity-tokens 1024]
-        [--count-tokens 4194304] [--max-tokens 8000] [--lambada-passages 200] [--spread] [--resume]
+        [--count-tokens 4194304] [--max-tokens 8000] [--lambada-passages 200] [--spread] [--uniform] [--resume]
+    python benchmarks/calibration_tokens.py --from-json
 
 The CLI's default is 262,144 calibration tokens; allocation.py uses 32,768 to stay within hours on two
 cores. Each (size, seed) is calibrated from scratch on blocks of ``corpus/gutenberg/train``, its books
@@ -17,10 +19,14 @@ with ``--spread`` they are drawn at random from the first ``--count-tokens`` as 
 of a (size, seed) share its statistics and its plan: at once, and sequentially once per ``--anchors``
 value and ``--reconstruction-epochs`` value (``compress_sequentially``'s anchor and block
 reconstruction; plan ``auto-fisher-sequential-anchor-A`` where A is not 0, with ``-reconstructed-E``
-where E is not 0).
+where E is not 0). With ``--uniform`` each of those fits is also made of the uniform plan at the same
+budget (every linear layer low-rank at one rank ratio, as allocation.py's ``uniform-svd``; plan
+``uniform-svd-fisher...`` named after the auto plan whose fit it shares), so auto meets the uniform
+plan like for like.
 Records are appended to benchmarks/results/calibration_tokens.json as they finish (``--resume`` keeps
 them); the markdown (every run, then the spread over seeds) and the plot (held-out and WikiText-2 ppl
-against calibration tokens, one series per plan, one point per seed) are rewritten.
+against calibration tokens, one series per plan and budget, one point per seed) are rewritten;
+``--from-json`` only rewrites them.
 """
 
 from __future__ import annotations
@@ -32,11 +38,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from allocation import calibrate, evaluate, evaluation_texts, reconstruction_fields, with_fisher
+from allocation import calibrate, evaluate, evaluation_texts, reconstruction_fields, uniform_plan, with_fisher
 from common import ASSETS, RESULTS, command_history, command_line, load_smollm2, machine
 
 import tqcompressor as tq
-from tqcompressor.allocation import allocation_plan
+from tqcompressor.allocation import allocation_plan, linear_layers
 from tqcompressor.cli import DEFAULT_COUNT_TOKENS
 from tqcompressor.data import token_counts
 from tqcompressor.linalg import OUTPUT_RIDGE
@@ -46,10 +52,12 @@ PATH = RESULTS / "calibration_tokens.json"
 
 
 FITS = {"sequential": "auto-fisher-sequential", "at-once": "auto-fisher"}
+# Every linear layer low-rank at one rank ratio, fitted as the auto plan it is named after.
+UNIFORM = "uniform-svd-fisher"
 
 
 def run(args, data: dict) -> None:
-    done = {(r["calibration_tokens"], r.get("seed", 0), r["plan"]) for r in data["records"]}
+    done = {(r["calibration_tokens"], r.get("seed", 0), r["plan"], r.get("target_ratio")) for r in data["records"]}
     suffix = "-spread" if args.spread else ""
     model, tokenizer = load_smollm2()
     model.eval()
@@ -73,7 +81,9 @@ def run(args, data: dict) -> None:
                     for anchor in args.anchors
                     for epochs in args.reconstruction_epochs
                 ]
-            plans = [fit for fit in fits if (tokens, seed, fit[0]) not in done]
+            if args.uniform:
+                fits += [(uniform_name(plan), anchor, epochs) for plan, anchor, epochs in fits]
+            plans = [fit for fit in fits if (tokens, seed, fit[0], args.ratio) not in done]
             if plans:
                 fit_budget(args, data, model, scoring, target, tokens, seed, plans)
 
@@ -87,14 +97,16 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
     )
     fisher, fisher_seconds = with_fisher(model, stats, blocks)
     allocation = allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"])
+    uniform = uniform_plan(model, linear_layers(model), target, "svd")
     for plan, anchor, epochs in plans:
+        chosen = uniform if plan.startswith(UNIFORM) else allocation.plan
         compressed = copy.deepcopy(model)
         started = time.perf_counter()
         notes = []
         if anchor is not None:
             notes = compress_sequentially(
                 compressed,
-                allocation.plan,
+                chosen,
                 blocks,
                 progress=False,
                 token_counts=counts,
@@ -103,7 +115,7 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
                 reconstruction_epochs=epochs,
             ).notes
         else:
-            tq.compress_(compressed, allocation.plan, calibration=fisher, progress=False)
+            tq.compress_(compressed, chosen, calibration=fisher, progress=False)
         row = {
             "plan": plan,
             **({} if anchor is None else {"anchor": anchor}),
@@ -118,12 +130,17 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
             "output_ridge": OUTPUT_RIDGE,
             "calibration_seconds": calibration_seconds,
             "fisher_seconds": fisher_seconds,
-            "search_seconds": allocation.seconds,
+            "search_seconds": 0.0 if chosen is uniform else allocation.seconds,
             "compress_seconds": time.perf_counter() - started,
             "notes": notes,
         }
         record(data, row, compressed, scoring)
         del compressed
+
+
+def uniform_name(plan: str) -> str:
+    """The record's plan name for ``plan``'s fit of the uniform SVD plan instead of the allocator's."""
+    return UNIFORM + plan.removeprefix("auto-fisher")
 
 
 def sequential_plan(anchor: float, epochs: int = 0) -> str:
@@ -199,7 +216,9 @@ def by_frequency(model, scoring: Scoring, window: int = 512) -> dict:
 
 def write_report(data: dict) -> None:
     meta = data["meta"]
-    records = sorted(data["records"], key=lambda r: (r["calibration_tokens"], r["plan"], r.get("seed", 0)))
+    records = sorted(
+        data["records"], key=lambda r: (-r.get("target_ratio", 1), r["calibration_tokens"], r["plan"], r.get("seed", 0))
+    )
     dense = next((r for r in records if r["plan"] == "dense"), None)
     fitted = [r for r in records if r["plan"] != "dense"]
     lines = [
@@ -207,18 +226,20 @@ def write_report(data: dict) -> None:
         "",
         "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + f". Machine: {meta['machine']}.",
         "",
-        "| calibration tokens | seed | plan | params | held-out ppl | WikiText-2 ppl | LAMBADA acc | LAMBADA ppl "
-        "| calibration s | Fisher s | search s | fitting s |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| budget | calibration tokens | seed | plan | params | held-out ppl | WikiText-2 ppl | LAMBADA acc "
+        "| LAMBADA ppl | calibration s | Fisher s | search s | fitting s |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if dense is not None:
         lines.append(
-            f"| dense | — | dense | {dense['params']:,} | {dense['heldout_ppl']:.1f} | {dense['wikitext2_ppl']:.1f} "
-            f"| {dense['lambada_acc']:.3f} | {_optional(dense, 'lambada_ppl')} | — | — | — | — |"
+            f"| 100% | dense | — | dense | {dense['params']:,} | {dense['heldout_ppl']:.1f} "
+            f"| {dense['wikitext2_ppl']:.1f} | {dense['lambada_acc']:.3f} | {_optional(dense, 'lambada_ppl')} "
+            "| — | — | — | — |"
         )
     for r in fitted:
         lines.append(
-            f"| {r['calibration_tokens']:,} | {r.get('seed', 0)} | {r['plan']} | {r['params']:,} "
+            f"| {r['target_ratio']:.0%} | {r['calibration_tokens']:,} | {r.get('seed', 0)} | {r['plan']} "
+            f"| {r['params']:,} "
             f"| {r['heldout_ppl']:.1f} | {r['wikitext2_ppl']:.1f} | {r['lambada_acc']:.3f} "
             f"| {_optional(r, 'lambada_ppl')} | {r['calibration_seconds']:.0f} | {r['fisher_seconds']:.0f} "
             f"| {r['search_seconds']:.0f} | {r['compress_seconds']:.0f} |"
@@ -227,20 +248,21 @@ def write_report(data: dict) -> None:
     if older:
         lines += ["", "Made by older code:", ""]
         lines += [f"- {r['plan']}, seed {r.get('seed', 0)}: {r['code']}" for r in older]
-    groups: dict[tuple[int, str], list[dict]] = {}
+    groups: dict[tuple[int, str, float], list[dict]] = {}
     for r in fitted:
-        groups.setdefault((r["calibration_tokens"], r["plan"]), []).append(r)
+        groups.setdefault((r["calibration_tokens"], r["plan"], r["target_ratio"]), []).append(r)
     if any(len(group) > 1 for group in groups.values()):
         lines += [
             "",
             "Over seeds (mean, min–max):",
             "",
-            "| calibration tokens | plan | seeds | held-out ppl | WikiText-2 ppl | LAMBADA acc |",
-            "|---:|---|---:|---|---|---|",
+            "| budget | calibration tokens | plan | seeds | held-out ppl | WikiText-2 ppl | LAMBADA acc |",
+            "|---:|---:|---|---:|---|---|---|",
         ]
-        for (tokens, plan), group in groups.items():
+        for (tokens, plan, ratio), group in groups.items():
             spread = " | ".join(_spread([r[k] for r in group], digits) for k, digits in SPREAD_COLUMNS)
-            lines.append(f"| {tokens:,} | {plan} | {len(group)} | {spread} |")
+            lines.append(f"| {ratio:.0%} | {tokens:,} | {plan} | {len(group)} | {spread} |")
+    lines += against_uniform(fitted)
     analysed = [r for r in records if "heldout_nll_by_frequency" in r]
     if analysed:
         names = list(analysed[0]["heldout_nll_by_frequency"])
@@ -251,16 +273,17 @@ def write_report(data: dict) -> None:
             "the last word is one of the 100 most frequent tokens (of the targets: "
             f"{analysed[0]['lambada_target_frequent']:.3f}):",
             "",
-            "| calibration tokens | seed | plan | "
+            "| budget | calibration tokens | seed | plan | "
             + " | ".join(f"NLL rank {n} ({analysed[0]['heldout_nll_by_frequency'][n]['tokens']})" for n in names)
             + " | LAMBADA guess frequent |",
-            "|---:|---:|---|" + "---:|" * (len(names) + 1),
+            "|---:|---:|---:|---|" + "---:|" * (len(names) + 1),
         ]
         for r in analysed:
             nll = " | ".join(f"{r['heldout_nll_by_frequency'][n]['nll']:.2f}" for n in names)
             tokens = "dense" if r["plan"] == "dense" else f"{r['calibration_tokens']:,}"
             seed = "—" if r["plan"] == "dense" else r.get("seed", 0)
-            lines.append(f"| {tokens} | {seed} | {r['plan']} | {nll} | {r['lambada_guess_frequent']:.3f} |")
+            budget = f"{r.get('target_ratio', 1):.0%}"
+            lines.append(f"| {budget} | {tokens} | {seed} | {r['plan']} | {nll} | {r['lambada_guess_frequent']:.3f} |")
     (RESULTS / "calibration_tokens.md").write_text("\n".join(lines) + "\n")
     if not fitted:
         return
@@ -269,17 +292,17 @@ def write_report(data: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plans = sorted({r["plan"] for r in fitted})
+    series = sorted({(r["plan"], r["target_ratio"]) for r in fitted})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     for ax, (key, label) in zip(axes, (("heldout_ppl", "held-out"), ("wikitext2_ppl", "WikiText-2")), strict=True):
-        for index, plan in enumerate(plans):
-            runs = [r for r in fitted if r["plan"] == plan]
+        for index, (plan, ratio) in enumerate(series):
+            runs = [r for r in fitted if (r["plan"], r["target_ratio"]) == (plan, ratio)]
             ax.plot(
                 [r["calibration_tokens"] for r in runs],
                 [r[key] for r in runs],
                 "oxs^vD<>"[index % 8],
                 color=f"C{index % 10}",
-                label=f"{plan}, at {runs[0]['target_ratio']:.0%}",
+                label=f"{plan}, at {ratio:.0%}",
             )
         if dense is not None:
             ax.axhline(dense[key], color="black", linestyle=":", label="dense")
@@ -297,6 +320,38 @@ def write_report(data: dict) -> None:
 
 
 SPREAD_COLUMNS = (("heldout_ppl", 1), ("wikitext2_ppl", 1), ("lambada_acc", 3))
+
+
+def against_uniform(fitted: list[dict]) -> list[str]:
+    """Each uniform fit against the auto fit of the same calibration (tokens, seed) made the same way."""
+    autos = {(r["target_ratio"], r["calibration_tokens"], r.get("seed", 0), r["plan"]): r for r in fitted}
+    pairs = []
+    for uniform in (r for r in fitted if r["plan"].startswith(UNIFORM)):
+        plan = "auto-fisher" + uniform["plan"].removeprefix(UNIFORM)
+        auto = autos.get((uniform["target_ratio"], uniform["calibration_tokens"], uniform.get("seed", 0), plan))
+        if auto is not None:
+            pairs.append((auto, uniform))
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "Auto against the uniform SVD plan, same statistics and same fit (issue target: auto ≥ 20% lower held-out "
+        "ppl):",
+        "",
+        "| budget | calibration tokens | seed | fit | auto params | uniform params | auto held-out | uniform held-out "
+        "| auto lower by | auto WT2 | uniform WT2 | auto LAMBADA acc | uniform LAMBADA acc |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for auto, uniform in pairs:
+        lower = 1 - auto["heldout_ppl"] / uniform["heldout_ppl"]
+        fit = auto["plan"].removeprefix("auto-fisher").lstrip("-") or "at-once"
+        lines.append(
+            f"| {auto['target_ratio']:.0%} | {auto['calibration_tokens']:,} | {auto.get('seed', 0)} | {fit} "
+            f"| {auto['params']:,} | {uniform['params']:,} | {auto['heldout_ppl']:.1f} | {uniform['heldout_ppl']:.1f} "
+            f"| {lower:.0%} | {auto['wikitext2_ppl']:.1f} | {uniform['wikitext2_ppl']:.1f} "
+            f"| {auto['lambada_acc']:.3f} | {uniform['lambada_acc']:.3f} |"
+        )
+    return lines
 
 
 def _spread(values: list[float], digits: int) -> str:
@@ -334,11 +389,18 @@ def main() -> None:
         help="draw the calibration blocks at random from the first --count-tokens (plan suffix -spread) "
         "instead of taking the first books",
     )
+    parser.add_argument(
+        "--uniform",
+        action="store_true",
+        help=f"also fit every linear layer low-rank at one rank ratio, each fit as the auto plan's (plan {UNIFORM}...)",
+    )
     parser.add_argument("--resume", action="store_true", help="keep finished records")
+    parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown and the plot")
     args = parser.parse_args()
+    if args.from_json:
+        write_report(json.loads(PATH.read_text()))
+        return
     data = json.loads(PATH.read_text()) if args.resume and PATH.exists() else {"meta": {}, "records": []}
-    if data["records"] and any(r.get("target_ratio", args.ratio) != args.ratio for r in data["records"]):
-        parser.error("the records hold another --ratio: start without --resume")
     command = command_line("calibration_tokens.py", args, left_out=("resume",))
     data["meta"] = {"commands": command_history(data["meta"], command + (" --resume" if args.resume else ""))}
     data["meta"]["machine"] = machine()
