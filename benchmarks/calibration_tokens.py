@@ -51,7 +51,8 @@ from tqcompressor.sequential import compress_sequentially
 PATH = RESULTS / "calibration_tokens.json"
 
 
-FITS = {"sequential": "auto-fisher-sequential", "at-once": "auto-fisher"}
+AUTO = "auto-fisher"
+FITS = {"sequential": f"{AUTO}-sequential", "at-once": AUTO}
 # Every linear layer low-rank at one rank ratio, fitted as the auto plan it is named after.
 UNIFORM = "uniform-svd-fisher"
 
@@ -140,7 +141,7 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
 
 def uniform_name(plan: str) -> str:
     """The record's plan name for ``plan``'s fit of the uniform SVD plan instead of the allocator's."""
-    return UNIFORM + plan.removeprefix("auto-fisher")
+    return UNIFORM + plan.removeprefix(AUTO)
 
 
 def sequential_plan(anchor: float, epochs: int = 0) -> str:
@@ -324,12 +325,11 @@ SPREAD_COLUMNS = (("heldout_ppl", 1), ("wikitext2_ppl", 1), ("lambada_acc", 3))
 
 def against_uniform(fitted: list[dict]) -> list[str]:
     """Each uniform fit against the auto fit of the same calibration (tokens, seed) made the same way."""
-    autos = {(r["target_ratio"], r["calibration_tokens"], r.get("seed", 0), r["plan"]): r for r in fitted}
+    runs = {(r["target_ratio"], r["calibration_tokens"], r.get("seed", 0), r["plan"]): r for r in fitted}
     pairs = []
-    for uniform in (r for r in fitted if r["plan"].startswith(UNIFORM)):
-        plan = "auto-fisher" + uniform["plan"].removeprefix(UNIFORM)
-        auto = autos.get((uniform["target_ratio"], uniform["calibration_tokens"], uniform.get("seed", 0), plan))
-        if auto is not None:
+    for (ratio, tokens, seed, plan), auto in runs.items():
+        uniform = runs.get((ratio, tokens, seed, uniform_name(plan)))
+        if plan.startswith(AUTO) and uniform is not None:
             pairs.append((auto, uniform))
     if not pairs:
         return []
@@ -344,7 +344,7 @@ def against_uniform(fitted: list[dict]) -> list[str]:
     ]
     for auto, uniform in pairs:
         lower = 1 - auto["heldout_ppl"] / uniform["heldout_ppl"]
-        fit = auto["plan"].removeprefix("auto-fisher").lstrip("-") or "at-once"
+        fit = auto["plan"].removeprefix(AUTO).lstrip("-") or "at-once"
         lines.append(
             f"| {auto['target_ratio']:.0%} | {auto['calibration_tokens']:,} | {auto.get('seed', 0)} | {fit} "
             f"| {auto['params']:,} | {uniform['params']:,} | {auto['heldout_ppl']:.1f} | {uniform['heldout_ppl']:.1f} "
