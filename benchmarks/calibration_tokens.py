@@ -313,10 +313,11 @@ def write_report(data: dict) -> None:
         ax.set_ylabel(f"{label} perplexity")
     if dense is not None:
         axes[0].axhline(1.5 * dense["heldout_ppl"], color="grey", linestyle="--", label="1.5x dense (the stretch)")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)
     fig.suptitle("SmolLM2-135M: auto budget, Fisher, no training")
-    fig.tight_layout(rect=(0, 0.18, 1, 1))
-    fig.savefig(RESULTS / "calibration_tokens.png", dpi=120)
+    fig.tight_layout()
+    # Below the axes, however many series there are; the saved image grows to hold it.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=2, fontsize=7)
+    fig.savefig(RESULTS / "calibration_tokens.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
