@@ -97,8 +97,13 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
         model, scoring.tokenizer, sizes, seed=seed, spread=args.spread
     )
     fisher, fisher_seconds = with_fisher(model, stats, blocks)
-    allocation = allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"])
     uniform = uniform_plan(model, linear_layers(model), target, "svd")
+    # The search (about 40 s) only where an auto plan is still to be fitted.
+    allocation = (
+        allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"])
+        if any(not plan.startswith(UNIFORM) for plan, _, _ in plans)
+        else None
+    )
     for plan, anchor, epochs in plans:
         chosen = uniform if plan.startswith(UNIFORM) else allocation.plan
         compressed = copy.deepcopy(model)
