@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 from allocation import calibrate, evaluate, evaluation_texts, reconstruction_fields, uniform_plan, with_fisher
-from common import ASSETS, RESULTS, command_history, command_line, load_smollm2, machine
+from common import ASSETS, RESULTS, command_history, command_line, load_smollm2, machine, machine_labels
 
 import tqcompressor as tq
 from tqcompressor.allocation import allocation_plan, linear_layers
@@ -158,7 +158,9 @@ def sequential_plan(anchor: float, epochs: int = 0) -> str:
 
 
 def record(data: dict, row: dict, model, scoring: Scoring) -> None:
-    row.update(model="smollm2-135m", **evaluate(model, scoring.texts, scoring.passages, scoring.tokenizer))
+    row.update(
+        model="smollm2-135m", machine=machine(), **evaluate(model, scoring.texts, scoring.passages, scoring.tokenizer)
+    )
     row.update(by_frequency(model, scoring))
     data["records"].append(row)
     PATH.write_text(json.dumps(data, indent=1))
@@ -227,20 +229,23 @@ def write_report(data: dict) -> None:
     )
     dense = next((r for r in records if r["plan"] == "dense"), None)
     fitted = [r for r in records if r["plan"] != "dense"]
+    labels, legend = machine_labels(records)
     lines = [
         "# Calibration text for a budget: SmolLM2-135M, auto (Fisher, low-rank), no training",
         "",
-        "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + f". Machine: {meta['machine']}.",
+        "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ".",
+        "",
+        f"Machines (column machine; timings compare only within one): {legend}.",
         "",
         "| budget | calibration tokens | seed | plan | params | held-out ppl | WikiText-2 ppl | LAMBADA acc "
-        "| LAMBADA ppl | calibration s | Fisher s | search s | fitting s |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| LAMBADA ppl | calibration s | Fisher s | search s | fitting s | machine |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     if dense is not None:
         lines.append(
             f"| 100% | dense | — | dense | {dense['params']:,} | {dense['heldout_ppl']:.1f} "
             f"| {dense['wikitext2_ppl']:.1f} | {dense['lambada_acc']:.3f} | {_optional(dense, 'lambada_ppl')} "
-            "| — | — | — | — |"
+            f"| — | — | — | — | {labels.get(dense.get('machine'), '—')} |"
         )
     for r in fitted:
         lines.append(
@@ -248,7 +253,7 @@ def write_report(data: dict) -> None:
             f"| {r['params']:,} "
             f"| {r['heldout_ppl']:.1f} | {r['wikitext2_ppl']:.1f} | {r['lambada_acc']:.3f} "
             f"| {_optional(r, 'lambada_ppl')} | {r['calibration_seconds']:.0f} | {r['fisher_seconds']:.0f} "
-            f"| {r['search_seconds']:.0f} | {r['compress_seconds']:.0f} |"
+            f"| {r['search_seconds']:.0f} | {r['compress_seconds']:.0f} | {labels.get(r.get('machine'), '—')} |"
         )
     older = [r for r in fitted if "code" in r]
     if older:
@@ -409,7 +414,6 @@ def main() -> None:
     data = json.loads(PATH.read_text()) if args.resume and PATH.exists() else {"meta": {}, "records": []}
     command = command_line("calibration_tokens.py", args, left_out=("resume",))
     data["meta"] = {"commands": command_history(data["meta"], command + (" --resume" if args.resume else ""))}
-    data["meta"]["machine"] = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
     run(args, data)
     write_report(data)

@@ -55,6 +55,20 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads{accelerator}, torch {torch.__version__}"
 
 
+def machine_labels(records: list[dict]) -> tuple[dict[str, str], str]:
+    """Short labels ("m1", "m2", ...) for the machines that made ``records`` (their ``machine`` field), and
+    the legend that spells them out: a results file filled by ``--resume`` over several sessions mixes
+    machines, and its timings only compare between rows of one machine."""
+    labels: dict[str, str] = {}
+    for r in records:
+        if "machine" in r:
+            labels.setdefault(r["machine"], f"m{len(labels) + 1}")
+    legend = "; ".join(f"{label}: {name}" for name, label in labels.items())
+    if any("machine" not in r for r in records):
+        legend += ("; " if legend else "") + "—: not recorded (rows made before machines were recorded per row)"
+    return labels, legend
+
+
 def cpu_model() -> str:
     """The CPU's model name where Linux tells it: the same pipeline ran 2.1-2.4x slower on a 2-core AMD
     EPYC than on an Intel CPU with AMX, and "x86_64" alone cannot tell the two apart."""

@@ -25,14 +25,13 @@ import argparse
 import contextlib
 import copy
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import ASSETS, RESULTS, load_smollm2
+from common import ASSETS, RESULTS, load_smollm2, machine
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -331,8 +330,7 @@ def main() -> None:
         "meta": {
             # Parts not run this time keep their records and the command that made them.
             "commands": {**previous["meta"].get("commands", {}), **{part: command for part in args.parts}},
-            "machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}",
+            "machine": machine(),
         },
         "records": [r for r in previous["records"] if record_kind(r) not in {kinds[part] for part in args.parts}],
     }
