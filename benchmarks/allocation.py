@@ -53,7 +53,7 @@ from collections import Counter
 from dataclasses import replace
 
 import torch
-from common import ASSETS, RESULTS, command_history, command_line, heldout_ids, load_smollm2, machine
+from common import ASSETS, RESULTS, command_history, command_line, heldout_ids, load_smollm2, machine, machine_labels
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
@@ -183,7 +183,10 @@ def run_model(name: str, args, data: dict, path) -> None:
 
     def record(row: dict, compressed) -> None:
         row.update(
-            model=name, params=tq.count_parameters(compressed), **evaluate(compressed, texts, passages, tokenizer)
+            model=name,
+            params=tq.count_parameters(compressed),
+            machine=machine(),
+            **evaluate(compressed, texts, passages, tokenizer),
         )
         data["records"].append(row)
         path.write_text(json.dumps(data, indent=1))
@@ -314,6 +317,7 @@ def time_gpt2_small(args, data: dict, path) -> None:
             "calibration_seconds": calibration_seconds,
             "search_seconds": allocation.seconds,
             "chosen": dict(Counter(label(c) for c in allocation.chosen.values())),
+            "machine": machine(),
         }
         data["records"].append(row)
         path.write_text(json.dumps(data, indent=1))
@@ -360,7 +364,6 @@ def main() -> None:
         meta = data["meta"]
         data["meta"] = {
             "commands": command_history(meta, command + (" --resume" if args.resume else "")),
-            "machine": machine(),
             "models": list(dict.fromkeys([*meta.get("models", []), *args.models])),
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -374,13 +377,17 @@ def main() -> None:
 
 def write_report(data: dict) -> None:
     meta, records = data["meta"], data["records"]
+    machines, legend = machine_labels(records)
     lines = [
         "# Budget allocation against uniform plans (calibrated, no distillation)",
         "",
-        "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + f". Machine: {meta['machine']}.",
+        "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ".",
         "",
-        "| model | plan | target | params | held-out ppl | WikiText-2 ppl | LAMBADA acc | chosen | search s |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+        f"Machines (column machine; timings compare only within one): {legend}.",
+        "",
+        "| model | plan | target | params | held-out ppl | WikiText-2 ppl | LAMBADA acc | chosen | search s "
+        "| machine |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     models = list(dict.fromkeys(r["model"] for r in records))
     quality = sorted(
@@ -402,7 +409,7 @@ def write_report(data: dict) -> None:
         target = f"{r['target_ratio']:.2f}" if r.get("target_ratio") else "1.00"
         lines.append(
             f"| {r['model']} | {r['plan']} | {target} | {r['params']:,} | {r['heldout_ppl']:.1f} | {wikitext} "
-            f"| {acc} | {chosen} | {r.get('search_seconds', 0):.0f} |"
+            f"| {acc} | {chosen} | {r.get('search_seconds', 0):.0f} | {machines[r['machine']]} |"
         )
     if any(r["plan"].startswith("auto") and "candidates" not in r for r in quality):
         lines += ["", "† made before the allocator offered permuted Kronecker and Kronecker embedding candidates."]
@@ -464,7 +471,8 @@ def write_report(data: dict) -> None:
             chosen = ", ".join(f"{k} {v}" for k, v in r["chosen"].items())
             lines.append(
                 f"- {r['plan']} at {r['target_ratio']:.2f}: search {r['search_seconds']:.0f} s after "
-                f"{r['calibration_seconds']:.0f} s of calibration on {r['calibration_tokens']:,} tokens; chose {chosen}"
+                f"{r['calibration_seconds']:.0f} s of calibration on {r['calibration_tokens']:,} tokens "
+                f"({machines[r['machine']]}); chose {chosen}"
             )
     (RESULTS / "allocation.md").write_text("\n".join(lines) + "\n")
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ASSETS, RESULTS, command_history, heldout_ids, load_smollm2, machine
+from common import ASSETS, RESULTS, command_history, heldout_ids, load_smollm2, machine, machine_labels
 
 import tqcompressor as tq
 from tqcompressor.calibration import collect
@@ -83,7 +83,7 @@ def main() -> None:
             if k not in ("out", "resume", "from_json")
         )
         commands = command_history(data["meta"], command + (" --resume" if args.resume else ""))
-        data["meta"] = {"commands": commands, "machine": machine()}
+        data["meta"] = {"commands": commands}
         args.out.mkdir(parents=True, exist_ok=True)
         for name in args.models:
             run_model(name, args, data, path)
@@ -101,7 +101,13 @@ def run_model(name: str, args, data: dict, path: Path) -> None:
         passages = lambada_passages()[: args.lambada_passages]
 
     def record(method: str, calibrated: bool, compressed, extra: dict) -> None:
-        row = {"model": name, "method": method, "calibrated": calibrated, "params": tq.count_parameters(compressed)}
+        row = {
+            "model": name,
+            "method": method,
+            "calibrated": calibrated,
+            "params": tq.count_parameters(compressed),
+            "machine": machine(),
+        }
         started = time.perf_counter()
         row.update(
             evaluate(compressed, texts, passages, tokenizer, args.max_length),
@@ -154,16 +160,18 @@ def write_report(data: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = data["records"]
+    machines, legend = machine_labels(records)
     lines = [
         "# Calibrated against data-free compression (no distillation)",
         "",
         "Commands, in order: "
         + "; ".join(f"`{c}`" for c in data["meta"].get("commands", [data["meta"].get("command")]))
-        + f". Machine: {data['meta']['machine']}.",
+        + ".",
+        f"Machines (column machine; timings compare only within one): {legend}.",
         "Calibration text: `corpus/gutenberg/train`; held-out perplexity on `corpus/gutenberg/heldout`.",
         "",
-        "| model | method | calibrated | params | held-out ppl | WikiText-2 ppl | LAMBADA acc | compress s |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| model | method | calibrated | params | held-out ppl | WikiText-2 ppl | LAMBADA acc | compress s | machine |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         lines.append(
@@ -172,7 +180,7 @@ def write_report(data: dict, out: Path) -> None:
             + (f"{r['wikitext2_ppl']:.1f}" if "wikitext2_ppl" in r else "—")
             + " | "
             + (f"{r['lambada_acc']:.3f}" if "lambada_acc" in r else "—")
-            + f" | {r.get('compress_seconds', 0):.0f} |"
+            + f" | {r.get('compress_seconds', 0):.0f} | {machines[r['machine']]} |"
         )
     measured = {(r["model"], r["method"], r["calibrated"]) for r in records}
     missing = [

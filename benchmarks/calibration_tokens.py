@@ -245,7 +245,7 @@ def write_report(data: dict) -> None:
         lines.append(
             f"| 100% | dense | — | dense | {dense['params']:,} | {dense['heldout_ppl']:.1f} "
             f"| {dense['wikitext2_ppl']:.1f} | {dense['lambada_acc']:.3f} | {_optional(dense, 'lambada_ppl')} "
-            f"| — | — | — | — | {labels.get(dense.get('machine'), '—')} |"
+            f"| — | — | — | — | {labels[dense['machine']]} |"
         )
     for r in fitted:
         lines.append(
@@ -253,7 +253,7 @@ def write_report(data: dict) -> None:
             f"| {r['params']:,} "
             f"| {r['heldout_ppl']:.1f} | {r['wikitext2_ppl']:.1f} | {r['lambada_acc']:.3f} "
             f"| {_optional(r, 'lambada_ppl')} | {r['calibration_seconds']:.0f} | {r['fisher_seconds']:.0f} "
-            f"| {r['search_seconds']:.0f} | {r['compress_seconds']:.0f} | {labels.get(r.get('machine'), '—')} |"
+            f"| {r['search_seconds']:.0f} | {r['compress_seconds']:.0f} | {labels[r['machine']]} |"
         )
     older = [r for r in fitted if "code" in r]
     if older:

@@ -63,10 +63,7 @@ def machine_labels(records: list[dict]) -> tuple[dict[str, str], str]:
     for r in records:
         if "machine" in r:
             labels.setdefault(r["machine"], f"m{len(labels) + 1}")
-    legend = "; ".join(f"{label}: {name}" for name, label in labels.items())
-    if any("machine" not in r for r in records):
-        legend += ("; " if legend else "") + "—: not recorded (rows made before machines were recorded per row)"
-    return labels, legend
+    return labels, "; ".join(f"{label}: {name}" for name, label in labels.items())
 
 
 def cpu_model() -> str:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from allocation import evaluate, uniform_plan
-from common import ASSETS, RESULTS, heldout_ids, load_smollm2, machine
+from common import ASSETS, RESULTS, heldout_ids, load_smollm2, machine, machine_labels
 
 import tqcompressor as tq
 from tqcompressor.allocation import linear_layers
@@ -76,7 +76,13 @@ def main() -> None:
     earlier = json.loads(previous.read_text()) if previous.exists() else {"meta": {}, "records": []}
     records = [r for r in earlier["records"] if r["variant"] != "dense" and r.get("plan", "uniform") not in args.plans]
     records.insert(
-        0, {"variant": "dense", "params": tq.count_parameters(model), **evaluate(model, texts, passages, tokenizer)}
+        0,
+        {
+            "variant": "dense",
+            "params": tq.count_parameters(model),
+            "machine": machine(),
+            **evaluate(model, texts, passages, tokenizer),
+        },
     )
     variants = []
     if "uniform" in args.plans:
@@ -101,6 +107,7 @@ def main() -> None:
                 "damping": damping,
                 "params": tq.count_parameters(compressed),
                 "seconds": time.perf_counter() - started,
+                "machine": machine(),
                 **evaluate(compressed, texts, passages, tokenizer),
             }
         )
@@ -114,7 +121,6 @@ def main() -> None:
     data = {
         "meta": {
             "commands": [*earlier["meta"].get("commands", []), command],
-            "machine": machine(),
             "plans": {name: plan.name for name, plan in plans.items()},
             "default_damping": DAMPING,
         },
@@ -134,10 +140,12 @@ def write_report(data: dict, out: Path) -> None:
     meta, records = data["meta"], data["records"]
     dense = next(r for r in records if r["variant"] == "dense")
     fitted = [r for r in records if r["variant"] != "dense"]
+    machines, legend = machine_labels(records)
     lines = [
         "# Sequential calibration: SmolLM2-135M, low-rank, no training",
         "",
-        "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + f"; on {meta['machine']}. "
+        "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ". "
+        f"Machines (column machine; timings compare only within one): {legend}. "
         f"Dense: held-out ppl {dense['heldout_ppl']:.1f}, WikiText-2 {dense['wikitext2_ppl']:.1f}, LAMBADA "
         f"{dense['lambada_acc']:.3f} ({dense['params']:,} parameters). The library's "
         f"default damping: {meta['default_damping']:g}.",
@@ -155,14 +163,15 @@ def write_report(data: dict, out: Path) -> None:
             "",
             f"## {title} (`{meta['plans'][plan_name]}`)",
             "",
-            "| variant | params | held-out ppl | against at once | WikiText-2 ppl | LAMBADA acc | fitting s |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| variant | params | held-out ppl | against at once | WikiText-2 ppl | LAMBADA acc | fitting s "
+            "| machine |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in rows:
             lines.append(
                 f"| {r['variant']} | {r['params']:,} | {r['heldout_ppl']:.1f} | "
                 f"{r['heldout_ppl'] / at_once['heldout_ppl']:.2f}x | {r['wikitext2_ppl']:.1f} | "
-                f"{r['lambada_acc']:.3f} | {r['seconds']:.0f} |"
+                f"{r['lambada_acc']:.3f} | {r['seconds']:.0f} | {machines[r['machine']]} |"
             )
     (out / "sequential.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(7, 1 + 0.4 * len(fitted)))

@@ -330,7 +330,7 @@ def main() -> None:
         "meta": {
             # Parts not run this time keep their records and the command that made them.
             "commands": {**previous["meta"].get("commands", {}), **{part: command for part in args.parts}},
-            "machine": machine(),
+            "machines": {**previous["meta"].get("machines", {}), **{part: machine() for part in args.parts}},
         },
         "records": [r for r in previous["records"] if record_kind(r) not in {kinds[part] for part in args.parts}],
     }
@@ -362,9 +362,12 @@ def write_report(data: dict, out: Path) -> None:
     lines = [
         "# Speed of compressed layers and models against the dense original",
         "",
-        f"Machine: {data['meta']['machine']}. Each part's rows come from its latest run:",
+        "Each part's rows come from its latest run, on the machine named:",
         "",
-        *(f"- {part}: `{command}`" for part, command in data["meta"]["commands"].items()),
+        *(
+            f"- {part}: `{command}` on {data['meta']['machines'][part]}"
+            for part, command in data["meta"]["commands"].items()
+        ),
         "",
         "Times are ratios to the dense module or model measured in the same run (interleaved rounds, medians); "
         "below 1 is faster than dense. FLOPs: multiply-adds per token over the dense layer's, in the "
