@@ -383,7 +383,7 @@ def write_report(data: dict) -> None:
         "",
         "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ".",
         "",
-        f"Machines (column machine; timings compare only within one): {legend}.",
+        legend,
         "",
         "| model | plan | target | params | held-out ppl | WikiText-2 ppl | LAMBADA acc | chosen | search s "
         "| machine |",

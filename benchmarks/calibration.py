@@ -167,7 +167,7 @@ def write_report(data: dict, out: Path) -> None:
         "Commands, in order: "
         + "; ".join(f"`{c}`" for c in data["meta"].get("commands", [data["meta"].get("command")]))
         + ".",
-        f"Machines (column machine; timings compare only within one): {legend}.",
+        legend,
         "Calibration text: `corpus/gutenberg/train`; held-out perplexity on `corpus/gutenberg/heldout`.",
         "",
         "| model | method | calibrated | params | held-out ppl | WikiText-2 ppl | LAMBADA acc | compress s | machine |",

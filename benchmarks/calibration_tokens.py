@@ -235,7 +235,7 @@ def write_report(data: dict) -> None:
         "",
         "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ".",
         "",
-        f"Machines (column machine; timings compare only within one): {legend}.",
+        legend,
         "",
         "| budget | calibration tokens | seed | plan | params | held-out ppl | WikiText-2 ppl | LAMBADA acc "
         "| LAMBADA ppl | calibration s | Fisher s | search s | fitting s | machine |",

@@ -55,17 +55,6 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads{accelerator}, torch {torch.__version__}"
 
 
-def machine_labels(records: list[dict]) -> tuple[dict[str, str], str]:
-    """Short labels ("m1", "m2", ...) for the machines that made ``records`` (their ``machine`` field), and
-    the legend that spells them out: a results file filled by ``--resume`` over several sessions mixes
-    machines, and its timings only compare between rows of one machine."""
-    labels: dict[str, str] = {}
-    for r in records:
-        if "machine" in r:
-            labels.setdefault(r["machine"], f"m{len(labels) + 1}")
-    return labels, "; ".join(f"{label}: {name}" for name, label in labels.items())
-
-
 def cpu_model() -> str:
     """The CPU's model name where Linux tells it: the same pipeline ran 2.1-2.4x slower on a 2-core AMD
     EPYC than on an Intel CPU with AMX, and "x86_64" alone cannot tell the two apart."""
@@ -75,3 +64,14 @@ def cpu_model() -> str:
         return platform.processor()
     names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     return names[0] if names else platform.processor()
+
+
+def machine_labels(records: list[dict]) -> tuple[dict[str, str], str]:
+    """Short labels ("m1", "m2", ...) for the machines that made ``records`` (their ``machine`` field), and
+    the sentence that spells them out for a report: a results file filled by ``--resume`` over several
+    sessions mixes machines, and its timings only compare between rows of one machine."""
+    labels: dict[str, str] = {}
+    for r in records:
+        labels.setdefault(r["machine"], f"m{len(labels) + 1}")
+    named = "; ".join(f"{label}: {name}" for name, label in labels.items())
+    return labels, f"Machines (column machine; timings compare only within one): {named}."

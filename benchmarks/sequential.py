@@ -144,8 +144,7 @@ def write_report(data: dict, out: Path) -> None:
     lines = [
         "# Sequential calibration: SmolLM2-135M, low-rank, no training",
         "",
-        "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + ". "
-        f"Machines (column machine; timings compare only within one): {legend}. "
+        "Commands, in order: " + "; ".join(f"`{c}`" for c in meta["commands"]) + f". {legend} "
         f"Dense: held-out ppl {dense['heldout_ppl']:.1f}, WikiText-2 {dense['wikitext2_ppl']:.1f}, LAMBADA "
         f"{dense['lambada_acc']:.3f} ({dense['params']:,} parameters). The library's "
         f"default damping: {meta['default_damping']:g}.",
