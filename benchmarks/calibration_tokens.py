@@ -7,7 +7,8 @@ several calibration sizes and seeds; no distillation.
 
     python benchmarks/calibration_tokens.py [--tokens 32768 65536] [--seeds 0] [--fits sequential at-once]
         [--anchors 0 1] [--reconstruction-epochs 0 10] [--ratio 0.7] [--sensitivity-tokens 1024]
-        [--count-tokens 4194304] [--max-tokens 8000] [--lambada-passages 200] [--spread] [--uniform] [--resume]
+        [--count-tokens 4194304] [--max-tokens 8000] [--lambada-passages 200] [--spread] [--uniform]
+        [--min-kept 0] [--resume]
     python benchmarks/calibration_tokens.py --from-json
 
 The CLI's default is 262,144 calibration tokens; allocation.py uses 32,768 to stay within hours on two
@@ -22,7 +23,9 @@ reconstruction; plan ``auto-fisher-sequential-anchor-A`` where A is not 0, with 
 where E is not 0). With ``--uniform`` each of those fits is also made of the uniform plan at the same
 budget (every linear layer low-rank at one rank ratio, as allocation.py's ``uniform-svd``; plan
 ``uniform-svd-fisher...`` named after the auto plan whose fit it shares), so auto meets the uniform
-plan like for like.
+plan like for like. ``--min-kept F`` lets the auto plan leave no module with less than F of its
+parameters (plan suffix ``-min-kept-F``; the uniform plan is the same either way). Auto records hold
+``kept``: per module, the share of its parameters the allocation kept.
 Records are appended to benchmarks/results/calibration_tokens.json as they finish (``--resume`` keeps
 them); the markdown (every run, then the spread over seeds) and the plot (held-out and WikiText-2 ppl
 against calibration tokens, one series per plan and budget, one point per seed) are rewritten;
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import time
 from dataclasses import dataclass
 
@@ -82,8 +86,12 @@ def run(args, data: dict) -> None:
                     for anchor in args.anchors
                     for epochs in args.reconstruction_epochs
                 ]
-            if args.uniform:
-                fits += [(uniform_name(plan), anchor, epochs) for plan, anchor, epochs in fits]
+            uniform_fits = (
+                [(uniform_name(plan), anchor, epochs) for plan, anchor, epochs in fits] if args.uniform else []
+            )
+            fits = [
+                (plan + floor_suffix(args.min_kept), anchor, epochs) for plan, anchor, epochs in fits
+            ] + uniform_fits
             plans = [fit for fit in fits if (tokens, seed, fit[0], args.ratio) not in done]
             if plans:
                 fit_budget(args, data, model, scoring, target, tokens, seed, plans)
@@ -100,7 +108,7 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
     uniform = uniform_plan(model, linear_layers(model), target, "svd")
     # The search (about 40 s) only where an auto plan is still to be fitted.
     allocation = (
-        allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"])
+        allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"], min_kept=args.min_kept)
         if any(not plan.startswith(UNIFORM) for plan, _, _ in plans)
         else None
     )
@@ -136,6 +144,8 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
             "output_ridge": OUTPUT_RIDGE,
             "calibration_seconds": calibration_seconds,
             "fisher_seconds": fisher_seconds,
+            **({"min_kept": args.min_kept} if args.min_kept and chosen is not uniform else {}),
+            **({} if chosen is uniform else {"kept": kept_shares(model, allocation)}),
             "search_seconds": 0.0 if chosen is uniform else allocation.seconds,
             "compress_seconds": time.perf_counter() - started,
             "notes": notes,
@@ -145,8 +155,22 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
 
 
 def uniform_name(plan: str) -> str:
-    """The record's plan name for ``plan``'s fit of the uniform SVD plan instead of the allocator's."""
-    return UNIFORM + plan.removeprefix(AUTO)
+    """The record's plan name for ``plan``'s fit of the uniform SVD plan instead of the allocator's (the
+    same whatever share ``--min-kept`` gave each module)."""
+    return UNIFORM + re.sub(r"-min-kept-[0-9.]+$", "", plan.removeprefix(AUTO))
+
+
+def kept_shares(model, allocation) -> dict[str, float]:
+    """Per module, the share of its weight's parameters the allocation keeps."""
+    return {
+        name: round(candidate.params / model.get_submodule(name).weight.numel(), 4)
+        for name, candidate in allocation.chosen.items()
+    }
+
+
+def floor_suffix(min_kept: float) -> str:
+    """The auto plan's name suffix where each module keeps at least ``min_kept`` of its parameters."""
+    return f"-min-kept-{min_kept:g}" if min_kept else ""
 
 
 def sequential_plan(anchor: float, epochs: int = 0) -> str:
@@ -404,6 +428,12 @@ def main() -> None:
         "--uniform",
         action="store_true",
         help=f"also fit every linear layer low-rank at one rank ratio, each fit as the auto plan's (plan {UNIFORM}...)",
+    )
+    parser.add_argument(
+        "--min-kept",
+        type=float,
+        default=0.0,
+        help="the auto plan keeps at least this share of each module's parameters (plan suffix -min-kept-F)",
     )
     parser.add_argument("--resume", action="store_true", help="keep finished records")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown and the plot")

@@ -260,6 +260,26 @@ def test_sensitivity_moves_the_budget_to_the_modules_that_matter():
     assert weighted.params <= target and "est. KL" in weighted.table()
 
 
+def test_a_floor_on_each_modules_share_binds_and_the_budget_is_still_met():
+    model = silenced_mlp()
+    ids = torch.randint(0, 120, (24, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect(model, compressible_modules(model), ids, progress=False)
+    mlp = [f"transformer.h.1.mlp.{n}" for n in ("c_fc", "c_proj")]
+    target = tq.count_parameters(model) - sum(model.get_submodule(n).weight.numel() for n in mlp) // 2
+
+    def shares(allocation) -> dict[str, float]:
+        return {n: c.params / model.get_submodule(n).weight.numel() for n, c in allocation.chosen.items()}
+
+    free = allocation_plan(model, stats, target, sensitivity_blocks=ids[:4])
+    assert min(shares(free).values()) < 0.6  # the floor binds
+    floored = allocation_plan(model, stats, target, sensitivity_blocks=ids[:4], min_kept=0.6)
+    assert min(shares(floored).values()) >= 0.6 and floored.params <= target
+    with pytest.raises(ValueError, match=r"at least 0\.99 of its parameters"):
+        allocation_plan(model, stats, target, sensitivity_blocks=ids[:4], min_kept=0.99)
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        allocation_plan(model, stats, target, min_kept=1.0)
+
+
 def test_a_budget_is_met_and_its_plan_file_reruns(tmp_path, capsys):
     from tqcompressor.cli import main
 
@@ -295,6 +315,19 @@ def test_a_budget_is_met_and_its_plan_file_reruns(tmp_path, capsys):
     compressed = [n for n, m in at_once.named_modules() if isinstance(m, tq.CompressedModule) and m.kind == "linear"]
     last = compressed[-1]
     assert not torch.allclose(sequential.get_submodule(last).dense_weight(), at_once.get_submodule(last).dense_weight())
+    floor = [*base, "--target-ratio", "0.6", "--no-sensitivity", "--min-kept", "0.5"]
+    assert main([*floor, "--out", str(tmp_path / "floored")]) == 0
+    floored = tq.load(tmp_path / "floored")
+    weights = {  # a compressed module's weight parameters (its bias is kept as it was) and the dense ones
+        name: (
+            tq.count_parameters(m) - tq.count_parameters(m.to_dense()) + m.to_dense().weight.numel(),
+            m.to_dense().weight.numel(),
+        )
+        for name, m in floored.named_modules()
+        if isinstance(m, tq.CompressedModule)
+    }
+    assert weights and min(kept / dense for kept, dense in weights.values()) >= 0.5
+    assert tq.count_parameters(floored) <= tq.count_parameters(model) * 0.6
     only = [*plain, "--methods", "kronecker", "--out", str(tmp_path / "kron")]
     assert main(only) == 0
     chosen = tq.CompressionPlan.load(tmp_path / "kron" / "allocation.yaml").rules
@@ -306,7 +339,10 @@ def test_a_budget_is_met_and_its_plan_file_reruns(tmp_path, capsys):
     assert main([*plain, "--methods", "lowrank", "svd", "--out", str(tmp_path / "s4")]) == 2
     assert main([*base, "--plan", plan, "--methods", "lowrank", "--out", str(tmp_path / "s5")]) == 2
     err = capsys.readouterr().err
-    assert "registered methods (kronecker, lowrank), got ['lowrank', 'svd']" in err and "--methods concern" in err
+    assert "registered methods (kronecker, lowrank), got ['lowrank', 'svd']" in err and "--min-kept concern" in err
+    assert main([*base, "--plan", plan, "--min-kept", "0.5", "--out", str(tmp_path / "s6")]) == 2
+    assert main([*plain, "--min-kept", "1", "--out", str(tmp_path / "s7")]) == 2
+    assert "--min-kept is the share of its parameters each module keeps" in capsys.readouterr().err
     assert main([*base, "--plan", plan, "--no-sensitivity", "--out", str(tmp_path / "s1")]) == 2
     assert main([*plain, "--sensitivity-tokens", "64", "--out", str(tmp_path / "s2")]) == 2
     stats_only = [*tiny, "--calibration-stats", str(tmp_path / "nope"), "--target-params", str(target)]
@@ -327,7 +363,7 @@ def test_a_budget_is_met_and_its_plan_file_reruns(tmp_path, capsys):
     assert "out of reach: choose between" in err and "between 0 and 1" in err and "need --calibration" in err
     with pytest.raises(SystemExit):  # argparse: a budget and a plan exclude each other
         main([*rerun, "--target-params", "10", "--out", str(tmp_path / "w")])
-    assert not any((tmp_path / name).exists() for name in ["x", "y", "z", "w", "s1", "s2", "s3", "s4", "s5"])
+    assert not any((tmp_path / name).exists() for name in ["x", "y", "z", "w", *(f"s{i}" for i in range(1, 8))])
 
 
 def test_only_the_offered_methods_are_priced():

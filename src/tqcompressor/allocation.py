@@ -272,6 +272,7 @@ def allocation_plan(
     progress: bool = False,
     methods: Sequence[str] | None = None,
     refinements: int = 1,
+    min_kept: float = 0.0,
 ) -> Allocation:
     """The plan whose fit leaves ``model`` with at most ``target_params`` parameters at the least
     estimated loss. It chooses for the ``compressible_modules(model)`` that ``stats`` describe (collect
@@ -279,8 +280,12 @@ def allocation_plan(
     tokens) each module's losses are weighted by its measured sensitivity, and then ``refinements``
     times the KL of each candidate chosen is measured too and the choice made again on the curves
     through those points. ``methods``: the registered methods whose candidates are offered (default:
-    all; pricing permuted Kronecker candidates is most of the search's time)."""
+    all; pricing permuted Kronecker candidates is most of the search's time). ``min_kept``: no module
+    is left with less than this share of its parameters, however cheap its estimates say deeper cuts
+    are (the estimates price each module alone; a model's errors compound)."""
     started = time.perf_counter()
+    if not 0 <= min_kept < 1:
+        raise ValueError(f"the share of its parameters each module keeps must be in [0, 1), got {min_kept}")
     methods = offered_methods(methods)
     names = [name for name in compressible_modules(model) if name in stats.owner]
     if not names:
@@ -288,10 +293,18 @@ def allocation_plan(
     stats.check(model, names)
     options = {name: candidates(name, model.get_submodule(name), stats.for_module(name), methods) for name in names}
     total = count_parameters(model)
-    smallest = total - sum(max(c.params for c in found) - min(c.params for c in found) for found in options.values())
+
+    def allowed(options: dict[str, list[Candidate]]) -> dict[str, list[Candidate]]:
+        """The candidates that keep at least ``min_kept`` of their module's parameters (a probe need not)."""
+        return {name: [c for c in found if c.params >= min_kept * found[0].params] for name, found in options.items()}
+
+    smallest = total - sum(
+        max(c.params for c in found) - min(c.params for c in found) for found in allowed(options).values()
+    )
     if not smallest <= target_params <= total:
         raise ValueError(
             f"a budget of {target_params:,} parameters is out of reach: choose between {smallest:,} and {total:,}"
+            + (f" (each module keeping at least {min_kept:g} of its parameters)" if min_kept else "")
         )
     measured = None
     unpriced = [name for name in names if options[name][0].kl is None]
@@ -312,14 +325,14 @@ def allocation_plan(
         # from linear in the loss: SmolLM2's tied embedding at 87% of its parameters costs 2.4x what its
         # probe at 50% predicts. Measuring where the choice fell puts a point there.
         for _ in range(refinements):
-            chosen = allocate(weighted_options(), total - target_params)
+            chosen = allocate(allowed(weighted_options()), total - target_params)
             new = {n: chosen[n] for n in unpriced if chosen[n].config is not None and chosen[n].loss not in measured[n]}
             if not new:
                 break
             for name, value in measure_divergence(model, new, stats, sensitivity_blocks, progress=progress).items():
                 measured[name][new[name].loss] = value
         options = weighted_options()
-    chosen = allocate(options, total - target_params)
+    chosen = allocate(allowed(options), total - target_params)
     rules = [Rule(re.escape(name), c.config) for name, c in chosen.items() if c.config is not None]
     if not rules:
         raise ValueError(f"a budget of {target_params:,} parameters needs no compression (the model has {total:,})")

@@ -58,13 +58,15 @@ def _compress(args: argparse.Namespace) -> None:
         _refuse_preset_flags(args, "the plan file")
     _check_calibration_flags(args)
     budget = bool(args.target_params or args.target_ratio)
-    if (args.no_sensitivity or args.sensitivity_tokens is not None or args.methods) and not budget:
+    if (args.no_sensitivity or args.sensitivity_tokens is not None or args.methods or args.min_kept) and not budget:
         raise ValueError(
-            "--no-sensitivity, --sensitivity-tokens and --methods concern a budget's choices: "
+            "--no-sensitivity, --sensitivity-tokens, --methods and --min-kept concern a budget's choices: "
             "give --target-params/ratio"
         )
     if args.methods:
         offered_methods(args.methods)  # before calibration, which can take minutes
+    if not 0 <= args.min_kept < 1:
+        raise ValueError(f"--min-kept is the share of its parameters each module keeps, in [0, 1): got {args.min_kept}")
     if args.sensitivity_tokens is not None and args.no_sensitivity:
         raise ValueError("--sensitivity-tokens sets the measurement that --no-sensitivity turns off: give one")
     if args.fisher is None:
@@ -173,7 +175,9 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
     if not args.no_sensitivity:
         wanted = args.sensitivity_tokens or DEFAULT_SENSITIVITY_TOKENS
         probe_blocks = blocks[: max(1, math.ceil(wanted / blocks.shape[1]))]
-    allocation = allocation_plan(model, stats, target, probe_blocks, progress=not args.quiet, methods=args.methods)
+    allocation = allocation_plan(
+        model, stats, target, probe_blocks, progress=not args.quiet, methods=args.methods, min_kept=args.min_kept
+    )
     # The choice rests on the original model's statistics; a sequential fit then calibrates each part on
     # the model compressed so far.
     if args.sequential:
@@ -470,6 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="with a budget: the registered methods whose candidates are offered (default: all); "
         "'--methods lowrank' skips pricing Kronecker candidates, most of the search's time",
+    )
+    c.add_argument(
+        "--min-kept",
+        type=float,
+        default=0.0,
+        help="with a budget: no module keeps less than this share of its parameters (default 0: as the "
+        "estimates choose)",
     )
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
