@@ -291,16 +291,11 @@ def allocation_plan(
     if not names:
         raise ValueError("the calibration statistics describe none of the model's linear layers or token embedding")
     stats.check(model, names)
-    options = {name: candidates(name, model.get_submodule(name), stats.for_module(name), methods) for name in names}
+    offered = {name: candidates(name, model.get_submodule(name), stats.for_module(name), methods) for name in names}
+    # The floor leaves the candidates to choose from; a sensitivity probe may lie below it.
+    options = {name: [c for c in found if c.params >= min_kept * found[0].params] for name, found in offered.items()}
     total = count_parameters(model)
-
-    def allowed(options: dict[str, list[Candidate]]) -> dict[str, list[Candidate]]:
-        """The candidates that keep at least ``min_kept`` of their module's parameters (a probe need not)."""
-        return {name: [c for c in found if c.params >= min_kept * found[0].params] for name, found in options.items()}
-
-    smallest = total - sum(
-        max(c.params for c in found) - min(c.params for c in found) for found in allowed(options).values()
-    )
+    smallest = total - sum(max(c.params for c in found) - min(c.params for c in found) for found in options.values())
     if not smallest <= target_params <= total:
         raise ValueError(
             f"a budget of {target_params:,} parameters is out of reach: choose between {smallest:,} and {total:,}"
@@ -314,7 +309,7 @@ def allocation_plan(
             "give sensitivity blocks to measure them"
         )
     if sensitivity_blocks is not None and unpriced:
-        probes = {name: probe(options[name]) for name in unpriced}
+        probes = {name: probe(offered[name]) for name in unpriced}
         kl = measure_divergence(model, probes, stats, sensitivity_blocks, progress=progress)
         measured = {name: {probes[name].loss: kl[name]} for name in unpriced}
 
@@ -325,14 +320,14 @@ def allocation_plan(
         # from linear in the loss: SmolLM2's tied embedding at 87% of its parameters costs 2.4x what its
         # probe at 50% predicts. Measuring where the choice fell puts a point there.
         for _ in range(refinements):
-            chosen = allocate(allowed(weighted_options()), total - target_params)
+            chosen = allocate(weighted_options(), total - target_params)
             new = {n: chosen[n] for n in unpriced if chosen[n].config is not None and chosen[n].loss not in measured[n]}
             if not new:
                 break
             for name, value in measure_divergence(model, new, stats, sensitivity_blocks, progress=progress).items():
                 measured[name][new[name].loss] = value
         options = weighted_options()
-    chosen = allocate(allowed(options), total - target_params)
+    chosen = allocate(options, total - target_params)
     rules = [Rule(re.escape(name), c.config) for name, c in chosen.items() if c.config is not None]
     if not rules:
         raise ValueError(f"a budget of {target_params:,} parameters needs no compression (the model has {total:,})")

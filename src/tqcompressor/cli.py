@@ -65,7 +65,7 @@ def _compress(args: argparse.Namespace) -> None:
         )
     if args.methods:
         offered_methods(args.methods)  # before calibration, which can take minutes
-    if not 0 <= args.min_kept < 1:
+    if not 0 <= args.min_kept < 1:  # before calibration too
         raise ValueError(f"--min-kept is the share of its parameters each module keeps, in [0, 1): got {args.min_kept}")
     if args.sensitivity_tokens is not None and args.no_sensitivity:
         raise ValueError("--sensitivity-tokens sets the measurement that --no-sensitivity turns off: give one")
