@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import time
 from dataclasses import dataclass
 
@@ -154,10 +153,10 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
         del compressed
 
 
-def uniform_name(plan: str) -> str:
+def uniform_name(plan: str, min_kept: float = 0.0) -> str:
     """The record's plan name for ``plan``'s fit of the uniform SVD plan instead of the allocator's (the
-    same whatever share ``--min-kept`` gave each module)."""
-    return UNIFORM + re.sub(r"-min-kept-[0-9.]+$", "", plan.removeprefix(AUTO))
+    same whatever share ``--min-kept`` gave each module: ``min_kept`` is the one ``plan`` was made with)."""
+    return UNIFORM + plan.removeprefix(AUTO).removesuffix(floor_suffix(min_kept))
 
 
 def kept_shares(model, allocation) -> dict[str, float]:
@@ -363,7 +362,7 @@ def against_uniform(fitted: list[dict]) -> list[str]:
     runs = {(r["target_ratio"], r["calibration_tokens"], r.get("seed", 0), r["plan"]): r for r in fitted}
     pairs = []
     for (ratio, tokens, seed, plan), auto in runs.items():
-        uniform = runs.get((ratio, tokens, seed, uniform_name(plan)))
+        uniform = runs.get((ratio, tokens, seed, uniform_name(plan, auto.get("min_kept", 0.0))))
         if plan.startswith(AUTO) and uniform is not None:
             pairs.append((auto, uniform))
     if not pairs:

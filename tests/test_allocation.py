@@ -342,7 +342,7 @@ def test_a_budget_is_met_and_its_plan_file_reruns(tmp_path, capsys):
     assert "registered methods (kronecker, lowrank), got ['lowrank', 'svd']" in err and "--min-kept concern" in err
     assert main([*base, "--plan", plan, "--min-kept", "0.5", "--out", str(tmp_path / "s6")]) == 2
     assert main([*plain, "--min-kept", "1", "--out", str(tmp_path / "s7")]) == 2
-    assert "--min-kept is the share of its parameters each module keeps" in capsys.readouterr().err
+    assert "the share of its parameters each module keeps must be in [0, 1), got 1.0" in capsys.readouterr().err
     assert main([*base, "--plan", plan, "--no-sensitivity", "--out", str(tmp_path / "s1")]) == 2
     assert main([*plain, "--sensitivity-tokens", "64", "--out", str(tmp_path / "s2")]) == 2
     stats_only = [*tiny, "--calibration-stats", str(tmp_path / "nope"), "--target-params", str(target)]

@@ -68,6 +68,12 @@ class Candidate:
         return "dense" if self.config is None else self.config.method
 
 
+def check_min_kept(min_kept: float) -> None:
+    """Raises unless ``min_kept`` is a share of its parameters that every module can keep."""
+    if not 0 <= min_kept < 1:
+        raise ValueError(f"the share of its parameters each module keeps must be in [0, 1), got {min_kept}")
+
+
 def offered_methods(methods: Sequence[str] | None = None) -> list[str]:
     """``methods`` checked against the registry; None: every registered method."""
     if methods is None:
@@ -284,8 +290,7 @@ def allocation_plan(
     is left with less than this share of its parameters, however cheap its estimates say deeper cuts
     are (the estimates price each module alone; a model's errors compound)."""
     started = time.perf_counter()
-    if not 0 <= min_kept < 1:
-        raise ValueError(f"the share of its parameters each module keeps must be in [0, 1), got {min_kept}")
+    check_min_kept(min_kept)
     methods = offered_methods(methods)
     names = [name for name in compressible_modules(model) if name in stats.owner]
     if not names:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .allocation import allocation_plan, compressible_modules, offered_methods
+from .allocation import allocation_plan, check_min_kept, compressible_modules, offered_methods
 from .assets import default_model
 from .calibration import CalibrationStats, calibration_targets, collect, fisher_moments
 from .data import id_counts, load_blocks, pack_blocks, token_ids
@@ -65,8 +65,7 @@ def _compress(args: argparse.Namespace) -> None:
         )
     if args.methods:
         offered_methods(args.methods)  # before calibration, which can take minutes
-    if not 0 <= args.min_kept < 1:  # before calibration too
-        raise ValueError(f"--min-kept is the share of its parameters each module keeps, in [0, 1): got {args.min_kept}")
+    check_min_kept(args.min_kept)  # before calibration too
     if args.sensitivity_tokens is not None and args.no_sensitivity:
         raise ValueError("--sensitivity-tokens sets the measurement that --no-sensitivity turns off: give one")
     if args.fisher is None:
