@@ -8,7 +8,7 @@ several calibration sizes and seeds; no distillation.
     python benchmarks/calibration_tokens.py [--tokens 32768 65536] [--seeds 0] [--fits sequential at-once]
         [--anchors 0 1] [--reconstruction-epochs 0 10] [--ratio 0.7] [--sensitivity-tokens 1024]
         [--count-tokens 4194304] [--max-tokens 8000] [--lambada-passages 200] [--spread] [--uniform]
-        [--min-kept 0] [--resume]
+        [--min-kept 0] [--reallocate] [--resume]
     python benchmarks/calibration_tokens.py --from-json
 
 The CLI's default is 262,144 calibration tokens; allocation.py uses 32,768 to stay within hours on two
@@ -24,8 +24,10 @@ where E is not 0). With ``--uniform`` each of those fits is also made of the uni
 budget (every linear layer low-rank at one rank ratio, as allocation.py's ``uniform-svd``; plan
 ``uniform-svd-fisher...`` named after the auto plan whose fit it shares), so auto meets the uniform
 plan like for like. ``--min-kept F`` lets the auto plan leave no module with less than F of its
-parameters (plan suffix ``-min-kept-F``; the uniform plan is the same either way). Auto records hold
-``kept``: per module, the share of its parameters the allocation kept.
+parameters (plan suffix ``-min-kept-F``; the uniform plan is the same either way). With ``--reallocate``
+the sequential fit chooses each part of the auto plan again as it reaches it, on the inputs it is
+fitted on (``allocation.Reallocation``; plan suffix ``-reallocated``). Auto records hold ``kept``: per
+module, the share of its parameters the plan as fitted kept.
 Records are appended to benchmarks/results/calibration_tokens.json as they finish (``--resume`` keeps
 them); the markdown (every run, then the spread over seeds) and the plot (held-out and WikiText-2 ppl
 against calibration tokens, one series per plan and budget, one point per seed) are rewritten;
@@ -45,7 +47,7 @@ from allocation import calibrate, evaluate, evaluation_texts, reconstruction_fie
 from common import ASSETS, RESULTS, command_history, command_line, load_smollm2, machine, machine_labels
 
 import tqcompressor as tq
-from tqcompressor.allocation import allocation_plan, linear_layers
+from tqcompressor.allocation import Allocation, Reallocation, allocation_plan, linear_layers
 from tqcompressor.cli import DEFAULT_COUNT_TOKENS
 from tqcompressor.data import token_counts
 from tqcompressor.linalg import OUTPUT_RIDGE
@@ -89,7 +91,7 @@ def run(args, data: dict) -> None:
                 [(uniform_name(plan), anchor, epochs) for plan, anchor, epochs in fits] if args.uniform else []
             )
             fits = [
-                (plan + floor_suffix(args.min_kept), anchor, epochs) for plan, anchor, epochs in fits
+                (plan + auto_suffix(args.min_kept, args.reallocate), anchor, epochs) for plan, anchor, epochs in fits
             ] + uniform_fits
             plans = [fit for fit in fits if (tokens, seed, fit[0], args.ratio) not in done]
             if plans:
@@ -116,6 +118,7 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
         compressed = copy.deepcopy(model)
         started = time.perf_counter()
         notes = []
+        reallocation = Reallocation(allocation, fisher) if args.reallocate and chosen is not uniform else None
         if anchor is not None:
             notes = compress_sequentially(
                 compressed,
@@ -126,6 +129,7 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
                 output_moments=fisher.outputs,
                 anchor=anchor,
                 reconstruction_epochs=epochs,
+                choose=reallocation,
             ).notes
         else:
             tq.compress_(compressed, chosen, calibration=fisher, progress=False)
@@ -144,7 +148,9 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
             "calibration_seconds": calibration_seconds,
             "fisher_seconds": fisher_seconds,
             **({"min_kept": args.min_kept} if args.min_kept and chosen is not uniform else {}),
-            **({} if chosen is uniform else {"kept": kept_shares(model, allocation)}),
+            # What the allocation chose before the fit chose again, to see what changed.
+            **({"reallocated": True, "allocated_kept": kept_shares(model, allocation)} if reallocation else {}),
+            **({} if chosen is uniform else {"kept": kept_shares(model, reallocation or allocation)}),
             "search_seconds": 0.0 if chosen is uniform else allocation.seconds,
             "compress_seconds": time.perf_counter() - started,
             "notes": notes,
@@ -153,23 +159,25 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
         del compressed
 
 
-def uniform_name(plan: str, min_kept: float = 0.0) -> str:
+def uniform_name(plan: str, min_kept: float = 0.0, reallocated: bool = False) -> str:
     """The record's plan name for ``plan``'s fit of the uniform SVD plan instead of the allocator's (the
-    same whatever share ``--min-kept`` gave each module: ``min_kept`` is the one ``plan`` was made with)."""
-    return UNIFORM + plan.removeprefix(AUTO).removesuffix(floor_suffix(min_kept))
+    same whatever ``--min-kept`` and ``--reallocate`` did to the auto plan: ``min_kept`` and
+    ``reallocated`` are what ``plan`` was made with)."""
+    return UNIFORM + plan.removeprefix(AUTO).removesuffix(auto_suffix(min_kept, reallocated))
 
 
-def kept_shares(model, allocation) -> dict[str, float]:
-    """Per module, the share of its weight's parameters the allocation keeps."""
+def kept_shares(model, allocation: Allocation | Reallocation) -> dict[str, float]:
+    """Per module, the share of its weight's parameters the allocation (as fitted) keeps."""
     return {
         name: round(candidate.params / model.get_submodule(name).weight.numel(), 4)
         for name, candidate in allocation.chosen.items()
     }
 
 
-def floor_suffix(min_kept: float) -> str:
-    """The auto plan's name suffix where each module keeps at least ``min_kept`` of its parameters."""
-    return f"-min-kept-{min_kept:g}" if min_kept else ""
+def auto_suffix(min_kept: float, reallocated: bool = False) -> str:
+    """The auto plan's name suffix where each module keeps at least ``min_kept`` of its parameters and,
+    with ``reallocated``, the sequential fit chose each part again (``Reallocation``)."""
+    return (f"-min-kept-{min_kept:g}" if min_kept else "") + ("-reallocated" if reallocated else "")
 
 
 def sequential_plan(anchor: float, epochs: int = 0) -> str:
@@ -362,7 +370,8 @@ def against_uniform(fitted: list[dict]) -> list[str]:
     runs = {(r["target_ratio"], r["calibration_tokens"], r.get("seed", 0), r["plan"]): r for r in fitted}
     pairs = []
     for (ratio, tokens, seed, plan), auto in runs.items():
-        uniform = runs.get((ratio, tokens, seed, uniform_name(plan, auto.get("min_kept", 0.0))))
+        made = uniform_name(plan, auto.get("min_kept", 0.0), auto.get("reallocated", False))
+        uniform = runs.get((ratio, tokens, seed, made))
         if plan.startswith(AUTO) and uniform is not None:
             pairs.append((auto, uniform))
     if not pairs:
@@ -434,9 +443,17 @@ def main() -> None:
         default=0.0,
         help="the auto plan keeps at least this share of each module's parameters (plan suffix -min-kept-F)",
     )
+    parser.add_argument(
+        "--reallocate",
+        action="store_true",
+        help="a sequential fit chooses each part of the auto plan again on the inputs it is fitted on "
+        "(Reallocation; plan suffix -reallocated)",
+    )
     parser.add_argument("--resume", action="store_true", help="keep finished records")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown and the plot")
     args = parser.parse_args()
+    if args.reallocate and args.fits != ["sequential"]:
+        parser.error("--reallocate chooses again as a sequential fit goes: give --fits sequential alone")
     if args.from_json:
         write_report(json.loads(PATH.read_text()))
         return
