@@ -8,7 +8,7 @@ several calibration sizes and seeds; no distillation.
     python benchmarks/calibration_tokens.py [--tokens 32768 65536] [--seeds 0] [--fits sequential at-once]
         [--anchors 0 1] [--reconstruction-epochs 0 10] [--ratio 0.7] [--sensitivity-tokens 1024]
         [--count-tokens 4194304] [--max-tokens 8000] [--lambada-passages 200] [--spread] [--uniform]
-        [--min-kept 0] [--reallocate] [--resume]
+        [--min-kept 0] [--resume]
     python benchmarks/calibration_tokens.py --from-json
 
 The CLI's default is 262,144 calibration tokens; allocation.py uses 32,768 to stay within hours on two
@@ -24,10 +24,9 @@ where E is not 0). With ``--uniform`` each of those fits is also made of the uni
 budget (every linear layer low-rank at one rank ratio, as allocation.py's ``uniform-svd``; plan
 ``uniform-svd-fisher...`` named after the auto plan whose fit it shares), so auto meets the uniform
 plan like for like. ``--min-kept F`` lets the auto plan leave no module with less than F of its
-parameters (plan suffix ``-min-kept-F``; the uniform plan is the same either way). With ``--reallocate``
-the sequential fit chooses each part of the auto plan again as it reaches it, on the inputs it is
-fitted on (``allocation.Reallocation``; plan suffix ``-reallocated``). Auto records hold ``kept``: per
-module, the share of its parameters the plan as fitted kept.
+parameters (plan suffix ``-min-kept-F``; the uniform plan is the same either way). Auto records hold
+``kept``: per module, the share of its parameters the allocation kept (a record marked ``reallocated``,
+made by older code: the plan as fitted, and ``allocated_kept`` the plan before its fit chose again).
 Records are appended to benchmarks/results/calibration_tokens.json as they finish (``--resume`` keeps
 them); the markdown (every run, then the spread over seeds) and the plot (held-out and WikiText-2 ppl
 against calibration tokens, one series per plan and budget, one point per seed) are rewritten;
@@ -47,7 +46,7 @@ from allocation import calibrate, evaluate, evaluation_texts, reconstruction_fie
 from common import ASSETS, RESULTS, command_history, command_line, load_smollm2, machine, machine_labels
 
 import tqcompressor as tq
-from tqcompressor.allocation import Allocation, Reallocation, allocation_plan, linear_layers
+from tqcompressor.allocation import Allocation, allocation_plan, linear_layers
 from tqcompressor.cli import DEFAULT_COUNT_TOKENS
 from tqcompressor.data import token_counts
 from tqcompressor.linalg import OUTPUT_RIDGE
@@ -90,9 +89,7 @@ def run(args, data: dict) -> None:
             uniform_fits = (
                 [(uniform_name(plan), anchor, epochs) for plan, anchor, epochs in fits] if args.uniform else []
             )
-            fits = [
-                (plan + auto_suffix(args.min_kept, args.reallocate), anchor, epochs) for plan, anchor, epochs in fits
-            ] + uniform_fits
+            fits = [(plan + auto_suffix(args.min_kept), anchor, epochs) for plan, anchor, epochs in fits] + uniform_fits
             plans = [fit for fit in fits if (tokens, seed, fit[0], args.ratio) not in done]
             if plans:
                 fit_budget(args, data, model, scoring, target, tokens, seed, plans)
@@ -118,7 +115,6 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
         compressed = copy.deepcopy(model)
         started = time.perf_counter()
         notes = []
-        reallocation = Reallocation(allocation, fisher) if args.reallocate and chosen is not uniform else None
         if anchor is not None:
             notes = compress_sequentially(
                 compressed,
@@ -129,7 +125,6 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
                 output_moments=fisher.outputs,
                 anchor=anchor,
                 reconstruction_epochs=epochs,
-                choose=reallocation,
             ).notes
         else:
             tq.compress_(compressed, chosen, calibration=fisher, progress=False)
@@ -148,9 +143,7 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
             "calibration_seconds": calibration_seconds,
             "fisher_seconds": fisher_seconds,
             **({"min_kept": args.min_kept} if args.min_kept and chosen is not uniform else {}),
-            # What the allocation chose before the fit chose again, to see what changed.
-            **({"reallocated": True, "allocated_kept": kept_shares(model, allocation)} if reallocation else {}),
-            **({} if chosen is uniform else {"kept": kept_shares(model, reallocation or allocation)}),
+            **({} if chosen is uniform else {"kept": kept_shares(model, allocation)}),
             "search_seconds": 0.0 if chosen is uniform else allocation.seconds,
             "compress_seconds": time.perf_counter() - started,
             "notes": notes,
@@ -166,8 +159,8 @@ def uniform_name(plan: str, min_kept: float = 0.0, reallocated: bool = False) ->
     return UNIFORM + plan.removeprefix(AUTO).removesuffix(auto_suffix(min_kept, reallocated))
 
 
-def kept_shares(model, allocation: Allocation | Reallocation) -> dict[str, float]:
-    """Per module, the share of its weight's parameters the allocation (as fitted) keeps."""
+def kept_shares(model, allocation: Allocation) -> dict[str, float]:
+    """Per module, the share of its weight's parameters the allocation keeps."""
     return {
         name: round(candidate.params / model.get_submodule(name).weight.numel(), 4)
         for name, candidate in allocation.chosen.items()
@@ -176,7 +169,7 @@ def kept_shares(model, allocation: Allocation | Reallocation) -> dict[str, float
 
 def auto_suffix(min_kept: float, reallocated: bool = False) -> str:
     """The auto plan's name suffix where each module keeps at least ``min_kept`` of its parameters and,
-    with ``reallocated``, the sequential fit chose each part again (``Reallocation``)."""
+    with ``reallocated``, the sequential fit chose each part again (older code: see the record's ``code``)."""
     return (f"-min-kept-{min_kept:g}" if min_kept else "") + ("-reallocated" if reallocated else "")
 
 
@@ -443,17 +436,9 @@ def main() -> None:
         default=0.0,
         help="the auto plan keeps at least this share of each module's parameters (plan suffix -min-kept-F)",
     )
-    parser.add_argument(
-        "--reallocate",
-        action="store_true",
-        help="a sequential fit chooses each part of the auto plan again on the inputs it is fitted on "
-        "(Reallocation; plan suffix -reallocated)",
-    )
     parser.add_argument("--resume", action="store_true", help="keep finished records")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown and the plot")
     args = parser.parse_args()
-    if args.reallocate and args.fits != ["sequential"]:
-        parser.error("--reallocate chooses again as a sequential fit goes: give --fits sequential alone")
     if args.from_json:
         write_report(json.loads(PATH.read_text()))
         return

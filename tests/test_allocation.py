@@ -4,8 +4,6 @@ best choice, and a budget met end to end."""
 import copy
 import itertools
 import random
-import re
-from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import tqcompressor as tq
 from tqcompressor.allocation import (
     Candidate,
-    Reallocation,
     allocate,
     allocation_plan,
     candidates,
@@ -33,7 +30,6 @@ from tqcompressor.methods.kronecker import method as kronecker_method
 from tqcompressor.methods.kronecker import propose_kronecker_shape
 from tqcompressor.methods.kronecker import search as kronecker_search
 from tqcompressor.methods.targets import dense_weight
-from tqcompressor.sequential import compress_sequentially
 from tqcompressor.statistics import InputStats
 
 
@@ -407,73 +403,3 @@ def test_losses_do_not_depend_on_a_layers_output_scale():
     for quiet, loud in zip(candidates(name, module, stats), candidates(name, louder, stats), strict=True):
         assert quiet.params == loud.params
         assert loud.loss == pytest.approx(quiet.loss, rel=1e-6, abs=1e-12)
-
-
-def fisher_budget(ratio: float = 0.6):
-    """A tiny GPT-2 (linear layers only, priced by the Fisher), its calibration ids, statistics and
-    the allocation at ``ratio`` of its parameters."""
-    from test_fisher import sharp_gpt2, token_ids
-
-    model, ids = sharp_gpt2(), token_ids(24)
-    stats = collect(model, linear_layers(model), ids, progress=False, fisher=True)
-    target = round(ratio * tq.count_parameters(model))
-    return model, ids, stats, allocation_plan(model, stats, target, methods=["lowrank"])
-
-
-def test_a_part_priced_again_as_before_keeps_its_choice_and_one_priced_dearer_keeps_more():
-    model, _, stats, allocation = fisher_budget()
-    first = next(name for name in linear_layers(model) if allocation.chosen[name].config is not None)
-    same = Reallocation(allocation, stats)
-    to_free = same.to_free
-    assert same(model, [first], stats)[first] == allocation.chosen[first].config
-    assert same.to_free == to_free - (model.get_submodule(first).weight.numel() - allocation.chosen[first].params)
-
-    # The same inputs summed over twice the tokens are the same prices; ten times their energy is not.
-    key = stats.owner[first]
-    doubled = replace(
-        stats,
-        inputs={
-            **stats.inputs,
-            key: replace(
-                stats.inputs[key],
-                second_moment=2 * stats.inputs[key].second_moment,
-                tokens=2 * stats.inputs[key].tokens,
-            ),
-        },
-    )
-    assert Reallocation(allocation, stats)(model, [first], doubled)[first] == allocation.chosen[first].config
-    louder = replace(
-        stats,
-        inputs={**stats.inputs, key: replace(stats.inputs[key], second_moment=10 * stats.inputs[key].second_moment)},
-    )
-    dearer = Reallocation(allocation, stats)
-    config = dearer(model, [first], louder)[first]
-    kept = dearer.chosen[first].params
-    assert kept > allocation.chosen[first].params and (config is None) == (
-        kept == model.get_submodule(first).weight.numel()
-    )
-    assert dearer.to_free == to_free - (model.get_submodule(first).weight.numel() - kept)  # later parts free the rest
-
-
-def test_a_sequential_fit_that_chooses_again_meets_the_budget_and_records_what_it_fitted():
-    model, ids, stats, allocation = fisher_budget()
-    target = allocation.params
-    seen = {}
-
-    def recording(model, names, given):
-        seen.setdefault("first", (names, given))
-        return reallocation(model, names, given)
-
-    reallocation = Reallocation(allocation, stats)
-    compress_sequentially(model, allocation.plan, ids, progress=False, anchor=1.0, choose=recording)
-    # Nothing is compressed before the first part: one stream's worth of its mixed moments is the original's.
-    names, given = seen["first"]
-    torch.testing.assert_close(given.for_module(names[0]).second_moment, stats.for_module(names[0]).second_moment)
-    assert tq.count_parameters(model) <= target
-    fitted = {
-        rule.pattern: rule.config for rule in tq.CompressionPlan.from_dict(model.tqcompressor_history[-1]["plan"]).rules
-    }
-    expected = {re.escape(n): c.config for n, c in reallocation.chosen.items() if c.config is not None}
-    assert fitted == expected
-    for name, candidate in reallocation.chosen.items():  # GPT-2's dense layers are Conv1D
-        assert (type(model.get_submodule(name)).__name__ == "Conv1D") == (candidate.config is None)

@@ -35,7 +35,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -168,9 +168,6 @@ class Allocation:
     params: int  # the model's parameter count after compression
     seconds: float
     measured: dict[str, dict[float, float]] | None = None  # per module, {estimated loss: KL} where measured
-    options: dict[str, list[Candidate]] = field(default_factory=dict)  # what was chosen from, priced
-    methods: list[str] = field(default_factory=list)
-    min_kept: float = 0.0
 
     def table(self) -> str:
         lines = [f"{'module':48} {'method':10} {'structure':30} {'params':>10} {'rel. error':>10} {'est. KL':>11}"]
@@ -341,45 +338,4 @@ def allocation_plan(
         raise ValueError(f"a budget of {target_params:,} parameters needs no compression (the model has {total:,})")
     after = total - sum(options[name][0].params - c.params for name, c in chosen.items())
     plan = CompressionPlan(rules, name=f"auto-{target_params}", description="chosen by the budget allocation")
-    return Allocation(plan, chosen, after, time.perf_counter() - started, measured, options, methods, min_kept)
-
-
-class Reallocation:
-    """The allocation made again part by part as a sequential fit reaches each part
-    (``compress_sequentially(..., choose=...)``): the part's candidates priced afresh on the inputs the
-    model compressed so far gives it and against the weights aimed there, the parts before it fixed at
-    what they got, the parts after it at their original prices, and the parameters still to free
-    shared among them. The original prices see each module alone in the original model; a part's
-    fresh prices see the error already made before it. Only the modules the allocation compresses are
-    chosen for again (the sequential fit visits no others), so the total freed stays the allocation's."""
-
-    def __init__(self, allocation: Allocation, stats: CalibrationStats):
-        compressed = {name for name, c in allocation.chosen.items() if c.config is not None}
-        self.options = {name: found for name, found in allocation.options.items() if name in compressed}
-        self.chosen = dict(allocation.chosen)
-        self.to_free = sum(found[0].params - allocation.chosen[name].params for name, found in self.options.items())
-        self.methods, self.min_kept = allocation.methods, allocation.min_kept
-        self.stats = stats  # what the original prices rest on
-
-    def __call__(self, model: nn.Module, names: list[str], stats: CalibrationStats) -> dict[str, MethodConfig | None]:
-        """Per module of ``names`` (one part), the config of the candidate it gets now (None: keep it
-        dense), priced on ``stats``: the moments of the inputs the part is fitted on, one stream's worth
-        (a sequential fit's anchor mixes in the original's), and the original Fisher."""
-        options = dict(self.options)
-        for name in names:
-            given = stats.for_module(name)
-            if name not in options or not isinstance(given, InputStats):
-                continue  # an embedding keeps its measured prices
-            # Prices scale with the tokens the moment sums over: on as many as the original prices.
-            scale = self.stats.for_module(name).tokens / given.tokens
-            given = replace(given, second_moment=given.second_moment * scale, tokens=self.stats.for_module(name).tokens)
-            found = candidates(name, model.get_submodule(name), given, self.methods)
-            if found[0].kl is not None:
-                options[name] = [c for c in found if c.params >= self.min_kept * found[0].params]
-        chosen = allocate(options, self.to_free)
-        for name in names:
-            if name in options:
-                self.chosen[name] = chosen[name]
-                self.to_free -= options[name][0].params - chosen[name].params
-                del self.options[name]
-        return {name: self.chosen[name].config for name in names}
+    return Allocation(plan, chosen, after, time.perf_counter() - started, measured)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from functools import partial
 
 import torch
@@ -27,7 +26,6 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationStats, calibration_targets, check_finite, check_token_count, collect, weight_digest
 from .linalg import aimed_weight
-from .methods import MethodConfig
 from .methods.targets import LINEAR_TYPES, dense_weight
 from .params import count_parameters
 from .reconstruction import RECONSTRUCTION_LR, Reconstruction, reconstruct
@@ -52,7 +50,6 @@ def compress_sequentially(
     anchor: float = 0.0,
     reconstruction_epochs: int = 0,
     reconstruction_lr: float = RECONSTRUCTION_LR,
-    choose: Callable[[nn.Module, list[str], CalibrationStats], dict[str, MethodConfig | None]] | None = None,
 ):
     """Compress ``model`` by ``plan`` (a ``CompressionPlan``) part by part, calibrating each part on
     ``blocks`` (sequences x tokens) as the model compressed so far sees them; ``damping``: the ridge of
@@ -66,10 +63,7 @@ def compress_sequentially(
     ‖X̃Ŵ − XW‖² + A‖X(Ŵ − W)‖², X̃ its inputs in the model compressed so far and X the original's: 0 aims
     only, a large A fits as at once. ``reconstruction_epochs``: after each block of a chained stack is fitted
     and aimed, tune all its parameters together on its output error for this many epochs with Adam at
-    ``reconstruction_lr`` (``reconstruction``; 0: closed-form fits only). ``choose``: asked, as each part
-    is reached, which config each of the part's planned modules gets (None: keep it dense), given the
-    statistics it is fitted on (one stream's worth where an anchor mixes two), instead of the plan's
-    (``allocation.Reallocation``); the history then records the plan fitted. Returns one report."""
+    ``reconstruction_lr`` (``reconstruction``; 0: closed-form fits only). Returns one report."""
     from .plan import CompressionPlan, Rule
     from .report import CompressionReport
     from .surgery import compress_, resolve
@@ -108,7 +102,6 @@ def compress_sequentially(
     seconds = time.perf_counter() - started
     history = list(getattr(model, "tqcompressor_history", []))
     before, layers, head = None, [], ""
-    fitted = []  # the rules ``choose`` gave
     compressed, aimed = 0, 0  # parts compressed so far; blocks fitted on kept inputs
     tokens, left = blocks.numel(), None  # left: the stack of the group before
 
@@ -142,17 +135,7 @@ def compress_sequentially(
             for part_members, stats in parts:
                 seconds += stats.seconds
                 stats.outputs = {n: g for n, g in (output_moments or {}).items() if n in part_members}
-                if choose is None:
-                    rules = [Rule(re.escape(name), rule.config) for rule, name in steps if name in part_members]
-                else:
-                    # A part is aimed, its moments mixed, once something before it is compressed.
-                    mixed = replay is not None and replay.compressed_parts > 0
-                    one_stream = _one_stream(stats, anchor if mixed else 0.0)
-                    configs = choose(model, part_members, one_stream)
-                    rules = [Rule(re.escape(name), config) for name, config in configs.items() if config is not None]
-                    fitted += rules
-                    if not rules:
-                        continue  # kept dense (its weights aimed): nothing compressed
+                rules = [Rule(re.escape(name), rule.config) for rule, name in steps if name in part_members]
                 part = CompressionPlan(rules, name=plan.name, tie_head=plan.tie_head)
                 report = compress_(model, part, calibration=stats, progress=False)
                 before = report.params_before if before is None else before
@@ -186,19 +169,8 @@ def compress_sequentially(
             f"held-out output error {lowered:.1%} lower per block on average; "
             f"{sum(replay.reconstruction_seconds for replay in replays):.1f} s"
         )
-    if choose is not None:
-        plan = replace(plan, rules=fitted)
     model.tqcompressor_history = [*history, {"plan": plan.to_dict(), "report": final.to_dict()}]
     return final
-
-
-def _one_stream(stats: CalibrationStats, anchor: float) -> CalibrationStats:
-    """``stats`` whose input moments mix the compressed stream's with ``anchor`` times the original's,
-    as one stream's: prices compare with those the original model's inputs give."""
-    if not anchor:
-        return stats
-    inputs = {key: replace(s, second_moment=s.second_moment / (1 + anchor)) for key, s in stats.inputs.items()}
-    return replace(stats, inputs=inputs)
 
 
 def _all_linear(model: nn.Module, members: list[str]) -> bool:
