@@ -154,7 +154,7 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
 
 def uniform_name(plan: str, min_kept: float = 0.0, reallocated: bool = False) -> str:
     """The record's plan name for ``plan``'s fit of the uniform SVD plan instead of the allocator's (the
-    same whatever ``--min-kept`` and ``--reallocate`` did to the auto plan: ``min_kept`` and
+    same whatever ``--min-kept`` did to the auto plan, or the older code's reallocation: ``min_kept`` and
     ``reallocated`` are what ``plan`` was made with)."""
     return UNIFORM + plan.removeprefix(AUTO).removesuffix(auto_suffix(min_kept, reallocated))
 
