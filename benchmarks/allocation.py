@@ -53,7 +53,17 @@ from collections import Counter
 from dataclasses import replace
 
 import torch
-from common import ASSETS, RESULTS, command_history, command_line, heldout_ids, load_smollm2, machine, machine_labels
+from common import (
+    ASSETS,
+    RESULTS,
+    TARGET_LOWER,
+    command_history,
+    command_line,
+    heldout_ids,
+    load_smollm2,
+    machine,
+    machine_labels,
+)
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
@@ -434,8 +444,8 @@ def write_report(data: dict) -> None:
         ]
     lines += ["", f"Candidates now: {CANDIDATES}.", ""]
     lines += [
-        "Auto against the best uniform plan at the same budget, fitted the same way (target: ≥ 20% lower "
-        "held-out ppl):",
+        "Auto against the best uniform plan at the same budget, fitted the same way (target: "
+        f"≥ {TARGET_LOWER:.0%} lower held-out ppl):",
         "",
     ]
     dense_rows = {r["model"]: r for r in quality if r["plan"] == "dense"}
@@ -451,9 +461,9 @@ def write_report(data: dict) -> None:
                 uniform = min(fitted_alike, key=lambda r: r["heldout_ppl"], default=None)
                 if plan in rows and uniform is not None:
                     change = 1 - rows[plan]["heldout_ppl"] / uniform["heldout_ppl"]
-                    verdict = "met" if change >= 0.2 else "missed"
-                    needed, dense = 0.8 * uniform["heldout_ppl"], dense_rows.get(model)
-                    if change < 0.2 and dense is not None and needed < dense["heldout_ppl"]:
+                    verdict = "met" if change >= TARGET_LOWER else "missed"
+                    needed, dense = (1 - TARGET_LOWER) * uniform["heldout_ppl"], dense_rows.get(model)
+                    if change < TARGET_LOWER and dense is not None and needed < dense["heldout_ppl"]:
                         verdict += f"; it would take {needed:.1f}, below the dense model's {dense['heldout_ppl']:.1f}"
                     lines.append(
                         f"- {model} at {ratio:.2f}: {plan} {rows[plan]['heldout_ppl']:.1f} vs {uniform['plan']} "

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 from allocation import calibrate, evaluate, evaluation_texts, reconstruction_fields, uniform_plan, with_fisher
-from common import ASSETS, RESULTS, command_history, command_line, load_smollm2, machine, machine_labels
+from common import ASSETS, RESULTS, TARGET_LOWER, command_history, command_line, load_smollm2, machine, machine_labels
 
 import tqcompressor as tq
 from tqcompressor.allocation import Allocation, allocation_plan, linear_layers
@@ -363,7 +363,7 @@ SPREAD_COLUMNS = (("heldout_ppl", 1), ("wikitext2_ppl", 1), ("lambada_acc", 3))
 def against_uniform(fitted: list[dict], dense: dict) -> list[str]:
     """Each uniform fit against the auto fit of the same calibration (tokens, seed) made the same way, also
     in excess loss over the dense model, ln(ppl / dense ppl): how much of the uniform
-    plan's excess auto removes, and how much the 20% target asks for (ln 1.25 / uniform's excess), which
+    plan's excess auto removes, and how much the target asks for (-ln(1 - TARGET_LOWER) / uniform's excess), which
     grows as a better fit brings the uniform plan nearer the dense model."""
     runs = {(r["target_ratio"], r["calibration_tokens"], r.get("seed", 0), r["plan"]): r for r in fitted}
     pairs = []
@@ -376,9 +376,10 @@ def against_uniform(fitted: list[dict], dense: dict) -> list[str]:
         return []
     lines = [
         "",
-        "Auto against the uniform SVD plan, same statistics and same fit (issue target: auto ≥ 20% lower held-out "
-        "ppl); excess: held-out ln(ppl / dense ppl), auto's share of the uniform plan's excess that it removes, and "
-        "the share the target asks for (ln 1.25 over uniform's excess):",
+        "Auto against the uniform SVD plan, same statistics and same fit (issue target: auto "
+        f"≥ {TARGET_LOWER:.0%} lower held-out ppl); excess: held-out ln(ppl / dense ppl), auto's share of the uniform "
+        f"plan's excess that it removes, and the share the target asks for (ln {1 / (1 - TARGET_LOWER):g} over "
+        "uniform's excess):",
         "",
         "| budget | calibration tokens | seed | fit | auto params | uniform params | auto held-out | uniform held-out "
         "| auto lower by | auto WT2 | uniform WT2 | auto LAMBADA acc | uniform LAMBADA acc | auto excess "
@@ -395,7 +396,7 @@ def against_uniform(fitted: list[dict], dense: dict) -> list[str]:
             f"| {auto['params']:,} | {uniform['params']:,} | {auto['heldout_ppl']:.1f} | {uniform['heldout_ppl']:.1f} "
             f"| {lower:.0%} | {auto['wikitext2_ppl']:.1f} | {uniform['wikitext2_ppl']:.1f} "
             f"| {auto['lambada_acc']:.3f} | {uniform['lambada_acc']:.3f} | {auto_excess:.3f} | {uniform_excess:.3f} "
-            f"| {1 - auto_excess / uniform_excess:.0%} | {math.log(1.25) / uniform_excess:.0%} |"
+            f"| {1 - auto_excess / uniform_excess:.0%} | {-math.log1p(-TARGET_LOWER) / uniform_excess:.0%} |"
         )
     return lines
 
