@@ -35,46 +35,20 @@ from allocation import calibrate, uniform_plan, with_fisher
 from common import RESULTS, command_line, heldout_ids, load_smollm2, machine
 
 import tqcompressor as tq
-from tqcompressor.allocation import Candidate, allocate, allocation_plan, candidates, linear_layers, probe
+from tqcompressor.allocation import (
+    Candidate,
+    Divergence,
+    allocate,
+    allocation_plan,
+    candidates,
+    fitted_weight,
+    linear_layers,
+    probe,
+)
 from tqcompressor.cli import DEFAULT_COUNT_TOKENS
 from tqcompressor.evaluation import perplexity
-from tqcompressor.methods import get_method
 
 PATH = RESULTS / "additivity.json"
-
-
-class Divergence:
-    """KL(original ‖ model with some modules at their fits) on ``blocks``, mean over next-token positions."""
-
-    def __init__(self, model, blocks: torch.Tensor, batch_size: int = 4):
-        self.model, self.batches = model, blocks.split(batch_size)
-        self.tokens = blocks.numel()
-        self.reference = [self._log_probs(batch) for batch in self.batches]
-        self.fitted: dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def _log_probs(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch).logits.float().log_softmax(-1)
-
-    def fit(self, name: str, config, stats) -> None:
-        module = self.model.get_submodule(name)
-        layer, _ = get_method(config.method).fit(module, config, stats.for_module(name))
-        self.fitted[name] = layer.to_dense().weight.detach().to(module.weight.dtype)
-
-    @torch.no_grad()
-    def __call__(self, names: list[str]) -> float:
-        originals = {n: self.model.get_submodule(n).weight.detach().clone() for n in names}
-        try:
-            for n in names:  # same parameter, new values: a head tied to an embedding sees the fit too
-                self.model.get_submodule(n).weight.copy_(self.fitted[n])
-            total = sum(
-                float((ref.exp() * (ref - self._log_probs(batch))).sum())
-                for batch, ref in zip(self.batches, self.reference, strict=True)
-            )
-        finally:
-            for n, weight in originals.items():
-                self.model.get_submodule(n).weight.copy_(weight)
-        return max(total / self.tokens, 0.0)
 
 
 def kind(name: str) -> str:
@@ -86,21 +60,20 @@ def block(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def measure(divergence: Divergence, configs: dict[str, object], stats) -> dict:
-    """Every module in ``configs`` alone, by kind, by block and all together."""
-    for name, config in configs.items():
-        divergence.fit(name, config, stats)
-    alone = {name: divergence([name]) for name in configs}
+def measure(divergence: Divergence, fitted: dict[str, torch.Tensor]) -> dict:
+    """Every module in ``fitted`` (its fitted weight) alone, by kind, by block and all together."""
+    alone = {name: divergence({name: weight}) for name, weight in fitted.items()}
 
     def grouped(key) -> dict[str, dict[str, float]]:
         groups: dict[str, list[str]] = {}
-        for name in configs:
+        for name in fitted:
             groups.setdefault(str(key(name)), []).append(name)
         return {
-            g: {"together": divergence(names), "alone_sum": sum(alone[n] for n in names)} for g, names in groups.items()
+            g: {"together": divergence({n: fitted[n] for n in names}), "alone_sum": sum(alone[n] for n in names)}
+            for g, names in groups.items()
         }
 
-    return {"alone": alone, "kinds": grouped(kind), "blocks": grouped(block), "all": divergence(list(configs))}
+    return {"alone": alone, "kinds": grouped(kind), "blocks": grouped(block), "all": divergence(fitted)}
 
 
 def run(args) -> dict:
@@ -124,7 +97,8 @@ def run(args) -> dict:
     measured = {}
     for plan, configs in plans.items():
         started = time.perf_counter()
-        measured[plan] = measure(divergence, configs, fisher) | {"seconds": time.perf_counter() - started}
+        fitted = {n: fitted_weight(model.get_submodule(n), c, fisher.for_module(n)) for n, c in configs.items()}
+        measured[plan] = measure(divergence, fitted) | {"seconds": time.perf_counter() - started}
     # Rescaled: the Fisher's curve per module, its scale from the KL measured where the choice fell.
     options = {n: candidates(n, model.get_submodule(n), fisher.for_module(n), ["lowrank"]) for n in auto.chosen}
     scales = {}
@@ -136,8 +110,7 @@ def run(args) -> dict:
         if at is chosen:
             kl = measured["auto-fisher"]["alone"][name]
         else:
-            divergence.fit(name, at.config, fisher)
-            kl = divergence([name])
+            kl = divergence({name: fitted_weight(model.get_submodule(name), at.config, fisher.for_module(name))})
         scales[name] = kl / max(at.kl, 1e-12)
     rescaled_options = {
         n: [replace(c, kl=c.kl * scales[n]) for c in found] if n in scales else [auto.chosen[n]]

@@ -206,6 +206,43 @@ def probe(found: list[Candidate]) -> Candidate:
     return min(low_rank, key=lambda c: abs(c.params - dense / 2))
 
 
+class Divergence:
+    """KL(original ‖ model with some modules' weights replaced) on ``blocks`` (sequences x tokens), mean
+    over next-token positions; the original's predictions are computed once, here."""
+
+    def __init__(self, model: nn.Module, blocks: torch.Tensor, batch_size: int = 4):
+        self.model, self.batches, self.tokens = model, blocks.split(batch_size), blocks.numel()
+        self.reference = [self._log_probs(batch) for batch in self.batches]
+
+    @torch.no_grad()
+    def _log_probs(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch).logits.float().log_softmax(-1)
+
+    @torch.no_grad()
+    def __call__(self, weights: dict[str, torch.Tensor]) -> float:
+        """The KL with each named module's weight set to ``weights[name]``, then put back."""
+        originals = {name: self.model.get_submodule(name).weight.detach().clone() for name in weights}
+        try:
+            for name, weight in weights.items():
+                # Same parameter, new values: a head tied to an embedding sees the new weight too.
+                self.model.get_submodule(name).weight.copy_(weight.to(originals[name].dtype))
+            total = sum(
+                float((target.exp() * (target - self._log_probs(batch))).sum(-1).sum())
+                for batch, target in zip(self.batches, self.reference, strict=True)
+            )
+        finally:
+            for name, original in originals.items():
+                self.model.get_submodule(name).weight.copy_(original)
+        return max(total / self.tokens, 0.0)
+
+
+@torch.no_grad()
+def fitted_weight(module: nn.Module, config: MethodConfig, stats: InputStats | TokenStats) -> torch.Tensor:
+    """The dense weight of ``module`` fitted as ``config`` asks."""
+    layer, _ = get_method(config.method).fit(module, config, stats)
+    return layer.to_dense().weight.detach()
+
+
 @torch.no_grad()
 def measure_divergence(
     model: nn.Module,
@@ -219,27 +256,11 @@ def measure_divergence(
     (sequences x tokens, mean over next-token positions)."""
     was_training = model.training
     model.eval()
-    batches = blocks.split(batch_size)
-    reference = [model(batch).logits.float().log_softmax(-1) for batch in batches]
-
-    def divergence() -> float:
-        total = 0.0
-        for batch, target in zip(batches, reference, strict=True):
-            log_probs = model(batch).logits.float().log_softmax(-1)
-            total += float((target.exp() * (target - log_probs)).sum(-1).sum())
-        return total / blocks.numel()
-
+    divergence = Divergence(model, blocks, batch_size)
     measured = {}
     for name, candidate in tqdm(chosen.items(), desc="sensitivity", disable=not progress):
-        module = model.get_submodule(name)
-        layer, _ = get_method(candidate.config.method).fit(module, candidate.config, stats.for_module(name))
-        original = module.weight.detach().clone()
-        # Same parameter, new values: a head tied to an embedding sees the candidate too.
-        module.weight.copy_(layer.to_dense().weight.to(original.dtype))
-        try:
-            measured[name] = max(divergence(), 0.0)
-        finally:
-            module.weight.copy_(original)
+        weight = fitted_weight(model.get_submodule(name), candidate.config, stats.for_module(name))
+        measured[name] = divergence({name: weight})
     model.train(was_training)
     return measured
 
