@@ -169,3 +169,68 @@ def test_cli_handles_encoder_models_with_fidelity_instead_of_perplexity(tmp_path
         assert 0.5 < result["hidden_cosine"] < 1 and 0 <= result["output_agreement"] <= 1 and result["kind"] == kind
         assert main(["export", str(out), str(tmp_path / f"{name}-hf")]) == 0
         assert type(load_model(str(tmp_path / f"{name}-hf"))[0]).__name__ == kind
+
+
+def test_a_budget_names_the_parameters_it_cannot_reach_such_as_mixture_of_experts_tensors():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from tqcompressor.allocation import allocation_plan, compressible_modules
+    from tqcompressor.calibration import collect
+    from tqcompressor.params import parameters_outside
+
+    torch.manual_seed(0)
+    settings = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = MixtralConfig(
+        **settings, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True
+    )
+    model = MixtralForCausalLM(config).eval()
+    names = compressible_modules(model)
+    outside = parameters_outside(model, names)
+    # The experts are 3-D tensors, not linear layers; the tied head is the embedding's weight, counted there.
+    assert "model.layers.0.mlp.experts.gate_up_proj" in outside and "lm_head.weight" not in outside
+    inside = sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+    assert sum(outside.values()) + inside == count_parameters(model)
+    stats = collect(model, names, torch.randint(0, 120, (8, 32)), progress=False)
+    total = count_parameters(model)
+    with pytest.raises(ValueError, match=r"out of reach.*parameters outside the modules chosen for .*experts"):
+        allocation_plan(model, stats, round(0.3 * total))
+    allocation = allocation_plan(model, stats, round(0.95 * total))
+    assert f"{sum(outside.values()):,} parameters outside the modules chosen for stay" in allocation.table()
+
+
+def test_encoder_decoder_models_compress_by_plan_and_refuse_calibration_and_distillation_clearly(tmp_path, capsys):
+    from transformers import GPT2TokenizerFast, T5Config, T5ForConditionalGeneration
+
+    from tqcompressor.assets import assets_dir
+    from tqcompressor.calibration import collect
+    from tqcompressor.cli import main
+
+    torch.manual_seed(0)
+    sizes = dict(d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8)
+    config = T5Config(vocab_size=50257, **sizes, decoder_start_token_id=0)
+    model = T5ForConditionalGeneration(config).eval()
+    folder = assets_dir() / "gpt2-tokenizer"
+    model.save_pretrained(tmp_path / "t5")
+    GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(tmp_path / "t5")
+    plan = CompressionPlan([Rule(r".*DenseReluDense\.wi", LowRankConfig(rank=4))], name="t5")
+    compress_(model, plan, progress=False)
+    ids = torch.randint(0, 50257, (2, 9))
+    logits = model(input_ids=ids, decoder_input_ids=ids).logits
+    save(model, tmp_path / "t5-tq")
+    loaded = load(tmp_path / "t5-tq")
+    torch.testing.assert_close(loaded(input_ids=ids, decoder_input_ids=ids).logits, logits)
+    dense = materialize(loaded)
+    assert not any(isinstance(m, tq.LowRankLinear) for m in dense.modules())
+    torch.testing.assert_close(dense(input_ids=ids, decoder_input_ids=ids).logits, logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="encoder-decoder model; calibration runs a model on token ids alone"):
+        collect(model, ["encoder.block.0.layer.1.DenseReluDense.wo"], ids.repeat(4, 4), progress=False)
+
+    (tmp_path / "text.txt").write_text("It was the best of times, it was the worst of times. " * 40)
+    capsys.readouterr()
+    budget = ["--target-ratio", "0.6", "--calibration", str(tmp_path / "text.txt"), "--calibration-tokens", "512"]
+    assert main(["compress", "--model", str(tmp_path / "t5"), *budget, "--out", str(tmp_path / "a"), "--quiet"]) == 2
+    assert "encoder-decoder model; calibration" in capsys.readouterr().err
+    distill = ["distill", "--teacher", str(tmp_path / "t5"), "--student", str(tmp_path / "t5-tq")]
+    assert main([*distill, "--data", str(tmp_path / "text.txt"), "--tokens", "256", "--out", str(tmp_path / "d")]) == 2
+    assert "encoder-decoder model; distillation" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()

@@ -35,7 +35,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationStats
 from .methods import MethodConfig, get_method, method_names
 from .methods.targets import LINEAR_TYPES
-from .params import count_parameters
+from .params import count_parameters, parameters_outside
 from .plan import CompressionPlan, Rule
 from .statistics import InputStats, TokenStats
 
@@ -168,6 +168,7 @@ class Allocation:
     params: int  # the model's parameter count after compression
     seconds: float
     measured: dict[str, dict[float, float]] | None = None  # per module, {estimated loss: KL} where measured
+    outside: dict[str, int] = field(default_factory=dict)  # parameters in no module chosen for, by name
 
     def table(self) -> str:
         lines = [f"{'module':48} {'method':10} {'structure':30} {'params':>10} {'rel. error':>10} {'est. KL':>11}"]
@@ -181,7 +182,19 @@ class Allocation:
                 f"{name:48} {candidate.method:10} {structure:30} {candidate.params:>10,} {error:>10.4g} {measured}"
             )
         lines.append(f"parameters after: {self.params:,}; search {self.seconds:.1f} s")
+        lines.append(left_as_is(self.outside))
         return "\n".join(lines)
+
+
+def left_as_is(outside: dict[str, int]) -> str:
+    """What a budget cannot touch, the largest tensors named: where a model's parameters mostly lie outside
+    the linear layers and the token embedding (a Mixture-of-Experts' expert tensors, an untied head), no
+    budget reaches far below its size."""
+    largest = sorted(outside.items(), key=lambda item: -item[1])[:3]
+    named = ", ".join(f"{name} {count:,}" for name, count in largest)
+    return f"{sum(outside.values()):,} parameters outside the modules chosen for stay as they are" + (
+        f" (the most in {named})" if named else ""
+    )
 
 
 def linear_layers(model: nn.Module) -> list[str]:
@@ -326,6 +339,7 @@ def allocation_plan(
         raise ValueError(
             f"a budget of {target_params:,} parameters is out of reach: choose between {smallest:,} and {total:,}"
             + (f" (each module keeping at least {min_kept:g} of its parameters)" if min_kept else "")
+            + f"; {left_as_is(parameters_outside(model, names))}"
         )
     measured = None
     unpriced = [name for name in names if options[name][0].kl is None]
@@ -359,4 +373,5 @@ def allocation_plan(
         raise ValueError(f"a budget of {target_params:,} parameters needs no compression (the model has {total:,})")
     after = total - sum(options[name][0].params - c.params for name, c in chosen.items())
     plan = CompressionPlan(rules, name=f"auto-{target_params}", description="chosen by the budget allocation")
-    return Allocation(plan, chosen, after, time.perf_counter() - started, measured)
+    seconds = time.perf_counter() - started
+    return Allocation(plan, chosen, after, seconds, measured, parameters_outside(model, names))

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .loading import check_runs_on_token_ids
 from .methods import is_embedding
 from .methods.targets import LINEAR_TYPES, dense_weight
 from .statistics import InputStats, TokenStats
@@ -162,6 +163,7 @@ class CalibrationStats:
 
 def calibration_targets(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]]:
     """(linear layers, embeddings) among ``names``, each calibrated on the original module."""
+    check_runs_on_token_ids(model, "calibration", "compress it with a plan and no calibration")
     linear, embeddings = [], []
     for name in dict.fromkeys(names):
         module = model.get_submodule(name)

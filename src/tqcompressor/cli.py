@@ -20,7 +20,7 @@ from .depth import keep_layers_
 from .distillation import DistillationLoss
 from .evaluation import DATASETS, evaluate, fidelity, read_text, size_report
 from .export import export
-from .loading import is_causal_lm, load_model
+from .loading import check_runs_on_token_ids, is_causal_lm, load_model
 from .params import count_parameters
 from .plan import CompressionPlan
 from .plots import plot_layers
@@ -270,6 +270,7 @@ def _calibration(
         return CalibrationStats.load(args.calibration_stats), None
     if not args.calibration:
         return None, None
+    calibration_targets(model, names)  # a model calibration cannot run on fails before the text is read
     blocks, ids = _calibration_text(args, model, tokenizer)
     counts = _token_counts(model, ids, names)
     stats = collect(model, names, blocks, progress=not args.quiet, token_counts=counts, fisher=args.fisher)
@@ -364,6 +365,7 @@ def _distill(args: argparse.Namespace) -> None:
         print(f"{out} holds a finished run; nothing to resume. distilled model: {out / FINAL}")
         return
     teacher, tokenizer = load_model(args.teacher or default_model("--teacher"))
+    check_runs_on_token_ids(teacher, "distillation", "compress it with a plan and fine-tune it with a seq2seq trainer")
     loss = DistillationLoss(args.alpha, args.beta, args.gamma, args.temperature, args.hidden_layers or [])
     if args.student:
         student, _ = load_model(args.student)

@@ -70,3 +70,12 @@ def _load_gguf(directory: Path, name: str) -> tuple[nn.Module, object]:
     model.load_state_dict(quantized.state_dict(), strict=False)
     model.tie_weights()
     return model.eval(), AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
+def check_runs_on_token_ids(model: nn.Module, work: str, instead: str) -> None:
+    """Raises for an encoder-decoder model: ``work`` runs a model on token ids alone, and its forward needs
+    the decoder's inputs too (which text those should be is the user's call, not ours)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model; {work} runs a model on token ids alone: {instead}"
+        )

@@ -33,3 +33,21 @@ def tied_parameters(module: nn.Module) -> list[list[str]]:
     for name, param in module.named_parameters(remove_duplicate=False):
         groups.setdefault(_storage_key(param), []).append(name)
     return [names for names in groups.values() if len(names) > 1]
+
+
+def parameters_outside(module: nn.Module, names: list[str]) -> dict[str, int]:
+    """The distinct parameters of ``module`` in none of its submodules ``names``, by name: what compressing
+    those modules leaves as it is. A tensor shared with one of them (a tied head's weight) lies in it."""
+    prefixes = tuple(f"{name}." for name in names)
+    seen = {
+        _storage_key(param)
+        for name, param in module.named_parameters(remove_duplicate=False)
+        if name.startswith(prefixes)
+    }
+    outside = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        key = _storage_key(param)
+        if key not in seen:
+            seen.add(key)
+            outside[name] = param.numel()
+    return outside
