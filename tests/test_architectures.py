@@ -198,7 +198,7 @@ def test_a_budget_names_the_parameters_it_cannot_reach_such_as_mixture_of_expert
     assert f"{sum(outside.values()):,} parameters outside the modules chosen for stay" in allocation.table()
 
 
-def test_encoder_decoder_models_compress_by_plan_and_refuse_calibration_and_distillation_clearly(tmp_path, capsys):
+def test_encoder_decoder_models_compress_by_plan_and_refuse_what_runs_them_on_token_ids_clearly(tmp_path, capsys):
     from transformers import GPT2TokenizerFast, T5Config, T5ForConditionalGeneration
 
     from tqcompressor.assets import assets_dir
@@ -210,13 +210,14 @@ def test_encoder_decoder_models_compress_by_plan_and_refuse_calibration_and_dist
     config = T5Config(vocab_size=50257, **sizes, decoder_start_token_id=0)
     model = T5ForConditionalGeneration(config).eval()
     folder = assets_dir() / "gpt2-tokenizer"
+    tokenizer = GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
     model.save_pretrained(tmp_path / "t5")
-    GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
     plan = CompressionPlan([Rule(r".*DenseReluDense\.wi", LowRankConfig(rank=4))], name="t5")
     compress_(model, plan, progress=False)
     ids = torch.randint(0, 50257, (2, 9))
     logits = model(input_ids=ids, decoder_input_ids=ids).logits
-    save(model, tmp_path / "t5-tq")
+    save(model, tmp_path / "t5-tq", tokenizer=tokenizer)
     loaded = load(tmp_path / "t5-tq")
     torch.testing.assert_close(loaded(input_ids=ids, decoder_input_ids=ids).logits, logits)
     dense = materialize(loaded)
@@ -233,4 +234,7 @@ def test_encoder_decoder_models_compress_by_plan_and_refuse_calibration_and_dist
     distill = ["distill", "--teacher", str(tmp_path / "t5"), "--student", str(tmp_path / "t5-tq")]
     assert main([*distill, "--data", str(tmp_path / "text.txt"), "--tokens", "256", "--out", str(tmp_path / "d")]) == 2
     assert "encoder-decoder model; distillation" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+    fidelity = ["eval", str(tmp_path / "t5-tq"), "--dataset", str(tmp_path / "text.txt")]
+    assert main([*fidelity, "--reference", str(tmp_path / "t5"), "--json", str(tmp_path / "e.json")]) == 2
+    assert "encoder-decoder model; fidelity" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("a", "d", "e.json"))

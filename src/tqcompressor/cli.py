@@ -270,7 +270,7 @@ def _calibration(
         return CalibrationStats.load(args.calibration_stats), None
     if not args.calibration:
         return None, None
-    calibration_targets(model, names)  # a model calibration cannot run on fails before the text is read
+    calibration_targets(model, names)  # refuses a model calibration cannot run on before the text is read
     blocks, ids = _calibration_text(args, model, tokenizer)
     counts = _token_counts(model, ids, names)
     stats = collect(model, names, blocks, progress=not args.quiet, token_counts=counts, fisher=args.fisher)
@@ -296,6 +296,7 @@ def _eval(args: argparse.Namespace) -> None:
         raise ValueError("--include-path and --limit apply to harness --tasks only")
     model, tokenizer = load_model(args.model)
     if not is_causal_lm(model):
+        check_runs_on_token_ids(model, "fidelity", "score it with its own seq2seq metrics")
         if not args.reference:
             raise ValueError(
                 f"perplexity and LAMBADA apply to causal LMs; this is a {type(model).__name__}: pass --reference "
