@@ -8,7 +8,7 @@ several calibration sizes and seeds; no distillation.
     python benchmarks/calibration_tokens.py [--tokens 32768 65536] [--seeds 0] [--fits sequential at-once]
         [--anchors 0 1] [--reconstruction-epochs 0 10] [--ratio 0.7] [--sensitivity-tokens 1024]
         [--count-tokens 4194304] [--max-tokens 8000] [--lambada-passages 200] [--spread] [--uniform]
-        [--min-kept 0] [--resume]
+        [--min-kept 0] [--dense-embedding] [--resume]
     python benchmarks/calibration_tokens.py --from-json
 
 The CLI's default is 262,144 calibration tokens; allocation.py uses 32,768 to stay within hours on two
@@ -24,7 +24,11 @@ where E is not 0). With ``--uniform`` each of those fits is also made of the uni
 budget (every linear layer low-rank at one rank ratio, as allocation.py's ``uniform-svd``; plan
 ``uniform-svd-fisher...`` named after the auto plan whose fit it shares), so auto meets the uniform
 plan like for like. ``--min-kept F`` lets the auto plan leave no module with less than F of its
-parameters (plan suffix ``-min-kept-F``; the uniform plan is the same either way). Auto records hold
+parameters (plan suffix ``-min-kept-F``; the uniform plan is the same either way), and
+``--dense-embedding`` keeps the token embedding (and the head tied to it) out of the auto plan's choice,
+so that the linear layers alone give up the parameters the budget asks for (plan suffix
+``-dense-embedding``): its price is measured at once, and nothing after the tied head can repair its
+error, where the sequential fit repairs much of the linear layers'. Auto records hold
 ``kept``: per module, the share of its parameters the allocation kept (a record marked ``reallocated``,
 made by older code: the plan as fitted, and ``allocated_kept`` the plan before its fit chose again).
 Records are appended to benchmarks/results/calibration_tokens.json as they finish (``--resume`` keeps
@@ -40,7 +44,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from allocation import calibrate, evaluate, evaluation_texts, reconstruction_fields, uniform_plan, with_fisher
@@ -90,7 +94,8 @@ def run(args, data: dict) -> None:
             uniform_fits = (
                 [(uniform_name(plan), anchor, epochs) for plan, anchor, epochs in fits] if args.uniform else []
             )
-            fits = [(plan + auto_suffix(args.min_kept), anchor, epochs) for plan, anchor, epochs in fits] + uniform_fits
+            suffix_of_auto = auto_suffix(args.min_kept, dense_embedding=args.dense_embedding)
+            fits = [(plan + suffix_of_auto, anchor, epochs) for plan, anchor, epochs in fits] + uniform_fits
             plans = [fit for fit in fits if (tokens, seed, fit[0], args.ratio) not in done]
             if plans:
                 fit_budget(args, data, model, scoring, target, tokens, seed, plans)
@@ -105,9 +110,18 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
     )
     fisher, fisher_seconds = with_fisher(model, stats, blocks)
     uniform = uniform_plan(model, linear_layers(model), target, "svd")
+    # The allocation chooses for the modules its statistics describe: without the embedding's, it stays dense.
+    chosen_for = replace(fisher, owner={n: key for n, key in fisher.owner.items() if key not in fisher.tokens})
     # The search (about 40 s) only where an auto plan is still to be fitted.
     allocation = (
-        allocation_plan(model, fisher, target, probe_blocks, methods=["lowrank"], min_kept=args.min_kept)
+        allocation_plan(
+            model,
+            chosen_for if args.dense_embedding else fisher,
+            target,
+            probe_blocks,
+            methods=["lowrank"],
+            min_kept=args.min_kept,
+        )
         if any(not plan.startswith(UNIFORM) for plan, _, _ in plans)
         else None
     )
@@ -144,6 +158,7 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
             "calibration_seconds": calibration_seconds,
             "fisher_seconds": fisher_seconds,
             **({"min_kept": args.min_kept} if args.min_kept and chosen is not uniform else {}),
+            **({"dense_embedding": True} if args.dense_embedding and chosen is not uniform else {}),
             **({} if chosen is uniform else {"kept": kept_shares(model, allocation)}),
             "search_seconds": 0.0 if chosen is uniform else allocation.seconds,
             "compress_seconds": time.perf_counter() - started,
@@ -153,11 +168,11 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
         del compressed
 
 
-def uniform_name(plan: str, min_kept: float = 0.0, reallocated: bool = False) -> str:
+def uniform_name(plan: str, min_kept: float = 0.0, reallocated: bool = False, dense_embedding: bool = False) -> str:
     """The record's plan name for ``plan``'s fit of the uniform SVD plan instead of the allocator's (the
-    same whatever ``--min-kept`` did to the auto plan, or the older code's reallocation: ``min_kept`` and
-    ``reallocated`` are what ``plan`` was made with)."""
-    return UNIFORM + plan.removeprefix(AUTO).removesuffix(auto_suffix(min_kept, reallocated))
+    same whatever ``--min-kept`` or ``--dense-embedding`` did to the auto plan, or the older code's
+    reallocation: ``min_kept``, ``reallocated`` and ``dense_embedding`` are what ``plan`` was made with)."""
+    return UNIFORM + plan.removeprefix(AUTO).removesuffix(auto_suffix(min_kept, reallocated, dense_embedding))
 
 
 def kept_shares(model, allocation: Allocation) -> dict[str, float]:
@@ -168,10 +183,15 @@ def kept_shares(model, allocation: Allocation) -> dict[str, float]:
     }
 
 
-def auto_suffix(min_kept: float, reallocated: bool = False) -> str:
-    """The auto plan's name suffix where each module keeps at least ``min_kept`` of its parameters and,
-    with ``reallocated``, the sequential fit chose each part again (older code: see the record's ``code``)."""
-    return (f"-min-kept-{min_kept:g}" if min_kept else "") + ("-reallocated" if reallocated else "")
+def auto_suffix(min_kept: float, reallocated: bool = False, dense_embedding: bool = False) -> str:
+    """The auto plan's name suffix where each module keeps at least ``min_kept`` of its parameters, with
+    ``reallocated`` the sequential fit chose each part again (older code: see the record's ``code``), and
+    with ``dense_embedding`` the token embedding was left out of the choice."""
+    return (
+        (f"-min-kept-{min_kept:g}" if min_kept else "")
+        + ("-reallocated" if reallocated else "")
+        + ("-dense-embedding" if dense_embedding else "")
+    )
 
 
 def sequential_plan(anchor: float, epochs: int = 0) -> str:
@@ -368,7 +388,9 @@ def against_uniform(fitted: list[dict], dense: dict) -> list[str]:
     runs = {(r["target_ratio"], r["calibration_tokens"], r.get("seed", 0), r["plan"]): r for r in fitted}
     pairs = []
     for (ratio, tokens, seed, plan), auto in runs.items():
-        made = uniform_name(plan, auto.get("min_kept", 0.0), auto.get("reallocated", False))
+        made = uniform_name(
+            plan, auto.get("min_kept", 0.0), auto.get("reallocated", False), auto.get("dense_embedding", False)
+        )
         uniform = runs.get((ratio, tokens, seed, made))
         if plan.startswith(AUTO) and uniform is not None:
             pairs.append((auto, uniform))
@@ -446,6 +468,11 @@ def main() -> None:
         type=float,
         default=0.0,
         help="the auto plan keeps at least this share of each module's parameters (plan suffix -min-kept-F)",
+    )
+    parser.add_argument(
+        "--dense-embedding",
+        action="store_true",
+        help="keep the token embedding out of the auto plan's choice (plan suffix -dense-embedding)",
     )
     parser.add_argument("--resume", action="store_true", help="keep finished records")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown and the plot")
