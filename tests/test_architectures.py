@@ -204,6 +204,9 @@ def test_encoder_decoder_models_compress_by_plan_and_refuse_what_runs_them_on_to
     from tqcompressor.assets import assets_dir
     from tqcompressor.calibration import collect
     from tqcompressor.cli import main
+    from tqcompressor.data import TokenBlocks
+    from tqcompressor.evaluation import fidelity
+    from tqcompressor.training import TrainConfig, Trainer
 
     torch.manual_seed(0)
     sizes = dict(d_model=16, d_ff=32, num_layers=2, num_heads=2, d_kv=8)
@@ -225,6 +228,11 @@ def test_encoder_decoder_models_compress_by_plan_and_refuse_what_runs_them_on_to
     torch.testing.assert_close(dense(input_ids=ids, decoder_input_ids=ids).logits, logits, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="encoder-decoder model; calibration runs a model on token ids alone"):
         collect(model, ["encoder.block.0.layer.1.DenseReluDense.wo"], ids.repeat(4, 4), progress=False)
+    with pytest.raises(ValueError, match="encoder-decoder model; fidelity runs a model on token ids alone"):
+        fidelity(loaded, model, ids.flatten().tolist(), window=9)
+    blocks = TokenBlocks(ids.repeat(4, 1), ids, "random")
+    with pytest.raises(ValueError, match="encoder-decoder model; distillation runs a model on token ids alone"):
+        Trainer(loaded, model, blocks, TrainConfig(tokens=72, batch_size=4), tmp_path / "api", progress=False)
 
     (tmp_path / "text.txt").write_text("It was the best of times, it was the worst of times. " * 40)
     capsys.readouterr()
@@ -237,4 +245,4 @@ def test_encoder_decoder_models_compress_by_plan_and_refuse_what_runs_them_on_to
     fidelity = ["eval", str(tmp_path / "t5-tq"), "--dataset", str(tmp_path / "text.txt")]
     assert main([*fidelity, "--reference", str(tmp_path / "t5"), "--json", str(tmp_path / "e.json")]) == 2
     assert "encoder-decoder model; fidelity" in capsys.readouterr().err
-    assert not any((tmp_path / name).exists() for name in ("a", "d", "e.json"))
+    assert not any((tmp_path / name).exists() for name in ("a", "d", "e.json", "api"))

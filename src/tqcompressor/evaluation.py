@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .assets import local_asset
+from .loading import check_runs_on_token_ids
 from .methods import is_embedding
 from .params import count_parameters
 from .tied_head import TiedEmbeddingHead
@@ -228,6 +229,8 @@ def fidelity(
     """How closely ``model`` computes what ``reference`` (the original) does, for models without a
     perplexity (encoders, classifiers): mean cosine similarity of the final hidden states per token, and
     how often the outputs' top choice agrees (per token for masked LMs, per sequence for classifiers)."""
+    for compared in (model, reference):
+        check_runs_on_token_ids(compared, "fidelity", "score it with its own seq2seq metrics")
     ids = torch.as_tensor(token_ids[:max_tokens] if max_tokens else token_ids, dtype=torch.long)
     usable = ids.numel() // window * window
     if usable == 0:

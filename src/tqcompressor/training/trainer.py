@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import TokenBlocks
+from ..loading import check_runs_on_token_ids
 from ..methods import is_compressed
 from ..plots import plot_training
 from ..serialization import recover_interrupted_write, save, write_file_atomically
@@ -77,6 +78,9 @@ class Trainer:
             )
         if config.loss.needs_teacher and teacher is None:
             raise ValueError("the KL and hidden-state terms need a teacher (or set alpha = gamma = 0)")
+        for model in (student, teacher):
+            if model is not None:
+                check_runs_on_token_ids(model, "distillation", "fine-tune it with a seq2seq trainer")
         if teacher is not None:
             _check_compatible(student, teacher)
         self.step, self.history = 0, []
