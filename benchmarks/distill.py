@@ -64,7 +64,8 @@ from tqcompressor.presets import matching_svd_plan
 from tqcompressor.schedule import Schedule, ScheduleStep, run_schedule, step_dir
 from tqcompressor.sequential import compress_sequentially
 from tqcompressor.surgery import resolve
-from tqcompressor.training import FINAL, LOG, TrainConfig, Trainer
+from tqcompressor.training import FINAL, LOG, TrainConfig, Trainer, process_state
+from tqcompressor.training.step import computes_bf16_natively
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = (
@@ -332,6 +333,7 @@ def main() -> None:
         "machine": machine(),
         "tokens": args.tokens,
         "train_config": asdict(runner.config),
+        "bf16": runner.config.bf16 and computes_bf16_natively(process_state().device),
         "block_size": args.block_size,
         "time_budget": args.time_budget,
         "eval": f"first {args.eval_tokens} tokens of each set, {args.window}-token windows",
@@ -404,12 +406,13 @@ def write_report(data: dict, out: Path) -> None:
     meta, records = data["meta"], data["records"]
     teacher = next(r for r in records if r["variant"] == "teacher")
     rows = summary(records)
+    precision = "bf16 autocast" if meta.get("bf16", True) else "float32 (no native bf16 on the device)"
     lines = [
         "# Distilled students of the house teacher at equal parameters and equal tokens",
         "",
         f"Command: `{meta['command']}` on {meta['machine']}.",
         f"Training: AdamW lr {meta['train_config']['lr']}, batch {meta['train_config']['batch_size']} x "
-        f"{meta['block_size']} tokens, {meta['tokens']:,} tokens per student, bf16 autocast, loss KL + CE (T = 1), "
+        f"{meta['block_size']} tokens, {meta['tokens']:,} tokens per student, {precision}, loss KL + CE (T = 1), "
         f"data corpus/gutenberg/train; permutation search {meta['time_budget']} s per layer. Perplexity: "
         f"{meta['eval']} (held-out Gutenberg books; WikiText-2).",
         "",

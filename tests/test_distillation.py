@@ -253,8 +253,15 @@ def test_load_blocks_packs_folders_and_jsonl_with_a_disjoint_held_out_slice(tmp_
         load_blocks(rows, tokenizer, block_size=4096)
 
 
-def test_bf16_autocast_keeps_training_finite(tmp_path):
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_is_used_where_the_device_computes_bf16_natively_and_keeps_training_finite(
+    tmp_path, monkeypatch, native
+):
+    # An AVX2-only CPU emulates bf16 matmuls, 80x slower than float32: autocast there would be a trap.
+    monkeypatch.setattr("tqcompressor.training.trainer.computes_bf16_natively", lambda device: native)
     teacher, student = compressed_pair()
     trainer = Trainer(student, teacher, pattern_blocks(), config(tokens=24 * 8 * 2), tmp_path, progress=False)
-    assert trainer.bf16
+    assert trainer.bf16 == native
     assert all(math.isfinite(v) for v in trainer.train_step().values())
+    refused = Trainer(student, teacher, pattern_blocks(), config(bf16=False), tmp_path / "f", progress=False)
+    assert not refused.bf16

@@ -595,7 +595,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=3e-4)
     d.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
     d.add_argument("--grad-clip", type=float, default=1.0)
-    d.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bf16 autocast)")
+    d.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="train in float32 (default: bf16 autocast where the device computes bf16 natively: "
+        "CUDA with bf16, CPUs with AVX-512 or AMX; float32 elsewhere)",
+    )
     d.add_argument("--train", choices=("all", "compressed"), default="all", help="which parameters to train")
     d.add_argument("--alpha", type=float, default=1.0, help="weight of KL(teacher || student)")
     d.add_argument("--beta", type=float, default=1.0, help="weight of next-token cross-entropy")

@@ -22,7 +22,7 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    bf16: bool = True
+    bf16: bool = True  # bf16 autocast where the device computes bf16 natively (``computes_bf16_natively``)
     trainable: Literal["all", "compressed"] = "all"
     eval_every: int = 50
     eval_blocks: int = 16

@@ -15,6 +15,15 @@ from ..data import TokenBlocks, batch_indices
 from .config import TrainConfig
 
 
+def computes_bf16_natively(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on ``device``: CUDA with bf16, or a CPU whose oneDNN has bf16 kernels
+    (AVX-512 or AMX). An AVX2-only CPU emulates them: a 2048x768 by 768x768 matmul took 2.37 s in bf16
+    against 0.029 s in float32 on a 2-core AMD EPYC (Zen 3), which made distillation 80x slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 

@@ -28,7 +28,7 @@ from .checkpoint import CHECKPOINT, read_checkpoint, restore_optimizer, write_ch
 from .config import TrainConfig
 from .continuation import FINAL_OPTIMIZER, Continuation, optimizer_state_by_name, write_optimizer_state
 from .evaluation import heldout_loss
-from .step import optimization_step
+from .step import computes_bf16_natively, optimization_step
 
 FINAL, LOG, METRICS, CURVE = "model", "log.jsonl", "metrics.json", "curve.png"
 
@@ -126,7 +126,7 @@ class Trainer:
         if state is not None:
             restore_optimizer(self.optimizer, self.out, state)
         self.model = self.accelerator.prepare_model(self.student)
-        self.bf16 = config.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
+        self.bf16 = config.bf16 and computes_bf16_natively(device)
         self.stop_requested = False
         self.local_sequences = 0  # this process's share since start or resume (global = all processes)
 
@@ -291,6 +291,7 @@ class Trainer:
             "tokens_per_s": tokens / max(seconds, 1e-9),
             "processes": self.accelerator.num_processes,
             "local_sequences": self.local_sequences,
+            "bf16": self.bf16,
         }
         if describe is not None:
             metrics.update(describe(self.student))
