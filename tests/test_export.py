@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import gpt2_tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import tqcompressor as tq
@@ -120,3 +121,46 @@ def test_inspect_plot_and_distill_curve_are_valid_images(tmp_path, capsys):
         with Image.open(picture) as image:
             image.verify()
             assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_a_bf16_checkpoint_is_fitted_in_float32_and_written_and_exported_in_bf16(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from tqcompressor.loading import load_model
+
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    LlamaForCausalLM(LlamaConfig(vocab_size=120, num_key_value_heads=2, **sizes)).to(torch.bfloat16).save_pretrained(
+        tmp_path / "bf16"
+    )
+    gpt2_tokenizer().save_pretrained(tmp_path / "bf16")
+    model, _ = load_model(str(tmp_path / "bf16"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # fits, statistics and eval in float32
+    (tmp_path / "plan.yaml").write_text(
+        "rules:\n  - {pattern: 'model\\.layers\\.\\d+\\.mlp\\.(gate|up|down)_proj', method: lowrank, ratio: 0.5}\n"
+    )
+    tq.compress_(model, tq.CompressionPlan.load(tmp_path / "plan.yaml"), progress=False)
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    with torch.no_grad():
+        expected = model(ids).logits
+
+    def stored(folder) -> set[str]:
+        with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+            return {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118 (not iterable)
+
+    run = ["compress", "--model", str(tmp_path / "bf16"), "--plan", str(tmp_path / "plan.yaml")]
+    assert main([*run, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert stored(tmp_path / "run") == {"BF16"}  # as compact as the original's storage
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = tq.load(tmp_path / "run")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    with torch.no_grad():
+        logits = loaded(ids).logits
+    # The same fit, its factors rounded to bf16 on the way out.
+    assert (logits - expected).norm() < 0.02 * expected.norm()
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert stored(tmp_path / "hf") == {"BF16"}
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (dense(ids).logits - logits).norm() < 0.02 * logits.norm()  # the factors' product, rounded

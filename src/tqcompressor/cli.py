@@ -20,7 +20,7 @@ from .depth import keep_layers_
 from .distillation import DistillationLoss
 from .evaluation import DATASETS, evaluate, fidelity, read_text, size_report
 from .export import export
-from .loading import check_runs_on_token_ids, is_causal_lm, load_model
+from .loading import check_runs_on_token_ids, is_causal_lm, load_model, stored_dtype
 from .params import count_parameters
 from .plan import CompressionPlan
 from .plots import plot_layers
@@ -93,6 +93,7 @@ def _compress(args: argparse.Namespace) -> None:
     if not (compresses or args.keep_layers):
         raise ValueError("say what to do: --preset, --plan, --target-params, --target-ratio or --keep-layers")
     model, tokenizer = load_model(model_name, args.gguf_file)
+    dtype = stored_dtype(model_name, args.gguf_file)  # fitted in float32, written as the original is stored
     if args.keep_layers:
         keep = args.keep_layers if args.keep_layers in ("even", "odd") else _indices(args.keep_layers)
         kept = keep_layers_(model, keep)
@@ -100,11 +101,11 @@ def _compress(args: argparse.Namespace) -> None:
         if not compresses:
             if args.dense_head or args.time_budget is not None or args.calibration or args.calibration_stats:
                 raise ValueError("--dense-head, --time-budget and calibration apply to a preset, plan or budget")
-            save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
+            save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, dtype=dtype)
             print(f"saved to {out}")
             return
     if budget:
-        _compress_to_budget(args, model, tokenizer, out)
+        _compress_to_budget(args, model, tokenizer, out, dtype)
         return
     if args.plan:
         plan = CompressionPlan.load(args.plan)
@@ -129,7 +130,7 @@ def _compress(args: argparse.Namespace) -> None:
     else:
         calibration = _calibration(args, model, tokenizer, [name for _, name in resolve(model, plan)])[0]
         report = compress_(model, plan, calibration=calibration, progress=not args.quiet)
-    save(model, out, tokenizer=tokenizer, overwrite=args.overwrite)
+    save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, dtype=dtype)
     print(report.table())
     print(f"saved to {out}")
 
@@ -150,7 +151,7 @@ def _indices(text: str) -> list[int]:
         raise ValueError(f"--keep-layers takes even, odd or comma-separated block indices, got {text!r}") from None
 
 
-def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -> None:
+def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path, dtype: torch.dtype) -> None:
     """--target-params / --target-ratio: allocate, fit, and save the plan, table and plot beside the model."""
     if not (args.calibration or args.calibration_stats):
         raise ValueError("--target-params / --target-ratio need --calibration (or --calibration-stats)")
@@ -198,7 +199,7 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path) -
         (folder / "allocation.txt").write_text(allocation.table() + "\n")
         plot_layers([report.to_dict()], folder / "allocation.png")
 
-    save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, write_extra=write_allocation)
+    save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, write_extra=write_allocation, dtype=dtype)
     print(allocation.table())
     print(report.table())
     print(f"saved to {out} (the chosen plan: {out / 'allocation.yaml'})")

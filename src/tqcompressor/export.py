@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .loading import stored_dtype
 from .serialization import load, materialize, read_config, refuse_to_clobber, write_atomically
 
 
@@ -12,7 +13,7 @@ def export(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     run, out = Path(run), Path(out)
     refuse_to_clobber(out, overwrite)
     read_config(run)  # a clear error for a directory that is not a saved model
-    model = materialize(load(run))
+    model = materialize(load(run)).to(stored_dtype(str(run)))  # as the run is stored, not as loaded
     tokenizer = None
     if any((run / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         from transformers import AutoTokenizer

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .serialization import is_compressed_dir, load
+from .serialization import is_compressed_dir, load, read_config
 
 
 def load_model(name_or_path: str, gguf_file: str | None = None) -> tuple[nn.Module, object]:
-    """(model in eval mode, tokenizer). ``name_or_path`` may be a ``.gguf`` file itself, or a directory
-    holding ``gguf_file``."""
+    """(model in eval mode and in float32, tokenizer). ``name_or_path`` may be a ``.gguf`` file itself, or
+    a directory holding ``gguf_file``."""
     from transformers import AutoConfig, AutoTokenizer
 
     path = Path(name_or_path)
@@ -29,8 +29,29 @@ def load_model(name_or_path: str, gguf_file: str | None = None) -> tuple[nn.Modu
     if is_compressed_dir(name_or_path):
         model = load(name_or_path)
     else:
-        model = model_class(AutoConfig.from_pretrained(name_or_path)).from_pretrained(name_or_path)
+        # float32 whatever the checkpoint stores (most current LLMs store bf16): fits and calibration
+        # statistics want the precision, and a CPU without native bf16 (AVX2) emulates it
+        # (``computes_bf16_natively``).
+        model_type = model_class(AutoConfig.from_pretrained(name_or_path))
+        model = model_type.from_pretrained(name_or_path, dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(name_or_path)
+
+
+def stored_dtype(name_or_path: str, gguf_file: str | None = None) -> torch.dtype:
+    """The floating dtype a model's checkpoint stores, which its compressed copy is saved in: the config's
+    ``dtype``; float32 for GGUF files (their quantized formats have no torch counterpart) and configs
+    that name none."""
+    from transformers import AutoConfig
+
+    if Path(name_or_path).suffix == ".gguf" or gguf_file is not None:
+        return torch.float32
+    if is_compressed_dir(name_or_path):
+        raw = read_config(name_or_path)
+        named = raw.get("dtype") or raw.get("torch_dtype")
+    else:
+        named = getattr(AutoConfig.from_pretrained(name_or_path), "dtype", None)
+    dtype = getattr(torch, named, None) if isinstance(named, str) else named
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def model_class(config) -> type:

@@ -59,9 +59,11 @@ def save(
     tokenizer=None,
     overwrite: bool = False,
     write_extra: Callable[[Path], None] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write config.json, model.safetensors (and the tokenizer) atomically into ``directory``.
-    ``write_extra(folder)`` adds files (a trainer's state) inside the same atomic write."""
+    ``write_extra(folder)`` adds files (a trainer's state) inside the same atomic write. ``dtype`` writes
+    the floating tensors in that dtype (config.json's ``dtype`` says so; the model in memory is untouched)."""
     directory = Path(directory)
     refuse_to_clobber(directory, overwrite)
     config = model.config.to_dict()
@@ -84,6 +86,9 @@ def save(
         else:
             seen[key] = name
     config["tqcompressor"]["shared"] = aliases
+    if dtype is not None:  # after the aliases, which the tensors' storage identifies
+        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
+        config["dtype"] = str(dtype).removeprefix("torch.")
 
     def write(staging: Path) -> None:
         save_file(state, str(staging / WEIGHTS), metadata={"format": "pt", "tqcompressor": str(FORMAT_VERSION)})

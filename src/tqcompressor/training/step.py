@@ -18,7 +18,7 @@ from .config import TrainConfig
 def computes_bf16_natively(device: torch.device) -> bool:
     """Whether bf16 autocast pays on ``device``: CUDA with bf16, or a CPU whose oneDNN has bf16 kernels
     (AVX-512 or AMX). An AVX2-only CPU emulates them: a 2048x768 by 768x768 matmul took 2.37 s in bf16
-    against 0.029 s in float32 on a 2-core AMD EPYC (Zen 3), which made distillation 80x slower."""
+    against 0.029 s in float32 on a 2-core AMD EPYC (Zen 3); a distillation step 188 s against 10.5 s."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
