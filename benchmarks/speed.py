@@ -6,7 +6,8 @@ Layers: forward time over dense ``nn.Linear`` time measured in the same run (int
 medians), at GPT-2 small and SmolLM2-135M MLP shapes, for Kronecker factorisations at ½ the dense
 parameters (r=1 B 2x1, r=2 B 2x2, r=4 B 2x4 / 4x2 as the presets use; with and without permutations)
 and low-rank at equal parameters; for 1 token (decode), 8 tokens and 8x1024 tokens (prefill), in float32
-and under bfloat16 autocast. Each record carries the multiply-adds per token next to the time.
+and under bfloat16 autocast (where the CPU computes bf16 natively). Each record carries the multiply-adds
+per token next to the time.
 Compiled: the presets' r=4 permuted layers under ``torch.compile``, against eager, float32.
 Models: tokens/s of prefill (one 512-token prompt) and of greedy decode with the KV cache, original
 against compressed (every MLP projection halved: Kronecker + permutations, the same with the
@@ -41,6 +42,7 @@ from tqcompressor.loading import load_model
 from tqcompressor.methods.kronecker import KroneckerFactors, KroneckerLinear
 from tqcompressor.methods.lowrank import LowRankFactors, LowRankLinear, rank_for_params
 from tqcompressor.presets import halved_mlp_rules, matching_svd_plan
+from tqcompressor.training.step import computes_bf16_natively
 
 SHAPES = {"gpt2 mlp in": (768, 3072), "gpt2 mlp out": (3072, 768), "smollm2 mlp in": (576, 1536)}
 SHAPES["smollm2 mlp out"] = (1536, 576)
@@ -77,6 +79,11 @@ def layer_variants(rows: int, cols: int) -> dict[str, tuple[nn.Module, Callable[
     u, v = torch.randn(rows, rank, generator=g), torch.randn(rank, cols, generator=g)
     variants[f"lowrank r{rank}"] = (LowRankLinear(LowRankFactors(u, v), bias), lambda tokens: rank * (rows + cols))
     return variants
+
+
+# bf16 rows only where the CPU computes bf16 natively (AVX-512, AMX): an AVX2-only CPU emulates it, 80x
+# slower than float32, which measures the emulation rather than the layers.
+DTYPES = ("float32", "bf16") if computes_bf16_natively(torch.device("cpu")) else ("float32",)
 
 
 def autocast(dtype: str):
@@ -118,7 +125,7 @@ def measure_layers(rounds: int) -> list[dict]:
         variants = layer_variants(rows, cols)
         for tokens in TOKENS:
             x = torch.randn(tokens, rows)
-            for dtype in ("float32", "bf16"):
+            for dtype in DTYPES:
                 times = interleaved_medians(
                     {name: forward(module, x, dtype) for name, (module, _) in variants.items()},
                     rounds if tokens > 8 else 4 * rounds,
@@ -219,7 +226,7 @@ def measure_models(rounds: int, prompt_tokens: int, decode_tokens: int) -> list[
                 tq.fold_permutations(folded)
                 models[f"{method} folded"] = folded
         prompt = torch.randint(0, original.config.vocab_size, (1, prompt_tokens), generator=torch.Generator())
-        for dtype in ("float32", "bf16"):
+        for dtype in DTYPES:
             prefill = {name: [] for name in models}
             decode = {name: [] for name in models}
             with torch.inference_mode(), autocast(dtype):
