@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .serialization import is_compressed_dir, load, read_config
+from .serialization import is_compressed_dir, load
 
 
 def load_model(name_or_path: str, gguf_file: str | None = None) -> tuple[nn.Module, object]:
@@ -45,12 +45,9 @@ def stored_dtype(name_or_path: str, gguf_file: str | None = None) -> torch.dtype
 
     if Path(name_or_path).suffix == ".gguf" or gguf_file is not None:
         return torch.float32
-    if is_compressed_dir(name_or_path):
-        raw = read_config(name_or_path)
-        named = raw.get("dtype") or raw.get("torch_dtype")
-    else:
-        named = getattr(AutoConfig.from_pretrained(name_or_path), "dtype", None)
-    dtype = getattr(torch, named, None) if isinstance(named, str) else named
+    # A compressed run's config.json is its base model's, so transformers reads its dtype (or an older
+    # config's torch_dtype) the same way.
+    dtype = getattr(AutoConfig.from_pretrained(name_or_path), "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
