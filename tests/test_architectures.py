@@ -1,5 +1,6 @@
 """Plans apply to any Hugging Face model built from nn.Linear / Conv1D / nn.Embedding, not only GPT-2."""
 
+import copy
 import json
 
 import pytest
@@ -246,3 +247,64 @@ def test_encoder_decoder_models_compress_by_plan_and_refuse_what_runs_them_on_to
     assert main([*fidelity, "--reference", str(tmp_path / "t5"), "--json", str(tmp_path / "e.json")]) == 2
     assert "encoder-decoder model; fidelity" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("a", "d", "e.json", "api"))
+
+
+def test_a_scaled_token_embedding_stays_scaled_compressed_saved_loaded_materialized_and_exported(tmp_path):
+    """Gemma (and BART, M2M100, ...) multiply the rows they look up by √d in the embedding's own forward;
+    a compressed table standing in for it must too, and every way back to a dense model keeps it."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from tqcompressor.allocation import compressible_modules
+    from tqcompressor.export import export
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**sizes, num_attention_heads=4, num_key_value_heads=2)).eval()
+    assert float(model.model.embed_tokens.embed_scale) == pytest.approx(32**0.5)
+    assert "model.embed_tokens" in compressible_modules(model)
+    ids = torch.randint(0, 120, (2, 10))
+    original = model(ids).logits
+    exact = copy.deepcopy(model)
+    compress_(exact, CompressionPlan([Rule(r"model\.embed_tokens", LowRankConfig(rank=32))]), progress=False)
+    torch.testing.assert_close(exact(ids).logits, original, rtol=1e-4, atol=1e-4)
+    halved = CompressionPlan([Rule(r"model\.embed_tokens", KroneckerConfig(embedding_factor=2, **QUICK))])
+    compress_(model, halved, progress=False)
+    compress_(model, halved, progress=False)  # a compressed embedding compressed again keeps the scale
+    logits = model(ids).logits
+    weight = model.model.embed_tokens.weight.detach()
+    looked_up = model.model.embed_tokens(ids)
+    torch.testing.assert_close(looked_up, weight[ids] * 32**0.5, rtol=1e-5, atol=1e-6)
+
+    save(model, tmp_path / "run")
+    torch.testing.assert_close(load(tmp_path / "run")(ids).logits, logits, rtol=0, atol=0)
+    torch.testing.assert_close(materialize(load(tmp_path / "run"))(ids).logits, logits, rtol=1e-4, atol=1e-5)
+    export(tmp_path / "run", tmp_path / "hf")
+    stock = Gemma3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(stock(ids).logits, logits, rtol=1e-4, atol=1e-5)
+
+
+class NormedEmbedding(torch.nn.Embedding):
+    """An embedding whose forward is more than a lookup times a constant (as some HF models' are)."""
+
+    def __init__(self, vocab: int, width: int):
+        super().__init__(vocab, width)
+        self.norm = torch.nn.LayerNorm(width)
+
+    def forward(self, input_ids):
+        return self.norm(super().forward(input_ids))
+
+
+def test_an_embedding_that_computes_more_than_a_lookup_is_refused_by_plans_and_left_out_of_budgets():
+    from tqcompressor.allocation import compressible_modules
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(tie_word_embeddings=False)).eval()
+    model.model.embed_tokens = NormedEmbedding(120, 32)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    plan = CompressionPlan([Rule(r"model\.embed_tokens", LowRankConfig(rank=8))])
+    with pytest.raises(ValueError, match=r"model\.embed_tokens: NormedEmbedding computes more than a table lookup"):
+        compress_(model, plan, progress=False)
+    assert type(model.model.embed_tokens) is NormedEmbedding
+    assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
+    names = compressible_modules(model)
+    assert "model.embed_tokens" not in names and "model.layers.0.mlp.up_proj" in names

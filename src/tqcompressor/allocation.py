@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationStats
 from .methods import MethodConfig, get_method, method_names
-from .methods.targets import LINEAR_TYPES
+from .methods.targets import LINEAR_TYPES, embedding_scale
 from .params import count_parameters, parameters_outside
 from .plan import CompressionPlan, Rule
 from .statistics import InputStats, TokenStats
@@ -205,11 +205,24 @@ def linear_layers(model: nn.Module) -> list[str]:
 
 
 def compressible_modules(model: nn.Module) -> list[str]:
-    """What the allocator chooses for: every linear layer but the head, and the token embedding."""
+    """What the allocator chooses for: every linear layer but the head, and the token embedding unless its
+    forward is more than a (scaled) table lookup."""
     getter = getattr(model, "get_input_embeddings", None)
     embedding = getter() if getter is not None else None
-    names = [name for name, module in model.named_modules() if module is embedding and isinstance(module, nn.Embedding)]
+    names = [
+        name
+        for name, module in model.named_modules()
+        if module is embedding and isinstance(module, nn.Embedding) and _is_table(module)
+    ]
     return names + linear_layers(model)
+
+
+def _is_table(embedding: nn.Embedding) -> bool:
+    try:
+        embedding_scale(embedding)
+    except ValueError:
+        return False
+    return True
 
 
 def probe(found: list[Candidate]) -> Candidate:

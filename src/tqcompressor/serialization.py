@@ -22,7 +22,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .methods import is_compressed, module_class
+from .methods import is_compressed, is_embedding, module_class
+from .methods.targets import embedding_scale
 from .surgery import guard_hub_saving, set_submodule, set_untied_config
 from .tied_head import TiedEmbeddingHead
 
@@ -199,6 +200,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     # Embeddings first, so that tied heads can reference their rebuilt embedding.
     for name, spec in sorted(section["modules"].items(), key=lambda kv: kv[1]["type"] == TIED_HEAD):
         replacement = _placeholder(spec, modules)
+        if is_embedding(replacement) and is_compressed(replacement):
+            replacement.embed_scale = embedding_scale(modules[name])  # as the rebuilt architecture scales
         set_submodule(model, name, replacement)
         modules[name] = replacement
     if section["modules"]:

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .methods import is_embedding
+from .methods.targets import embedding_scale
 from .params import count_parameters
 from .plan import CompressionPlan, Rule
 from .report import CompressionReport, LayerReport
@@ -48,6 +49,8 @@ def _plan_modules(model: nn.Module, plan: CompressionPlan) -> tuple[list[tuple[R
             try:
                 with torch.device("meta"):
                     planned[name] = rule.method.plan(planned.get(name, modules[name]), rule.config)
+                if is_embedding(planned[name]):
+                    embedding_scale(modules[name])  # refuses an embedding that is more than a table
             except (ValueError, TypeError) as err:
                 raise ValueError(f"plan rule '{rule.pattern}' on {name}: {err}") from err
             steps.append((rule, name))
@@ -218,6 +221,8 @@ def compress_(
         module = model.get_submodule(name)
         stats = None if calibration is None else on_device(calibration.for_module(name), module.weight.device)
         layer, report = _fit(rule, name, module, stats)
+        if is_embedding(layer):
+            layer.embed_scale = embedding_scale(module)
         set_submodule(model, name, layer)
         head = _rewire_head(model, name, module, layer, plan.tie_head) or head
         reports.append(report)

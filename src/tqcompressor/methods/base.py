@@ -22,6 +22,10 @@ class CompressedModule(nn.Module):
 
     spec_type: ClassVar[str]
     kind: ClassVar[Literal["linear", "embedding"]]
+    # An embedding standing in for one that scales its rows (Gemma's √d: ``targets.embedding_scale``)
+    # scales them too. Set where it replaces that one and not saved: the architecture a run is rebuilt
+    # from holds the scale again.
+    embed_scale: float | None = None
 
     def to_spec(self) -> dict[str, Any]:
         """The structure ``from_spec`` needs to rebuild an empty module of the same shapes (JSON)."""
@@ -37,8 +41,12 @@ class CompressedModule(nn.Module):
         raise NotImplementedError
 
     def attend(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden @ E.T`` through the factors (embeddings only)."""
+        """``hidden @ E.T`` through the factors (embeddings only; a tied head reads the table unscaled)."""
         raise NotImplementedError(f"{type(self).__name__} is not an embedding")
+
+    def scaled(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rows an embedding looked up, as the embedding it stands in for returns them."""
+        return rows if self.embed_scale is None else rows * self.embed_scale
 
     def input_permutation(self) -> torch.Tensor | None:
         """The gather x[..., index] this module applies to its input first, if it has one (a linear kind

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .base import CompressedModule
+
 Layout = Literal["linear", "conv1d"]
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -37,8 +39,48 @@ def dense_linear(weight_io: torch.Tensor, bias: torch.Tensor | None, layout: Lay
     return module.to(weight_io.device, weight_io.dtype)
 
 
-def dense_embedding(weight: torch.Tensor) -> nn.Embedding:
-    dense = nn.Embedding(*weight.shape)
+# What a token embedding may hold beyond nn.Embedding's and still be a lookup times a constant: Hugging
+# Face's *ScaledWordEmbedding classes (Gemma, BART, M2M100 and others) multiply each row by embed_scale.
+_SCALE_ATTRIBUTES = {"embed_scale", "scalar_embed_scale"}
+_PLAIN_ATTRIBUTES = set(vars(nn.Embedding(1, 1)))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """A dense table whose rows come out times ``embed_scale``: what a compressed embedding that stands in
+    for a scaled one materializes as (its state dict is the table alone, as the original's)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, embed_scale: float):
+        super().__init__(num_embeddings, embedding_dim)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * self.embed_scale
+
+
+def embedding_scale(module: nn.Module) -> float | None:
+    """The constant a token embedding (dense or compressed) multiplies the rows it looks up by, None for a
+    plain lookup. Raises for an embedding whose forward does more (a norm, rows of its own, positions),
+    which no compressed table can stand in for."""
+    if isinstance(module, CompressedModule):
+        return module.embed_scale
+    if type(module).forward is nn.Embedding.forward:
+        return None
+    own = (
+        {name for name in vars(module) if not name.startswith("_")} - _PLAIN_ATTRIBUTES  # not HF's bookkeeping
+        | {name for name, _ in module.named_buffers()}
+        | {name for name, _ in module.named_parameters() if name != "weight"}
+        | {name for name, _ in module.named_children()}
+    )
+    if "embed_scale" not in own or not own <= _SCALE_ATTRIBUTES:
+        raise ValueError(
+            f"{type(module).__name__} computes more than a table lookup in its forward; only nn.Embedding and "
+            "embeddings that scale their rows by embed_scale can be compressed"
+        )
+    return float(module.embed_scale)
+
+
+def dense_embedding(weight: torch.Tensor, embed_scale: float | None = None) -> nn.Embedding:
+    dense = nn.Embedding(*weight.shape) if embed_scale is None else ScaledEmbedding(*weight.shape, embed_scale)
     dense.weight.data = weight.detach().clone()
     return dense.to(weight.device, weight.dtype)
 

@@ -268,7 +268,7 @@ class KroneckerEmbedding(CompressedModule):
         return rows
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.expand(F.embedding(input_ids, self.base))
+        return self.scaled(self.expand(F.embedding(input_ids, self.base)))
 
     def reduce(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden @ Oᵀ, O the linear map ``expand`` applies to rows of ``base``: each stage's gather and
@@ -289,7 +289,7 @@ class KroneckerEmbedding(CompressedModule):
         return self.expand(self.base)
 
     def to_dense(self) -> nn.Embedding:
-        return dense_embedding(self.weight)
+        return dense_embedding(self.weight, self.embed_scale)
 
     def extra_repr(self) -> str:
         ks = "x".join(str(s.numel()) for s in self.scales)

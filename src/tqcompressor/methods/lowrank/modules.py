@@ -88,7 +88,7 @@ class LowRankEmbedding(CompressedModule):
         return cls(LowRankFactors(torch.zeros(spec["vocab"], spec["rank"]), torch.zeros(spec["rank"], spec["dim"])))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.u) @ self.v.to(self.u.dtype)
+        return self.scaled(F.embedding(input_ids, self.u) @ self.v.to(self.u.dtype))
 
     def attend(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.v.to(hidden.dtype).T) @ self.u.to(hidden.dtype).T
@@ -98,4 +98,4 @@ class LowRankEmbedding(CompressedModule):
         return self.u @ self.v
 
     def to_dense(self) -> nn.Embedding:
-        return dense_embedding(self.weight)
+        return dense_embedding(self.weight, self.embed_scale)
