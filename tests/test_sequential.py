@@ -105,11 +105,31 @@ def gpt2_3_layers():
     return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=120, n_positions=64))
 
 
-@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def gemma3_3_layers():
+    """Blocks whose other arguments differ: a sliding-window layer takes its own mask and rotary tables."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=120,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    return Gemma3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "gemma3"])
 def test_each_part_is_fitted_on_the_compressed_inputs_and_aimed_at_the_original_outputs(architecture):
     """GPT-2's block 1 and block 2's attention stay dense (both streams must still pass through them, and
     they are aimed too); LLaMA's blocks take rotary tables and a mask as keywords, and q/k/v and gate/up
-    share their inputs."""
+    share their inputs; Gemma 3's take other masks and tables in its sliding-window layers than in its
+    global one."""
     ids = blocks(count=16)
     if architecture == "gpt2":
         build = gpt2_3_layers
@@ -117,10 +137,11 @@ def test_each_part_is_fitted_on_the_compressed_inputs_and_aimed_at_the_original_
         parts, groups = gpt2_parts({0: "aimed", 1: "kept", 2: ("kept", "kept", "aimed", "aimed")}), 2
     else:
 
-        def build():
+        def llama():
             torch.manual_seed(0)
             return LlamaForCausalLM(llama_config(num_hidden_layers=3))
 
+        build = llama if architecture == "llama" else gemma3_3_layers
         pattern, parts, groups = r"model\.layers\.\d+\.(mlp|self_attn)\.\w+_proj", llama_parts([0, 1, 2]), 3
     model = build()
     report = compress_sequentially(model, tq.CompressionPlan([tq.Rule(pattern, CONFIG)]), ids, progress=False)
@@ -218,6 +239,43 @@ def test_blocks_that_do_not_form_a_chain_are_calibrated_on_whole_model_passes():
     # Each block's modules together, on the model with the blocks before it compressed; not aimed.
     parts = [([f"blocks.{i}.0", f"blocks.{i}.2"], "fitted") for i in (0, 1)]
     assert_same_weights(model, by_hand(_ParallelBlocks(), parts, ids))
+
+
+class _HandOnBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix, self.bias_source = nn.Linear(24, 24), nn.Linear(24, 24)
+
+    def forward(self, hidden, bias=None):
+        bias = self.bias_source(hidden) if bias is None else bias
+        return hidden + torch.tanh(self.mix(hidden)) + bias, bias
+
+
+class _HandOnBlocks(nn.Module):
+    """The first block computes a bias the others take as an argument (T5 hands on its position bias so):
+    a replay of the original model's arguments would give the later blocks the uncompressed one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(120, 24)
+        self.blocks = nn.ModuleList(_HandOnBlock() for _ in range(2))
+        self.head = nn.Linear(24, 120)
+
+    def forward(self, ids):
+        hidden, bias = self.embed(ids), None
+        for block in self.blocks:
+            hidden, bias = block(hidden, bias=bias)
+        return self.head(hidden)
+
+
+def test_blocks_handed_what_an_earlier_block_computed_are_calibrated_on_whole_model_passes():
+    ids = blocks(count=16)
+    plan = tq.CompressionPlan([tq.Rule(r"blocks\.(\d+\.mix|0\.bias_source)", CONFIG)])
+    model = _HandOnBlocks()
+    assert "2 blocks: 0 on kept inputs" in compress_sequentially(model, plan, ids, progress=False).notes[0]
+    parts = [(["blocks.0.bias_source", "blocks.0.mix"], "fitted"), (["blocks.1.mix"], "fitted")]
+    assert_same_weights(model, by_hand(_HandOnBlocks(), parts, ids))
 
 
 def test_the_passes_for_a_part_stop_at_it_and_the_original_block_runs_once_per_batch():

@@ -209,16 +209,6 @@ def _stack_position(model: nn.Module, group: str) -> tuple[str | None, int]:
     return parent, int(index)
 
 
-def _is_same(a, b) -> bool:
-    if a is b:
-        return True
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return False
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_is_same(x, y) for x, y in zip(a, b, strict=True))
-    return type(a) is type(b) and a == b
-
-
 def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor | None, tuple[tuple, dict]]:
     """A block's hidden state (its first argument) and everything else it receives."""
     if args:
@@ -268,8 +258,10 @@ def _module_inputs(
 
 class _StackReplay:
     """What one stack of repeated blocks (``model.layers``) receives per calibration batch, kept on the
-    model's device twice: as the compressed model gives it (``batches``: each block's arguments) and as
-    the original model does (``originals``: the hidden states alone, the other arguments are shared).
+    model's device twice: as the compressed model gives it (``batches``: the current block's arguments)
+    and as the original model does (``originals``: the hidden states alone, the other arguments are
+    shared). ``calls``: per batch, the arguments besides the hidden state that each block takes (masks,
+    rotary tables: Gemma 3's differ between its sliding-window and global layers).
     ``damping`` and ``anchor`` say how its parts are aimed (``compress_sequentially``); ``reconstruction``
     (``reconstruct`` with its epochs and step given, or None) tunes each block once its parts are fitted."""
 
@@ -277,16 +269,17 @@ class _StackReplay:
         self,
         name: str,
         stack: nn.Module,
-        batches: list[tuple[tuple, dict]],
+        calls: list[list[tuple[tuple, dict]]],
         damping: float,
         anchor: float,
         reconstruction: Callable[..., Reconstruction] | None,
     ):
-        self.name, self.stack, self.batches, self.position = name, stack, batches, 0
+        self.name, self.stack, self.position = name, stack, 0
+        self.batches, self.calls = [per_block[0] for per_block in calls], _without_hidden(calls)
         self.damping, self.anchor, self.reconstruction = damping, anchor, reconstruction
         self.reconstructions: list[Reconstruction] = []
         self.reconstruction_seconds = 0.0
-        self.originals = [_split_hidden(args, kwargs)[0] for args, kwargs in batches]
+        self.originals = [_split_hidden(args, kwargs)[0] for args, kwargs in self.batches]
         self.compressed_parts = 0  # parts of the model compressed when ``batches`` was taken
         self.dense_aimed = 0  # layers the plan keeps dense whose weights were aimed
         self.dense_seconds = 0.0  # spent aiming parts with nothing to compress
@@ -302,21 +295,20 @@ class _StackReplay:
         anchor: float,
         reconstruction: Callable[..., Reconstruction] | None,
     ) -> _StackReplay | None:
-        """Run the whole model once and keep what ``stack[0]`` receives; ``None`` where the blocks do
-        not form a chain."""
-        batches = _stack_inputs(model, name, blocks, batch_size)
-        return (
-            None if batches is None else cls(name, model.get_submodule(name), batches, damping, anchor, reconstruction)
-        )
+        """Run the whole model once and keep what every block receives (the hidden state only for the
+        first); ``None`` where the blocks do not form a chain."""
+        calls = _stack_inputs(model, name, blocks, batch_size)
+        return None if calls is None else cls(name, model.get_submodule(name), calls, damping, anchor, reconstruction)
 
     def recapture(self, model: nn.Module, blocks: torch.Tensor, batch_size: int, compressed_parts: int) -> bool:
         """Retake the compressed model's inputs (the original ones stay); False if the chain broke."""
         if self.position != 0:
             raise RuntimeError(f"{self.name} changed its inputs after its blocks were calibrated")
-        batches = _stack_inputs(model, self.name, blocks, batch_size)
-        if batches is None:
+        calls = _stack_inputs(model, self.name, blocks, batch_size)
+        if calls is None:
             return False
-        self.batches, self.compressed_parts = batches, compressed_parts
+        self.batches, self.calls = [per_block[0] for per_block in calls], _without_hidden(calls)
+        self.compressed_parts = compressed_parts
         return True
 
     @torch.no_grad()
@@ -419,7 +411,9 @@ class _StackReplay:
     @torch.no_grad()
     def _move_on(self, block: nn.Module, originals: list[torch.Tensor] | None = None) -> None:
         """Replace the compressed stream by what ``block`` gives for it, and the original stream by
-        ``originals`` (the original block's outputs) or, without them, by what ``block`` gives for it."""
+        ``originals`` (the original block's outputs) or, without them, by what ``block`` gives for it;
+        then hand both to the next block with its own other arguments."""
+        following = self.position + 1
         for i, (args, kwargs) in enumerate(self.batches):
             output = _hidden_of(block(*args, **kwargs))
             if originals is not None:
@@ -429,8 +423,10 @@ class _StackReplay:
             else:
                 was = _with_hidden(args, kwargs, self.originals[i])
                 self.originals[i] = _hidden_of(block(*was[0], **was[1]))
+            if following < len(self.calls[i]):
+                args, kwargs = self.calls[i][following]
             self.batches[i] = _with_hidden(args, kwargs, output)
-        self.position += 1
+        self.position = following
 
 
 def _shared_input_parts(block: nn.Module, names: list[str], batch: tuple[tuple, dict]) -> list[list[str]]:
@@ -459,41 +455,51 @@ def _shared_input_parts(block: nn.Module, names: list[str], batch: tuple[tuple, 
     return [members for _, members in parts]
 
 
+def _flat(values) -> list:
+    return [v for value in values for v in (_flat(value) if isinstance(value, tuple | list) else (value,))]
+
+
+def _without_hidden(calls: list[list[tuple[tuple, dict]]]) -> list[list[tuple[tuple, dict]]]:
+    """``calls`` with the hidden states let go (they are what the replay recomputes)."""
+    return [[_with_hidden(args, kwargs, None) for args, kwargs in per_block] for per_block in calls]
+
+
 @torch.no_grad()
-def _stack_inputs(model: nn.Module, name: str, blocks: torch.Tensor, batch_size: int) -> list | None:
-    """(args, kwargs) of ``stack[0]`` per batch from one whole-model pass, or ``None`` unless every block
-    takes the previous block's output as its hidden state and the same other arguments, and none
-    carries state between calls (a KV cache)."""
+def _stack_inputs(
+    model: nn.Module, name: str, blocks: torch.Tensor, batch_size: int
+) -> list[list[tuple[tuple, dict]]] | None:
+    """Per batch, the (args, kwargs) of every block of the stack in one whole-model pass, or ``None``
+    unless every block takes the previous block's output as its hidden state and nothing else that an
+    earlier block computed (as T5 hands on the position bias of its first block), and none carries
+    state between calls (a KV cache). The other arguments (masks, rotary tables) come from before the
+    stack, so a replay may take them as they are."""
     from transformers.cache_utils import Cache
 
     stack = model.get_submodule(name)
-    kept: list[tuple[tuple, dict]] = []
-    state = {"chained": True, "expected": 0, "output": None, "others": None}
+    calls: list[list[tuple[tuple, dict]]] = []
+    state = {"chained": True, "expected": 0, "output": None, "made": set()}
 
     def before(index: int):
         def hook(module, args, kwargs):
             hidden, others = _split_hidden(args, kwargs)
-            values = [*others[0], *others[1].values()]
-            flat = [v for value in values for v in (value if isinstance(value, tuple) else (value,))]
+            flat = _flat([*others[0], *others[1].values()])
             if index == 0:
-                kept.append((args, kwargs))
-                state["others"] = others
-            elif (
-                index != state["expected"]
-                or hidden is not state["output"]
-                or not _is_same(others[0], state["others"][0])
-                or others[1].keys() != state["others"][1].keys()
-                or not all(_is_same(v, state["others"][1][k]) for k, v in others[1].items())
-            ):
+                calls.append([])
+                state["made"] = set()
+            elif index != state["expected"] or hidden is not state["output"]:
                 state["chained"] = False
-            if hidden is None or any(isinstance(v, Cache) for v in flat):
+            if hidden is None or any(isinstance(v, Cache) or id(v) in state["made"] for v in flat):
                 state["chained"] = False
+            # Only the first block's hidden state is kept: the others' are what a replay recomputes.
+            calls[-1].append((args, kwargs) if index == 0 else _with_hidden(args, kwargs, None))
             state["expected"] = index + 1
 
         return hook
 
     def after(module, args, output):
         state["output"] = _hidden_of(output)
+        made = _flat(output if isinstance(output, tuple | list) else (output,))
+        state["made"] |= {id(v) for v in made if isinstance(v, torch.Tensor)}
 
     handles = []
     for index, block in enumerate(stack):
@@ -511,6 +517,8 @@ def _stack_inputs(model: nn.Module, name: str, blocks: torch.Tensor, batch_size:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if not state["chained"] or len(kept) != len(blocks.split(batch_size)):
+    if not state["chained"] or len(calls) != len(blocks.split(batch_size)):
         return None
-    return kept
+    if any(len(per_block) != len(stack) for per_block in calls):
+        return None
+    return calls
