@@ -204,7 +204,9 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
             replacement.embed_scale = embedding_scale(modules[name])  # as the rebuilt architecture scales
         set_submodule(model, name, replacement)
         modules[name] = replacement
-    if section["modules"]:
+    if any(spec["type"] == TIED_HEAD for spec in section["modules"].values()):
+        # As compress_ left it; a dense head tied to a dense embedding stays tied, so that export writes a
+        # config that ties it again rather than one that leaves the head to be initialised at random.
         set_untied_config(model)
     try:
         state = load_file(str(directory / WEIGHTS))
