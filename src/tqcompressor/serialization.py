@@ -251,6 +251,16 @@ def _share_again(model: nn.Module, aliases: dict[str, str]) -> None:
             setattr(model.get_submodule(module_name), attribute, parameters[original])
 
 
+def _tie_config_to_shared_head(model: nn.Module) -> None:
+    """Say the head is tied where it is the input embedding's own weight: Hugging Face stores a shared
+    weight once and, told the head is untied, initialises it at random on load (runs saved before load
+    kept such a tie in the config were written that way)."""
+    inputs, outputs = (getattr(model, f"get_{kind}_embeddings", lambda: None)() for kind in ("input", "output"))
+    weight = getattr(outputs, "weight", None)
+    if weight is not None and weight is getattr(inputs, "weight", None) and hasattr(model, "config"):
+        model.config.tie_word_embeddings = True
+
+
 def materialize(model: nn.Module, pattern: str | None = None) -> nn.Module:
     """Replace compressed modules by their dense equivalents, in place: all of them (the original
     architecture), or those whose name fully matches the regex ``pattern`` (e.g. layers whose
@@ -280,8 +290,7 @@ def materialize(model: nn.Module, pattern: str | None = None) -> nn.Module:
         if head.bias is not None:
             linear.bias = head.bias
         set_submodule(model, name, linear.to(embedding.weight.device))
-        if getattr(model, "config", None) is not None:
-            model.config.tie_word_embeddings = True
+    _tie_config_to_shared_head(model)
     if any(is_compressed(module) for module in model.modules()):
         return model
     model.tqcompressor_history = []
