@@ -252,30 +252,39 @@ class _HandOnBlock(nn.Module):
 
 
 class _HandOnBlocks(nn.Module):
-    """The first block computes a bias the others take as an argument (T5 hands on its position bias so):
-    a replay of the original model's arguments would give the later blocks the uncompressed one."""
+    """Blocks that hand a bias on, computed by the first block (T5 hands on its position bias so: a replay
+    of the original model's arguments would give the later blocks the uncompressed one) or, with
+    ``bias_first``, before the stack (each block then hands back what it was given)."""
 
-    def __init__(self):
+    def __init__(self, bias_first: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(120, 24)
         self.blocks = nn.ModuleList(_HandOnBlock() for _ in range(2))
         self.head = nn.Linear(24, 120)
+        self.bias_first = bias_first
 
     def forward(self, ids):
-        hidden, bias = self.embed(ids), None
+        hidden = self.embed(ids)
+        bias = torch.tanh(hidden.flip(-1)) if self.bias_first else None
         for block in self.blocks:
             hidden, bias = block(hidden, bias=bias)
         return self.head(hidden)
 
 
-def test_blocks_handed_what_an_earlier_block_computed_are_calibrated_on_whole_model_passes():
+@pytest.mark.parametrize("bias_first", [False, True])
+def test_blocks_handed_what_an_earlier_block_computed_are_calibrated_on_whole_model_passes(bias_first):
     ids = blocks(count=16)
     plan = tq.CompressionPlan([tq.Rule(r"blocks\.(\d+\.mix|0\.bias_source)", CONFIG)])
-    model = _HandOnBlocks()
-    assert "2 blocks: 0 on kept inputs" in compress_sequentially(model, plan, ids, progress=False).notes[0]
-    parts = [(["blocks.0.bias_source", "blocks.0.mix"], "fitted"), (["blocks.1.mix"], "fitted")]
-    assert_same_weights(model, by_hand(_HandOnBlocks(), parts, ids))
+    if bias_first:  # what each block hands on it was given: the chain holds
+        plan = tq.CompressionPlan([tq.Rule(r"blocks\.\d+\.mix", CONFIG)])
+    model = _HandOnBlocks(bias_first)
+    note = compress_sequentially(model, plan, ids, progress=False, aim_dense=False).notes[0]
+    assert f"2 blocks: {2 if bias_first else 0} on kept inputs" in note
+    parts = [(["blocks.0.mix"], "aimed"), (["blocks.1.mix"], "aimed")]
+    if not bias_first:
+        parts = [(["blocks.0.bias_source", "blocks.0.mix"], "fitted"), (["blocks.1.mix"], "fitted")]
+    assert_same_weights(model, by_hand(_HandOnBlocks(bias_first), parts, ids))
 
 
 def test_the_passes_for_a_part_stop_at_it_and_the_original_block_runs_once_per_batch():

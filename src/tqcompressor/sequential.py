@@ -496,15 +496,16 @@ def _stack_inputs(
 
         return hook
 
-    def after(module, args, output):
+    def after(module, args, kwargs, output):
         state["output"] = _hidden_of(output)
+        given = {id(v) for v in _flat([*args, *kwargs.values()])}  # handed back, not made (a mask, say)
         made = _flat(output if isinstance(output, tuple | list) else (output,))
-        state["made"] |= {id(v) for v in made if isinstance(v, torch.Tensor)}
+        state["made"] |= {id(v) for v in made if isinstance(v, torch.Tensor) and id(v) not in given}
 
     handles = []
     for index, block in enumerate(stack):
         handles.append(block.register_forward_pre_hook(before(index), with_kwargs=True))
-        handles.append(block.register_forward_hook(after))
+        handles.append(block.register_forward_hook(after, with_kwargs=True))
     use_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     device = next(model.parameters()).device
     was_training = model.training
