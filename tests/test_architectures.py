@@ -35,6 +35,13 @@ def llama_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**{**settings, "num_attention_heads": 4, "num_key_value_heads": 2, **overrides})
 
 
+def gemma3_config(**overrides):
+    from transformers import Gemma3TextConfig
+
+    settings = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8)
+    return Gemma3TextConfig(**{**settings, "num_attention_heads": 4, "num_key_value_heads": 2, **overrides})
+
+
 def llama():
     config = llama_config(tie_word_embeddings=False)
     return LlamaForCausalLM(config), [
@@ -252,14 +259,13 @@ def test_encoder_decoder_models_compress_by_plan_and_refuse_what_runs_them_on_to
 def test_a_scaled_token_embedding_stays_scaled_compressed_saved_loaded_materialized_and_exported(tmp_path):
     """Gemma (and BART, M2M100, ...) multiply the rows they look up by √d in the embedding's own forward;
     a compressed table standing in for it must too, and every way back to a dense model keeps it."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3ForCausalLM
 
     from tqcompressor.allocation import compressible_modules
     from tqcompressor.export import export
 
     torch.manual_seed(0)
-    sizes = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8)
-    model = Gemma3ForCausalLM(Gemma3TextConfig(**sizes, num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = Gemma3ForCausalLM(gemma3_config()).eval()
     assert float(model.model.embed_tokens.embed_scale) == pytest.approx(32**0.5)
     assert "model.embed_tokens" in compressible_modules(model)
     ids = torch.randint(0, 120, (2, 10))

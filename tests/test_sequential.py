@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_architectures import llama_config
+from test_architectures import gemma3_config, llama_config
 from test_calibration import blocks, tiny_gpt2
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
@@ -107,21 +107,11 @@ def gpt2_3_layers():
 
 def gemma3_3_layers():
     """Blocks whose other arguments differ: a sliding-window layer takes its own mask and rotary tables."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import Gemma3ForCausalLM
 
     torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=120,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        sliding_window=8,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-    )
-    return Gemma3ForCausalLM(config)
+    layers = ["sliding_attention", "full_attention", "sliding_attention"]
+    return Gemma3ForCausalLM(gemma3_config(num_hidden_layers=3, sliding_window=8, layer_types=layers))
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama", "gemma3"])
