@@ -65,6 +65,18 @@ def test_greedy_on_the_hulls_is_within_one_step_of_the_best_choice():
         assert best - 1e-12 <= greedy <= best + largest_step
 
 
+def test_parameters_the_hull_steps_leave_spare_go_to_a_candidate_off_the_hull():
+    """m's candidate of 58 parameters lies above its hull (100, 50, 10): the walk takes 50 and frees 10
+    more than the budget asks; those 10 buy m the 58 back, the best choice (brute force: 4.9)."""
+    lowrank = tq.LowRankConfig(rank=1)
+    m = [Candidate("m", None, 100, 0.0), *(Candidate("m", lowrank, p, loss) for p, loss in ((90, 3.0), (58, 3.9)))]
+    m += [Candidate("m", lowrank, 50, 4.0), Candidate("m", lowrank, 10, 20.0)]
+    n = [Candidate("n", None, 100, 0.0), Candidate("n", lowrank, 40, 1.0)]
+    assert [c.params for c in lower_hull(m)] == [100, 50, 10]
+    chosen = allocate({"m": m, "n": n}, 100)
+    assert (chosen["m"].params, chosen["n"].params) == (58, 40)
+
+
 def test_lower_hull_keeps_only_convex_undominated_points():
     points = [(100, 0.0), (80, 1.0), (70, 5.0), (60, 2.5), (40, 3.0), (40, 9.0), (10, 20.0)]
     hull = lower_hull([Candidate("m", None, p, loss) for p, loss in points])

@@ -158,7 +158,21 @@ def allocate(options: dict[str, list[Candidate]], saving: int) -> dict[str, Cand
         hull = hulls[name]
         freed -= hull[position[name] - 1].params - hull[position[name]].params
         position[name] -= 1
-    return {name: hull[position[name]] for name, hull in hulls.items()}
+    chosen = {name: hull[position[name]] for name, hull in hulls.items()}
+    # The hulls leave out candidates a convex walk never takes, some of which fit what the budget still
+    # spares for less loss: on a model whose embedding is most of it, that is most of the spare budget.
+    while True:
+        ups = [
+            (chosen[name].cost - candidate.cost, candidate)
+            for name, found in options.items()
+            for candidate in found
+            if 0 < candidate.params - chosen[name].params <= freed - saving and candidate.cost < chosen[name].cost
+        ]
+        if not ups:
+            return chosen
+        _, candidate = max(ups, key=lambda up: up[0])
+        freed -= candidate.params - chosen[candidate.module].params
+        chosen[candidate.module] = candidate
 
 
 @dataclass
