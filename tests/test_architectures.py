@@ -314,3 +314,46 @@ def test_an_embedding_that_computes_more_than_a_lookup_is_refused_by_plans_and_l
     assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
     names = compressible_modules(model)
     assert "model.embed_tokens" not in names and "model.layers.0.mlp.up_proj" in names
+
+
+def test_a_multimodal_model_compresses_its_language_model_by_budget_and_leaves_its_vision_tower(tmp_path, capsys):
+    """Gemma 3 with a vision tower, calibrated on text: the budget chooses among the modules the text runs
+    through (the rest stay as they are, named), and the sequential fit keeps the language model's inputs
+    (its cache switch lives in the text config)."""
+    from conftest import gpt2_tokenizer
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from tqcompressor.cli import main
+    from tqcompressor.export import export
+    from tqcompressor.sequential import compress_sequentially
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28)
+    config = Gemma3Config(
+        text_config=gemma3_config(vocab_size=50260),
+        vision_config={**vision, "patch_size": 14},
+        mm_tokens_per_image=4,
+        boi_token_index=50257,
+        eoi_token_index=50258,
+        image_token_index=50259,
+    )
+    model = Gemma3ForConditionalGeneration(config).eval()
+    language = CompressionPlan([Rule(r"model\.language_model\.layers\.\d+\.mlp\.\w+_proj", LowRankConfig(rank=8))])
+    report = compress_sequentially(copy.deepcopy(model), language, torch.randint(0, 50257, (8, 16)), progress=False)
+    assert "2 blocks: 2 on kept inputs" in report.notes[0]
+
+    model.save_pretrained(tmp_path / "mm")
+    gpt2_tokenizer().save_pretrained(tmp_path / "mm")
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "a.txt").write_text("It was the best of times, it was the worst of times. " * 400)
+    run = ["compress", "--model", str(tmp_path / "mm"), "--calibration", str(tmp_path / "books")]
+    assert main([*run, "--target-ratio", "0.8", "--calibration-tokens", "2048", "--out", str(tmp_path / "run")]) == 0
+    table = (tmp_path / "run" / "allocation.txt").read_text()
+    assert "vision_tower" not in table.split("parameters after")[0]
+    assert "stay as they are (the most in model.vision_tower" in table
+    compressed = load(tmp_path / "run")
+    assert count_parameters(compressed) <= round(0.8 * count_parameters(model))
+    ids = torch.randint(0, 50257, (2, 12))
+    export(tmp_path / "run", tmp_path / "hf")
+    stock = Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    torch.testing.assert_close(stock(ids).logits, compressed(ids).logits, rtol=1e-4, atol=1e-5)

@@ -207,6 +207,23 @@ def check_finite(stats: CalibrationStats) -> None:
 
 
 @torch.no_grad()
+def forward_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> list[str]:
+    """``names`` in the order a forward pass over ``sample`` first calls them; those it never calls (a
+    multimodal model's vision tower, on text) are left out."""
+    order: list[str] = []
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            model(sample.to(next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(order))
+
+
 def collect(
     model: nn.Module,
     names: list[str],
@@ -299,7 +316,10 @@ def collect(
     )
     missing = [name for name in [*linear, *embeddings] if name not in owner]
     if missing:
-        raise ValueError(f"the calibration text never reached {missing[:3]}: they are not used in forward")
+        raise ValueError(
+            f"the calibration text never reached {missing[:3]}: they are not used in forward (leave them out; "
+            "a budget chooses only among what the text reaches)"
+        )
     if fisher and linear:
         started = time.perf_counter()
         stats.outputs = fisher_moments(model, linear, blocks, batch_size, progress)

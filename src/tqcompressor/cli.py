@@ -14,7 +14,7 @@ import torch
 
 from .allocation import allocation_plan, check_min_kept, compressible_modules, offered_methods
 from .assets import default_model
-from .calibration import CalibrationStats, calibration_targets, collect, fisher_moments
+from .calibration import CalibrationStats, calibration_targets, collect, fisher_moments, forward_order
 from .data import id_counts, load_blocks, pack_blocks, token_ids
 from .depth import keep_layers_
 from .distillation import DistillationLoss
@@ -169,7 +169,7 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path, d
         )
     if args.target_ratio is not None and not 0 < args.target_ratio < 1:
         raise ValueError(f"--target-ratio must be between 0 and 1, got {args.target_ratio}")
-    stats, blocks = _calibration(args, model, tokenizer, compressible_modules(model))
+    stats, blocks = _calibration(args, model, tokenizer, compressible_modules(model), reached_only=True)
     target = args.target_params or round(args.target_ratio * count_parameters(model))
     probe_blocks = None
     if not args.no_sensitivity:
@@ -263,16 +263,19 @@ def _token_counts(model, ids: list[int], names: list[str]) -> torch.Tensor | Non
 
 
 def _calibration(
-    args: argparse.Namespace, model, tokenizer, names: list[str]
+    args: argparse.Namespace, model, tokenizer, names: list[str], reached_only: bool = False
 ) -> tuple[CalibrationStats | None, torch.Tensor | None]:
-    """(statistics of the modules ``names``: loaded, collected from --calibration, or none; the
-    calibration blocks, where --calibration gives them)."""
+    """(statistics of the modules ``names`` (with ``reached_only``, of those the text runs through):
+    loaded, collected from --calibration, or none; the calibration blocks, where --calibration gives them)."""
     if args.calibration_stats:
         return CalibrationStats.load(args.calibration_stats), None
     if not args.calibration:
         return None, None
     calibration_targets(model, names)  # refuses a model calibration cannot run on before the text is read
     blocks, ids = _calibration_text(args, model, tokenizer)
+    if reached_only:
+        reached = set(forward_order(model, names, blocks[:1]))
+        names = [name for name in names if name in reached]
     counts = _token_counts(model, ids, names)
     stats = collect(model, names, blocks, progress=not args.quiet, token_counts=counts, fisher=args.fisher)
     print(f"calibration: {json.dumps(stats.summary())}", file=sys.stderr)

@@ -24,7 +24,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationStats, calibration_targets, check_finite, check_token_count, collect, weight_digest
+from .calibration import (
+    CalibrationStats,
+    calibration_targets,
+    check_finite,
+    check_token_count,
+    collect,
+    forward_order,
+    weight_digest,
+)
 from .linalg import aimed_weight
 from .methods.targets import LINEAR_TYPES, dense_weight
 from .params import count_parameters
@@ -82,7 +90,7 @@ def compress_sequentially(
     steps = resolve(model, plan)  # the whole plan is checked before anything changes
     names = list(dict.fromkeys(name for _, name in steps))
     calibration_targets(model, names)
-    order = _forward_order(model, names, blocks[:1])
+    order = forward_order(model, names, blocks[:1])
     unreached = [name for name in names if name not in order]
     if unreached:
         raise ValueError(f"the calibration text never reached {unreached[:3]}: they are not used in forward")
@@ -176,22 +184,6 @@ def compress_sequentially(
 def _all_linear(model: nn.Module, members: list[str]) -> bool:
     """Whether kept block inputs can serve ``members``: they hold no embedding."""
     return calibration_targets(model, members)[0] == members
-
-
-def _forward_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> list[str]:
-    """``names`` in the order one forward pass first calls them."""
-    order: list[str] = []
-    handles = [
-        model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: order.append(name))
-        for name in names
-    ]
-    try:
-        with torch.no_grad():
-            model(sample.to(next(model.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(dict.fromkeys(order))
 
 
 def _block(name: str) -> str:
@@ -506,7 +498,9 @@ def _stack_inputs(
     for index, block in enumerate(stack):
         handles.append(block.register_forward_pre_hook(before(index), with_kwargs=True))
         handles.append(block.register_forward_hook(after, with_kwargs=True))
-    use_cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal: its own
+    use_cache = {"use_cache": False} if hasattr(text_config, "use_cache") else {}
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
