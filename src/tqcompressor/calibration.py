@@ -206,7 +206,6 @@ def check_finite(stats: CalibrationStats) -> None:
             raise ValueError(f"the output gradients of {name} hold NaN or infinite values on the calibration text")
 
 
-@torch.no_grad()
 def forward_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> list[str]:
     """``names`` in the order a forward pass over ``sample`` first calls them; those it never calls (a
     multimodal model's vision tower, on text) are left out."""
@@ -224,6 +223,7 @@ def forward_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> l
     return list(dict.fromkeys(order))
 
 
+@torch.no_grad()
 def collect(
     model: nn.Module,
     names: list[str],
