@@ -263,17 +263,17 @@ class _HandOnBlocks(nn.Module):
 
 
 @pytest.mark.parametrize("bias_first", [False, True])
-def test_blocks_handed_what_an_earlier_block_computed_are_calibrated_on_whole_model_passes(bias_first):
+def test_blocks_keep_their_inputs_unless_handed_what_an_earlier_block_computed(bias_first):
     ids = blocks(count=16)
-    plan = tq.CompressionPlan([tq.Rule(r"blocks\.(\d+\.mix|0\.bias_source)", CONFIG)])
-    if bias_first:  # what each block hands on it was given: the chain holds
-        plan = tq.CompressionPlan([tq.Rule(r"blocks\.\d+\.mix", CONFIG)])
+    if bias_first:  # each block hands back the bias made before the stack: the chain holds
+        plan, kept = tq.CompressionPlan([tq.Rule(r"blocks\.\d+\.mix", CONFIG)]), 2
+        parts = [(["blocks.0.mix"], "aimed"), (["blocks.1.mix"], "aimed")]
+    else:  # the first block makes it: the whole-model way, each block's modules together, not aimed
+        plan, kept = tq.CompressionPlan([tq.Rule(r"blocks\.(\d+\.mix|0\.bias_source)", CONFIG)]), 0
+        parts = [(["blocks.0.bias_source", "blocks.0.mix"], "fitted"), (["blocks.1.mix"], "fitted")]
     model = _HandOnBlocks(bias_first)
     note = compress_sequentially(model, plan, ids, progress=False, aim_dense=False).notes[0]
-    assert f"2 blocks: {2 if bias_first else 0} on kept inputs" in note
-    parts = [(["blocks.0.mix"], "aimed"), (["blocks.1.mix"], "aimed")]
-    if not bias_first:
-        parts = [(["blocks.0.bias_source", "blocks.0.mix"], "fitted"), (["blocks.1.mix"], "fitted")]
+    assert f"2 blocks: {kept} on kept inputs" in note
     assert_same_weights(model, by_hand(_HandOnBlocks(bias_first), parts, ids))
 
 
