@@ -316,7 +316,7 @@ def test_an_embedding_that_computes_more_than_a_lookup_is_refused_by_plans_and_l
     assert "model.embed_tokens" not in names and "model.layers.0.mlp.up_proj" in names
 
 
-def test_a_multimodal_model_compresses_its_language_model_by_budget_and_leaves_its_vision_tower(tmp_path, capsys):
+def test_a_multimodal_model_compresses_its_language_model_by_budget_and_leaves_its_vision_tower(tmp_path):
     """Gemma 3 with a vision tower, calibrated on text: the budget chooses among the modules the text runs
     through (the rest stay as they are, named), and the sequential fit keeps the language model's inputs
     (its cache switch lives in the text config)."""
