@@ -267,7 +267,7 @@ class _StackReplay:
         reconstruction: Callable[..., Reconstruction] | None,
     ):
         self.name, self.stack, self.position = name, stack, 0
-        self.batches, self.calls = [per_block[0] for per_block in calls], _without_hidden(calls)
+        self._keep(calls)
         self.damping, self.anchor, self.reconstruction = damping, anchor, reconstruction
         self.reconstructions: list[Reconstruction] = []
         self.reconstruction_seconds = 0.0
@@ -299,9 +299,15 @@ class _StackReplay:
         calls = _stack_inputs(model, self.name, blocks, batch_size)
         if calls is None:
             return False
-        self.batches, self.calls = [per_block[0] for per_block in calls], _without_hidden(calls)
+        self._keep(calls)
         self.compressed_parts = compressed_parts
         return True
+
+    def _keep(self, calls: list[list[tuple[tuple, dict]]]) -> None:
+        """From ``_stack_inputs``: the first block's arguments as the stream to replay, and every block's
+        other arguments to hand it on with (the hidden states let go: the replay recomputes them)."""
+        self.batches = [per_block[0] for per_block in calls]
+        self.calls = [[_with_hidden(args, kwargs, None) for args, kwargs in per_block] for per_block in calls]
 
     @torch.no_grad()
     def advance_to(self, index: int, model: nn.Module, tokens: int, aim: bool) -> None:
@@ -449,11 +455,6 @@ def _shared_input_parts(block: nn.Module, names: list[str], batch: tuple[tuple, 
 
 def _flat(values) -> list:
     return [v for value in values for v in (_flat(value) if isinstance(value, tuple | list) else (value,))]
-
-
-def _without_hidden(calls: list[list[tuple[tuple, dict]]]) -> list[list[tuple[tuple, dict]]]:
-    """``calls`` with the hidden states let go (they are what the replay recomputes)."""
-    return [[_with_hidden(args, kwargs, None) for args, kwargs in per_block] for per_block in calls]
 
 
 @torch.no_grad()

@@ -200,7 +200,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     # Embeddings first, so that tied heads can reference their rebuilt embedding.
     for name, spec in sorted(section["modules"].items(), key=lambda kv: kv[1]["type"] == TIED_HEAD):
         replacement = _placeholder(spec, modules)
-        if is_embedding(replacement) and is_compressed(replacement):
+        if is_embedding(replacement):  # a compressed one: no placeholder is a dense table
             replacement.embed_scale = embedding_scale(modules[name])  # as the rebuilt architecture scales
         set_submodule(model, name, replacement)
         modules[name] = replacement
