@@ -175,3 +175,36 @@ def test_a_bf16_checkpoint_is_fitted_in_float32_and_written_and_exported_in_bf16
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         assert (dense(ids).logits - logits).norm() < 0.02 * logits.norm()  # the factors' product, rounded
+
+
+def test_export_writes_the_dtype_asked_for_and_refuses_others(tmp_path, capsys):
+    """A distilled run is stored in float32, as trained; shipping it in bf16 is export --dtype."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from tqcompressor.export import export
+
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=120, num_key_value_heads=2, **sizes)).eval()
+    plan = tq.CompressionPlan([tq.Rule(r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj", tq.LowRankConfig(ratio=0.5))])
+    tq.compress_(model, plan, progress=False)
+    tq.save(model, tmp_path / "run")
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    for dtype, stored, tolerance in [("bfloat16", "BF16", 0.02), ("float16", "F16", 0.005), ("float32", "F32", 1e-5)]:
+        out = tmp_path / dtype
+        assert main(["export", str(tmp_path / "run"), str(out), "--dtype", dtype]) == 0
+        with safe_open(str(out / "model.safetensors"), "pt") as weights:
+            assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {stored}  # noqa: SIM118
+        assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+        dense = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert (dense(ids).logits - expected).norm() < tolerance * expected.norm()
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "run"), str(tmp_path / "int8"), "--dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err and not (tmp_path / "int8").exists()
+    with pytest.raises(ValueError, match=r"torch\.int8 is not a floating dtype"):
+        export(tmp_path / "run", tmp_path / "int8", dtype=torch.int8)
+    assert not (tmp_path / "int8").exists()

@@ -336,7 +336,8 @@ def _print_result(result: dict, json_path: str | None) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    print(f"exported to {export(args.directory, args.out, args.overwrite)}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    print(f"exported to {export(args.directory, args.out, args.overwrite, dtype)}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -625,6 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("directory", metavar="RUN_DIR", help="a directory written by compress or distill")
     x.add_argument("out")
     x.add_argument("--overwrite", action="store_true")
+    x.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="write the weights in this dtype (default: as the run is stored; distill writes float32)",
+    )
     x.set_defaults(run=_export)
 
     i = commands.add_parser("inspect", help="per-layer report and sizes of a compressed directory")

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .loading import stored_dtype
 from .serialization import load, materialize, read_config, refuse_to_clobber, write_atomically
 
 
-def export(run: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def export(run: str | Path, out: str | Path, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """``dtype``: the floating dtype the weights are written in (default: the run's own, which for a
+    ``distill`` output is the float32 it trained in)."""
     run, out = Path(run), Path(out)
     refuse_to_clobber(out, overwrite)
     read_config(run)  # a clear error for a directory that is not a saved model
-    model = materialize(load(run)).to(stored_dtype(str(run)))  # as the run is stored, not as loaded
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"export writes floating weights; {dtype} is not a floating dtype")
+    model = materialize(load(run)).to(dtype or stored_dtype(str(run)))  # as the run is stored, not as loaded
     tokenizer = None
     if any((run / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         from transformers import AutoTokenizer
