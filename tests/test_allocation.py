@@ -415,3 +415,22 @@ def test_losses_do_not_depend_on_a_layers_output_scale():
     for quiet, loud in zip(candidates(name, module, stats), candidates(name, louder, stats), strict=True):
         assert quiet.params == loud.params
         assert loud.loss == pytest.approx(quiet.loss, rel=1e-6, abs=1e-12)
+
+
+def test_a_layer_of_zeros_is_priced_at_no_loss_and_the_budget_is_still_met():
+    """Nothing to lose and nothing to measure: its candidates cost 0, and no sensitivity probe is run."""
+    model = tiny_gpt2()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_proj.weight.zero_()
+    ids = torch.randint(0, 120, (8, 32), generator=torch.Generator().manual_seed(0))
+    stats = collect(model, compressible_modules(model), ids, progress=False)
+    found = candidates(
+        "transformer.h.0.mlp.c_proj",
+        model.transformer.h[0].mlp.c_proj,
+        stats.for_module(name := "transformer.h.0.mlp.c_proj"),
+    )
+    assert {c.method for c in found} == {"dense", "lowrank", "kronecker"} and all(c.loss == 0 for c in found)
+    target = tq.count_parameters(model) - 8_000
+    allocation = allocation_plan(model, stats, target, sensitivity_blocks=ids[:2])
+    assert name not in allocation.measured and allocation.params <= target
+    assert allocation.chosen[name].params == min(c.params for c in found)

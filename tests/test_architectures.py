@@ -206,6 +206,64 @@ def test_a_budget_names_the_parameters_it_cannot_reach_such_as_mixture_of_expert
     assert f"{sum(outside.values()):,} parameters outside the modules chosen for stay" in allocation.table()
 
 
+def test_a_router_that_subclasses_linear_is_refused_by_plans_and_left_out_of_budgets():
+    """Phi-MoE's router is an nn.Linear whose forward returns its top-k choice; a compressed layer in its
+    place would return logits alone. Falcon's nn.Linear subclass computes the product alone and stays in."""
+    from transformers import FalconConfig, FalconForCausalLM, PhimoeConfig, PhimoeForCausalLM
+
+    from tqcompressor.allocation import compressible_modules, linear_layers
+    from tqcompressor.calibration import collect
+
+    torch.manual_seed(0)
+    settings = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = PhimoeConfig(**settings, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = PhimoeForCausalLM(config).eval()
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    plan = CompressionPlan([Rule(r"model\.layers\.0\.mlp\.router", LowRankConfig(rank=2))])
+    with pytest.raises(ValueError, match=r"mlp\.router: cannot compress a PhimoeTopKRouter: its forward computes more"):
+        compress_(model, plan, progress=False)
+    assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
+    names = compressible_modules(model)
+    assert "model.layers.0.self_attn.q_proj" in names and not any(name.endswith("router") for name in names)
+    blocks = torch.randint(0, 120, (4, 16))
+    stats = collect(model, linear_layers(model), blocks, progress=False, fisher=True)  # routers' outputs are tuples
+    target = round(0.97 * count_parameters(model))
+    compress_(model, calibration=stats, target_params=target, progress=False)
+    assert count_parameters(model) <= target and model(blocks[:1]).logits.isfinite().all()
+
+    falcon = FalconForCausalLM(FalconConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
+    assert type(falcon.transformer.h[0].self_attention.dense).__name__ == "FalconLinear"
+    assert "transformer.h.0.self_attention.dense" in compressible_modules(falcon)
+
+
+def test_a_budget_leaves_out_what_no_method_can_shrink():
+    """Qwen2-MoE gates its shared expert with a linear layer of one output: no rank is below 1."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from tqcompressor.allocation import allocation_plan, compressible_modules
+    from tqcompressor.calibration import collect
+
+    torch.manual_seed(0)
+    settings = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = Qwen2MoeConfig(
+        **settings,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+    )
+    model = Qwen2MoeForCausalLM(config).eval()
+    names = compressible_modules(model)
+    assert "model.layers.0.mlp.shared_expert_gate" in names
+    blocks = torch.randint(0, 120, (4, 16))
+    stats = collect(model, names, blocks, progress=False)
+    allocation = allocation_plan(model, stats, round(0.8 * count_parameters(model)), sensitivity_blocks=blocks[:2])
+    assert "model.layers.0.mlp.shared_expert_gate" not in allocation.chosen
+    assert "model.layers.0.mlp.shared_expert_gate.weight" in allocation.outside
+    assert allocation.params <= round(0.8 * count_parameters(model))
+
+
 def test_encoder_decoder_models_compress_by_plan_and_refuse_what_runs_them_on_token_ids_clearly(tmp_path, capsys):
     from transformers import GPT2TokenizerFast, T5Config, T5ForConditionalGeneration
 

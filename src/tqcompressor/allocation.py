@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationStats
 from .methods import MethodConfig, get_method, method_names
-from .methods.targets import LINEAR_TYPES, embedding_scale
+from .methods.targets import embedding_scale, is_linear
 from .params import count_parameters, parameters_outside
 from .plan import CompressionPlan, Rule
 from .statistics import InputStats, TokenStats
@@ -212,10 +212,11 @@ def left_as_is(outside: dict[str, int]) -> str:
 
 
 def linear_layers(model: nn.Module) -> list[str]:
-    """Every linear layer of the model but its output head."""
+    """Every linear layer of the model but its output head (and but subclasses that compute more than the
+    product, such as routers: ``targets.is_linear``)."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if getter is not None else None
-    return [name for name, module in model.named_modules() if isinstance(module, LINEAR_TYPES) and module is not head]
+    return [name for name, module in model.named_modules() if is_linear(module) and module is not head]
 
 
 def compressible_modules(model: nn.Module) -> list[str]:
@@ -358,6 +359,11 @@ def allocation_plan(
         raise ValueError("the calibration statistics describe none of the model's linear layers or token embedding")
     stats.check(model, names)
     offered = {name: candidates(name, model.get_submodule(name), stats.for_module(name), methods) for name in names}
+    # What no method can shrink (Qwen2-MoE's gate to its shared expert: one output) stays out of the choice.
+    offered = {name: found for name, found in offered.items() if len(found) > 1}
+    if not offered:
+        raise ValueError(f"no registered method can shrink any of {', '.join(names[:3])}, ...")
+    names = list(offered)
     # The floor leaves the candidates to choose from; a sensitivity probe may lie below it.
     options = {name: [c for c in found if c.params >= min_kept * found[0].params] for name, found in offered.items()}
     total = count_parameters(model)
@@ -375,10 +381,12 @@ def allocation_plan(
             f"{', '.join(unpriced[:3])} have no Fisher estimate to weigh against the other modules' KL: "
             "give sensitivity blocks to measure them"
         )
-    if sensitivity_blocks is not None and unpriced:
-        probes = {name: probe(offered[name]) for name in unpriced}
+    # Where every candidate is lossless (a weight of zeros) there is nothing to measure: each costs 0.
+    unpriced_lossy = [name for name in unpriced if any(c.loss > 0 for c in offered[name])]
+    if sensitivity_blocks is not None and unpriced_lossy:
+        probes = {name: probe(offered[name]) for name in unpriced_lossy}
         kl = measure_divergence(model, probes, stats, sensitivity_blocks, progress=progress)
-        measured = {name: {probes[name].loss: kl[name]} for name in unpriced}
+        measured = {name: {probes[name].loss: kl[name]} for name in unpriced_lossy}
 
         def weighted_options() -> dict[str, list[Candidate]]:
             return {n: weighed(found, measured[n]) if n in measured else found for n, found in options.items()}
@@ -388,7 +396,7 @@ def allocation_plan(
         # probe at 50% predicts. Measuring where the choice fell puts a point there.
         for _ in range(refinements):
             chosen = allocate(weighted_options(), total - target_params)
-            new = {n: chosen[n] for n in unpriced if chosen[n].config is not None and chosen[n].loss not in measured[n]}
+            new = {n: chosen[n] for n in measured if chosen[n].config is not None and chosen[n].loss not in measured[n]}
             if not new:
                 break
             for name, value in measure_divergence(model, new, stats, sensitivity_blocks, progress=progress).items():

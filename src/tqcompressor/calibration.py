@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .loading import check_runs_on_token_ids
 from .methods import is_embedding
-from .methods.targets import LINEAR_TYPES, dense_weight
+from .methods.targets import dense_weight, is_linear
 from .statistics import InputStats, TokenStats
 
 FORMAT = "tqcompressor-calibration-1"
@@ -167,7 +167,7 @@ def calibration_targets(model: nn.Module, names: list[str]) -> tuple[list[str], 
     linear, embeddings = [], []
     for name in dict.fromkeys(names):
         module = model.get_submodule(name)
-        if isinstance(module, LINEAR_TYPES):
+        if is_linear(module):
             linear.append(name)
         elif isinstance(module, nn.Embedding):
             embeddings.append(name)

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def relative(squared_error: torch.Tensor | float, squared_reference: torch.Tensor | float) -> float:
+    """(error / reference)^½. A reference of zeros (a layer of zero weights, inputs that are all zero) is
+    matched by no error at all and by nothing else."""
+    error, reference = max(float(squared_error), 0.0), float(squared_reference)
+    if reference > 0:
+        return (error / reference) ** 0.5
+    return 0.0 if error == 0 else math.inf
 
 
 def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
@@ -82,9 +93,9 @@ def weighted_error(
     w, weight = row_weights.double()[:, None], weight.detach().double()
     delta = weight - approximation.detach().double()
     if column_second_moment is None:
-        return float(((w * delta**2).sum() / (w * weight**2).sum()).sqrt())
+        return relative((w * delta**2).sum(), (w * weight**2).sum())
     c = column_second_moment.double()
-    return float(((w * delta * (delta @ c)).sum() / (w * weight * (weight @ c)).sum()).clamp_min(0).sqrt())
+    return relative((w * delta * (delta @ c)).sum(), (w * weight * (weight @ c)).sum())
 
 
 def calibrated_error(weight: torch.Tensor, approximation: torch.Tensor, second_moment: torch.Tensor) -> float:
@@ -92,7 +103,7 @@ def calibrated_error(weight: torch.Tensor, approximation: torch.Tensor, second_m
     c = second_moment.double()
     w = weight.detach().double()
     delta = w - approximation.detach().double()
-    return float(((delta * (c @ delta)).sum() / (w * (c @ w)).sum()).clamp_min(0).sqrt())
+    return relative((delta * (c @ delta)).sum(), (w * (c @ w)).sum())
 
 
 def aimed_weight(

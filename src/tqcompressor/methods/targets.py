@@ -9,14 +9,33 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..linalg import relative
 from .base import CompressedModule
 
 Layout = Literal["linear", "conv1d"]
 LINEAR_TYPES = (nn.Linear, Conv1D)
+# Subclasses whose own forward still computes x Wᵀ + b. Of the eight nn.Linear subclasses in transformers
+# 5.25 only Falcon's is; the others route to experts (Phi-MoE, Llama 4), group, rescale or look up.
+_PLAIN_LINEAR_SUBCLASSES = {"transformers.models.falcon.modeling_falcon.FalconLinear"}
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or ``Conv1D`` whose forward is the product alone, so a compressed layer can stand
+    in for it."""
+    kind = type(module)
+    return isinstance(module, LINEAR_TYPES) and (
+        kind.forward in (nn.Linear.forward, Conv1D.forward)
+        or f"{kind.__module__}.{kind.__qualname__}" in _PLAIN_LINEAR_SUBCLASSES
+    )
 
 
 def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, Layout]:
     """(W with shape in x out, bias, layout) of an ``nn.Linear`` or Hugging Face ``Conv1D``."""
+    if isinstance(module, LINEAR_TYPES) and not is_linear(module):
+        raise TypeError(
+            f"cannot compress a {type(module).__name__}: its forward computes more than its weight's product "
+            "(a router's top-k choice, a rescaling, ...), which no compressed layer would"
+        )
     if isinstance(module, nn.Linear):
         return module.weight.detach().T, module.bias, "linear"
     if isinstance(module, Conv1D):
@@ -91,7 +110,7 @@ def optional_bias(bias: torch.Tensor | None) -> nn.Parameter | None:
 
 def relative_error(approximation: torch.Tensor, reference: torch.Tensor) -> float:
     reference = reference.detach().double()
-    return float(torch.linalg.norm(approximation.detach().double() - reference) / torch.linalg.norm(reference))
+    return relative((approximation.detach().double() - reference).square().sum(), reference.square().sum())
 
 
 def permute_dense_outputs(module: nn.Module, index: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ...linalg import whitening_factor
+from ...linalg import relative, whitening_factor
 from .factors import KroneckerFactors, checked_orders, fit_factors
 from .shapes import KroneckerShape
 
@@ -155,7 +155,7 @@ def calibrated_factors(
         a = torch.linalg.solve_triangular(t1.expand(shape.rank, n1, n1), a, upper=False, left=False)
         b = torch.linalg.solve_triangular(t2.expand(shape.rank, n2, n2), b, upper=False, left=False)
     best = _objective(norm, c4, cw4, a, b, g1, g2)
-    history = [max(best, 0.0) ** 0.5 / norm**0.5]
+    history = [relative(best, norm)]
     for _ in range(iterations):
         before = best
         for step in ("a", "b"):
@@ -164,7 +164,7 @@ def calibrated_factors(
             value = _objective(norm, c4, cw4, candidate_a, candidate_b, g1, g2)
             if value < best:
                 a, b, best = candidate_a, candidate_b, value
-        history.append(max(best, 0.0) ** 0.5 / norm**0.5)
+        history.append(relative(best, norm))
         if before - best <= tolerance * before:
             break
     factors = KroneckerFactors(a.to(weight.dtype), b.to(weight.dtype), row_perm, col_perm)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...linalg import check_weight, working_dtype
+from ...linalg import check_weight, relative, working_dtype
 from .shapes import KroneckerShape
 
 
@@ -51,7 +51,7 @@ class KroneckerFactors:
     def relative_error(self, weight: torch.Tensor) -> float:
         approx = self.reconstruct().to(torch.float64)
         target = weight.to(torch.float64)
-        return float(torch.linalg.norm(target - approx) / torch.linalg.norm(target))
+        return relative((target - approx).square().sum(), target.square().sum())
 
 
 def rearrange(weight: torch.Tensor, shape: KroneckerShape) -> torch.Tensor:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...linalg import check_weight, output_factor, whitening_factor, working_dtype
+from ...linalg import check_weight, output_factor, relative, whitening_factor, working_dtype
 
 
 @dataclass
@@ -38,7 +38,7 @@ class LowRankFactors:
 
     def relative_error(self, weight: torch.Tensor) -> float:
         target = weight.to(torch.float64)
-        return float(torch.linalg.norm(target - self.reconstruct().double()) / torch.linalg.norm(target))
+        return relative((target - self.reconstruct().double()).square().sum(), target.square().sum())
 
 
 def truncated_svd(weight: torch.Tensor, rank: int) -> LowRankFactors:
