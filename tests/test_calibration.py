@@ -216,6 +216,27 @@ def test_bad_calibration_input_fails_before_anything_changes():
         tq.compress_(tiny_gpt2(), plan, progress=False)
 
 
+@pytest.mark.parametrize("build", [tiny_gpt2, lambda: LlamaForCausalLM(llama_config(tie_word_embeddings=True))])
+def test_the_statistics_memory_is_known_before_collecting_and_too_much_is_refused(build, monkeypatch):
+    from tqcompressor import calibration
+    from tqcompressor.allocation import compressible_modules
+
+    model = build().eval()
+    names = compressible_modules(model)
+    linear, embeddings = calibration.calibration_targets(model, names)
+    ids = blocks(count=8, length=16)
+    inputs, outputs = calibration.statistics_bytes(model, linear, embeddings, ids[:1, :8], fisher=True)
+    stats = collect(model, names, ids, progress=False, fisher=True)
+    held = [s.second_moment for s in stats.inputs.values()] + [t.counts for t in stats.tokens.values()]
+    held += [t.head_second_moment for t in stats.tokens.values() if t.head_second_moment is not None]
+    assert inputs == sum(t.nbytes for t in held)  # shared inputs counted once, as collected
+    assert outputs == sum(g.nbytes for g in stats.outputs.values())
+    monkeypatch.setattr(calibration, "free_memory", lambda device: inputs + outputs - 1)
+    with pytest.raises(ValueError, match=r"would take 0\.0 GiB of input second moments and 0\.0 GiB of the Fisher"):
+        collect(model, names, ids, progress=False, fisher=True)
+    assert collect(model, names, ids, progress=False).inputs.keys() == stats.inputs.keys()  # fits without it
+
+
 @pytest.mark.parametrize(
     "config", [tq.LowRankConfig(ratio=0.3), tq.KroneckerConfig(ratio=0.5, iterations=2, time_budget=2.0)]
 )
