@@ -419,16 +419,12 @@ def test_losses_do_not_depend_on_a_layers_output_scale():
 
 def test_a_layer_of_zeros_is_priced_at_no_loss_and_the_budget_is_still_met():
     """Nothing to lose and nothing to measure: its candidates cost 0, and no sensitivity probe is run."""
-    model = tiny_gpt2()
+    model, name = tiny_gpt2(), "transformer.h.0.mlp.c_proj"
     with torch.no_grad():
-        model.transformer.h[0].mlp.c_proj.weight.zero_()
+        model.get_submodule(name).weight.zero_()
     ids = torch.randint(0, 120, (8, 32), generator=torch.Generator().manual_seed(0))
     stats = collect(model, compressible_modules(model), ids, progress=False)
-    found = candidates(
-        "transformer.h.0.mlp.c_proj",
-        model.transformer.h[0].mlp.c_proj,
-        stats.for_module(name := "transformer.h.0.mlp.c_proj"),
-    )
+    found = candidates(name, model.get_submodule(name), stats.for_module(name))
     assert {c.method for c in found} == {"dense", "lowrank", "kronecker"} and all(c.loss == 0 for c in found)
     target = tq.count_parameters(model) - 8_000
     allocation = allocation_plan(model, stats, target, sensitivity_blocks=ids[:2])
