@@ -430,3 +430,34 @@ def test_a_layer_of_zeros_is_priced_at_no_loss_and_the_budget_is_still_met():
     allocation = allocation_plan(model, stats, target, sensitivity_blocks=ids[:2])
     assert name not in allocation.measured and allocation.params <= target
     assert allocation.chosen[name].params == min(c.params for c in found)
+
+
+def test_a_budgets_sequential_fit_holds_no_more_of_the_originals_statistics_than_it_uses(tmp_path, monkeypatch):
+    """The fit collects each part's inputs afresh: the original's input moments (width² each) are let go
+    before it, and only the fitted layers' Fisher is handed on."""
+    import gc
+    import weakref
+
+    from tqcompressor import cli
+
+    tiny_gpt2_dir(tmp_path)
+    collected, handed = [], {}
+    collect_original, fit_original = cli.collect, cli.compress_sequentially
+
+    def collect_watched(*args, **kwargs):
+        stats = collect_original(*args, **kwargs)
+        collected.append((weakref.ref(stats), set(stats.outputs)))
+        return stats
+
+    def fit_watched(model, plan, *args, output_moments, **kwargs):
+        gc.collect()
+        handed.update(alive=collected[0][0]() is not None, outputs=set(output_moments), plan=plan)
+        return fit_original(model, plan, *args, output_moments=output_moments, **kwargs)
+
+    monkeypatch.setattr(cli, "collect", collect_watched)
+    monkeypatch.setattr(cli, "compress_sequentially", fit_watched)
+    run = ["compress", "--model", str(tmp_path / "tiny"), "--calibration", str(tmp_path / "books"), "--quiet"]
+    assert cli.main([*run, "--target-ratio", "0.045", "--sensitivity-tokens", "64", "--out", str(tmp_path / "o")]) == 0
+    fitted = {rule.pattern.replace("\\", "") for rule in handed["plan"].rules}
+    assert not handed["alive"]
+    assert handed["outputs"] == fitted & collected[0][1] and handed["outputs"] < collected[0][1]

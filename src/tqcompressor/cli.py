@@ -182,13 +182,18 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path, d
     # the model compressed so far.
     if args.sequential:
         counts = next((t.counts for t in stats.tokens.values()), None)  # counted once, for the statistics
+        fitted = {name for name, candidate in allocation.chosen.items() if candidate.config is not None}
+        outputs = {name: g for name, g in stats.outputs.items() if name in fitted}
+        # The fit collects each part's inputs afresh: the original's moments would only hold memory beside
+        # it (width² each: 9.5 GiB for a 1.1B LLaMA).
+        del stats
         report = compress_sequentially(
             model,
             allocation.plan,
             blocks,
             progress=not args.quiet,
             token_counts=counts,
-            output_moments=stats.outputs,
+            output_moments=outputs,
             **_sequential_options(args),
         )
     else:
