@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -202,17 +203,11 @@ def statistics_bytes(
     counts and a tied head's Σ h hᵀ, and with ``fisher`` Σ g gᵀ of every linear layer's output."""
     seen: list[torch.Tensor] = []  # held, so that identity within the pass is reliable
 
-    def hook(module, args):
+    def record(name: str, args: tuple) -> None:
         if not any(args[0] is x for x in seen):
             seen.append(args[0])
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook) for name in linear]
-    try:
-        with torch.no_grad():
-            model(sample.to(next(model.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    _each_call(model, linear, sample, record)
     inputs = sum(x.shape[-1] ** 2 for x in seen)
     for name in embeddings:
         inputs += model.get_submodule(name).num_embeddings
@@ -273,8 +268,15 @@ def forward_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> l
     """``names`` in the order a forward pass over ``sample`` first calls them; those it never calls (a
     multimodal model's vision tower, on text) are left out."""
     order: list[str] = []
+    _each_call(model, names, sample, lambda name, args: order.append(name))
+    return list(dict.fromkeys(order))
+
+
+def _each_call(model: nn.Module, names: list[str], sample: torch.Tensor, record: Callable[[str, tuple], None]) -> None:
+    """``record(name, positional arguments)`` at every call of the modules ``names`` in one forward pass
+    over ``sample``."""
     handles = [
-        model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: order.append(name))
+        model.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: record(name, args))
         for name in names
     ]
     try:
@@ -283,7 +285,6 @@ def forward_order(model: nn.Module, names: list[str], sample: torch.Tensor) -> l
     finally:
         for handle in handles:
             handle.remove()
-    return list(dict.fromkeys(order))
 
 
 @torch.no_grad()
