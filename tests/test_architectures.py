@@ -30,16 +30,17 @@ def bert():
     ]
 
 
+TINY = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
 def llama_config(**overrides) -> LlamaConfig:
-    settings = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
-    return LlamaConfig(**{**settings, "num_attention_heads": 4, "num_key_value_heads": 2, **overrides})
+    return LlamaConfig(**{**TINY, "num_key_value_heads": 2, **overrides})
 
 
 def gemma3_config(**overrides):
     from transformers import Gemma3TextConfig
 
-    settings = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8)
-    return Gemma3TextConfig(**{**settings, "num_attention_heads": 4, "num_key_value_heads": 2, **overrides})
+    return Gemma3TextConfig(**{**TINY, "head_dim": 8, "num_key_value_heads": 2, **overrides})
 
 
 def llama():
@@ -187,9 +188,8 @@ def test_a_budget_names_the_parameters_it_cannot_reach_such_as_mixture_of_expert
     from tqcompressor.params import parameters_outside
 
     torch.manual_seed(0)
-    settings = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     config = MixtralConfig(
-        **settings, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True
+        **TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=True
     )
     model = MixtralForCausalLM(config).eval()
     names = compressible_modules(model)
@@ -213,10 +213,10 @@ def test_a_router_that_subclasses_linear_is_refused_by_plans_and_left_out_of_bud
 
     from tqcompressor.allocation import compressible_modules, linear_layers
     from tqcompressor.calibration import collect
+    from tqcompressor.sequential import compress_sequentially
 
     torch.manual_seed(0)
-    settings = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = PhimoeConfig(**settings, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    config = PhimoeConfig(**TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
     model = PhimoeForCausalLM(config).eval()
     before = {name: p.clone() for name, p in model.state_dict().items()}
     plan = CompressionPlan([Rule(r"model\.layers\.0\.mlp\.router", LowRankConfig(rank=2))])
@@ -228,8 +228,14 @@ def test_a_router_that_subclasses_linear_is_refused_by_plans_and_left_out_of_bud
     blocks = torch.randint(0, 120, (4, 16))
     stats = collect(model, linear_layers(model), blocks, progress=False, fisher=True)  # routers' outputs are tuples
     target = round(0.97 * count_parameters(model))
+    sequential = copy.deepcopy(model)
     compress_(model, calibration=stats, target_params=target, progress=False)
     assert count_parameters(model) <= target and model(blocks[:1]).logits.isfinite().all()
+    # A sequential fit aims the layers it keeps dense at the original's outputs; a router is not one of them.
+    attention = CompressionPlan([Rule(r"model\.layers\.\d+\.self_attn\.q_proj", LowRankConfig(rank=4))])
+    compress_sequentially(sequential, attention, blocks, progress=False)
+    routers = [name for name in before if name.endswith("router.weight")]
+    assert routers and all(torch.equal(sequential.state_dict()[name], before[name]) for name in routers)
 
     falcon = FalconForCausalLM(FalconConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
     assert type(falcon.transformer.h[0].self_attention.dense).__name__ == "FalconLinear"
@@ -244,9 +250,8 @@ def test_a_budget_leaves_out_what_no_method_can_shrink():
     from tqcompressor.calibration import collect
 
     torch.manual_seed(0)
-    settings = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     config = Qwen2MoeConfig(
-        **settings,
+        **TINY,
         num_key_value_heads=2,
         num_experts=4,
         num_experts_per_tok=2,

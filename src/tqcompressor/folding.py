@@ -15,7 +15,7 @@ import re
 from torch import nn
 
 from .methods import CompressedModule, is_compressed
-from .methods.targets import LINEAR_TYPES, permute_dense_outputs
+from .methods.targets import is_linear, permute_dense_outputs
 from .presets import architecture
 
 
@@ -49,4 +49,4 @@ def fold_permutations(model: nn.Module) -> list[str]:
 def _can_permute_outputs(module: nn.Module) -> bool:
     if is_compressed(module):
         return type(module).permute_outputs is not CompressedModule.permute_outputs
-    return isinstance(module, LINEAR_TYPES)
+    return is_linear(module)

@@ -34,7 +34,7 @@ from .calibration import (
     weight_digest,
 )
 from .linalg import aimed_weight
-from .methods.targets import LINEAR_TYPES, dense_weight
+from .methods.targets import dense_weight, is_linear
 from .params import count_parameters
 from .reconstruction import RECONSTRUCTION_LR, Reconstruction, reconstruct
 from .statistics import InputStats
@@ -333,7 +333,7 @@ class _StackReplay:
         prefix = f"{self.name}.{self.position}."
         check_token_count(model, members, tokens)
         planned = [name[len(prefix) :] for name in members]
-        dense = [n for n, m in block.named_modules() if aim_dense and isinstance(m, LINEAR_TYPES) and n not in planned]
+        dense = [n for n, m in block.named_modules() if aim_dense and is_linear(m) and n not in planned]
         found = _shared_input_parts(block, planned + dense, self.batches[0])
         # Before anything in it changes, the block gives the original inputs of every part and its output
         # in one pass per batch; the compressed stream's passes stop at the part they are for.
