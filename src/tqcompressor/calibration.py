@@ -237,8 +237,10 @@ def check_memory(
     Accumulated on the model's device, so that is where they must fit."""
     device = next(model.parameters()).device
     free = free_memory(device)
+    if free is None:
+        return
     inputs, outputs = statistics_bytes(model, linear, embeddings, sample, fisher)
-    if free is None or inputs + outputs <= free:
+    if inputs + outputs <= free:
         return
     gib = 2**30
     parts = f"{inputs / gib:.1f} GiB of input second moments" + (
