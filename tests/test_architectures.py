@@ -287,7 +287,8 @@ def test_encoder_decoder_models_compress_by_plan_and_refuse_what_runs_them_on_to
     tokenizer = GPT2TokenizerFast(str(folder / "vocab.json"), str(folder / "merges.txt"))
     model.save_pretrained(tmp_path / "t5")
     tokenizer.save_pretrained(tmp_path / "t5")
-    plan = CompressionPlan([Rule(r".*DenseReluDense\.wi", LowRankConfig(rank=4))], name="t5")
+    # T5 casts its hidden states to wo.weight.dtype: a compressed wo computes that weight.
+    plan = CompressionPlan([Rule(r".*DenseReluDense\.w[io]", LowRankConfig(rank=4))], name="t5")
     compress_(model, plan, progress=False)
     ids = torch.randint(0, 50257, (2, 9))
     logits = model(input_ids=ids, decoder_input_ids=ids).logits
@@ -420,3 +421,50 @@ def test_a_multimodal_model_compresses_its_language_model_by_budget_and_leaves_i
     export(tmp_path / "run", tmp_path / "hf")
     stock = Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     torch.testing.assert_close(stock(ids).logits, compressed(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_models_that_read_a_compressed_layers_weight(tmp_path):
+    """Mamba reads ``dt_proj.weight`` instead of calling the layer and casts to ``lm_head.weight.dtype``:
+    a compressed layer, and a head tied to a compressed embedding, give the weight they compute."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, state_size=4)
+    model = MambaForCausalLM(config).eval()
+    assert model.backbone.layers[0].mixer.dt_proj.in_features == 4
+    plan = CompressionPlan(
+        [
+            Rule(r"backbone\.embeddings", LowRankConfig(rank=8)),
+            Rule(r"backbone\.layers\.\d+\.mixer\.(dt|out)_proj", LowRankConfig(rank=2)),
+        ]
+    )
+    compress_(model, plan, progress=False)
+    assert isinstance(model.lm_head, TiedEmbeddingHead)
+    dt_proj = model.backbone.layers[0].mixer.dt_proj
+    torch.testing.assert_close(dt_proj.weight, dt_proj.to_dense().weight)
+    ids = torch.randint(0, 120, (2, 12))
+    logits = model(ids).logits
+    dense = materialize(copy.deepcopy(model))
+    torch.testing.assert_close(dense(ids).logits, logits, rtol=1e-4, atol=1e-5)
+    logits.logsumexp(-1).mean().backward()  # gradients reach the factors through the weight read
+    assert dt_proj.u.grad is not None and dt_proj.u.grad.abs().sum() > 0
+    save(model, tmp_path / "mamba")
+    torch.testing.assert_close(load(tmp_path / "mamba")(ids).logits, logits)
+
+    # A sequential fit aims the dense layers after a compressed one; dt_proj is never called, so not aimed.
+    from tqcompressor.sequential import compress_sequentially
+
+    model = MambaForCausalLM(config).eval()
+    before = copy.deepcopy(model.state_dict())
+    in_proj = CompressionPlan([Rule(r"backbone\.layers\.\d+\.mixer\.in_proj", LowRankConfig(rank=8))])
+    compress_sequentially(model, in_proj, torch.randint(0, 120, (8, 16)), progress=False)
+    state = model.state_dict()
+    assert not torch.equal(
+        state["backbone.layers.1.mixer.out_proj.weight"], before["backbone.layers.1.mixer.out_proj.weight"]
+    )
+    assert all(
+        torch.equal(
+            state[f"backbone.layers.{i}.mixer.dt_proj.weight"], before[f"backbone.layers.{i}.mixer.dt_proj.weight"]
+        )
+        for i in (0, 1)
+    )

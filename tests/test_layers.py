@@ -48,6 +48,7 @@ def test_kronecker_linear_forward_and_gradients_equal_the_dense_layer(kind, dims
     dense = layer.to_dense()
     assert type(dense) is type(dense_in)
     torch.testing.assert_close(dense_weight(dense)[0], factors.reconstruct(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.weight, dense.weight, rtol=1e-12, atol=1e-12)  # the layout it replaced
     x = torch.randn(3, 5, shape.in_features, dtype=torch.float64, requires_grad=True)
     assert layer.builds_weight(15) == builds
     y, y_dense = layer(x), dense(x)
@@ -154,6 +155,8 @@ def test_low_rank_linear_equals_its_dense_form(kind):
     layer = LowRankLinear.from_module(dense_in, truncated_svd(weight, 4))
     x = torch.randn(2, 3, 20, dtype=torch.float64)
     torch.testing.assert_close(layer(x), layer.to_dense()(x))
+    assert layer.weight.shape == dense_in.weight.shape
+    torch.testing.assert_close(layer.weight, layer.to_dense().weight)
     assert count_parameters(layer) == 4 * 32 + 12
 
 
@@ -180,6 +183,7 @@ def test_kronecker_embedding_twice_and_tied_head_equal_dense_equivalents():
         hidden = torch.randn(3, 7, 16, dtype=torch.float64)
         head = TiedEmbeddingHead(layer)
         torch.testing.assert_close(head(hidden), hidden @ dense_equivalent.weight.T)
+        torch.testing.assert_close(head.weight, dense_equivalent.weight)
     assert count_parameters(twice) == 50 * 4 + 2 + 2
 
 

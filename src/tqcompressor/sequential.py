@@ -335,6 +335,11 @@ class _StackReplay:
         planned = [name[len(prefix) :] for name in members]
         dense = [n for n, m in block.named_modules() if aim_dense and is_linear(m) and n not in planned]
         found = _shared_input_parts(block, planned + dense, self.batches[0])
+        # A dense layer the block never calls has no inputs to aim it on (Mamba multiplies by its dt_proj's
+        # weight): it stays as it is. A planned one the whole-model pass reached must be reached here too.
+        missing = [name for name in planned if not any(name in part for part in found)]
+        if missing:
+            raise RuntimeError(f"{prefix}{missing[0]} was reached by the model's forward and not by its block's")
         # Before anything in it changes, the block gives the original inputs of every part and its output
         # in one pass per batch; the compressed stream's passes stop at the part they are for.
         wanted, outputs = self._original_pass(block, [part[0] for part in found])
@@ -428,7 +433,8 @@ class _StackReplay:
 
 
 def _shared_input_parts(block: nn.Module, names: list[str], batch: tuple[tuple, dict]) -> list[list[str]]:
-    """``names`` (submodules of ``block``) grouped by the input tensor they share, in call order."""
+    """Those of ``names`` (submodules of ``block``) that it calls, grouped by the input tensor they share,
+    in call order."""
     calls: list[tuple[str, torch.Tensor]] = []
     handles = [
         block.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: calls.append((name, args[0])))
@@ -440,9 +446,6 @@ def _shared_input_parts(block: nn.Module, names: list[str], batch: tuple[tuple, 
     finally:
         for handle in handles:
             handle.remove()
-    missing = [name for name in names if name not in {called for called, _ in calls}]
-    if missing:
-        raise ValueError(f"the calibration text never reached {missing[:3]}: they are not used in forward")
     parts: list[tuple[torch.Tensor, list[str]]] = []
     for name, x in calls:
         part = next((members for tensor, members in parts if tensor is x), None)

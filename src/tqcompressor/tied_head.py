@@ -19,6 +19,12 @@ class TiedEmbeddingHead(nn.Module):
         self.bias = bias if isinstance(bias, nn.Parameter) else optional_bias(bias)
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """E (vocab x d), as a dense head's weight, computed from the embedding's factors: for models that
+        read it (Mamba casts its input to ``lm_head.weight.dtype``)."""
+        return self.embedding.weight
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.embedding.attend(hidden)
         return logits if self.bias is None else logits + self.bias.to(logits.dtype)

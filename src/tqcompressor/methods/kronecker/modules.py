@@ -195,7 +195,7 @@ class KroneckerLinear(CompressedModule):
         return weight
 
     def dense_weight(self) -> torch.Tensor:
-        """The equivalent W (in x out), row-major; for export and tests."""
+        """The equivalent W (in x out), row-major."""
         return self.weight_out_in().T.contiguous()
 
     def to_dense(self) -> nn.Module:
