@@ -73,7 +73,7 @@ def test_export_refuses_to_overwrite_and_names_non_models(tmp_path, capsys):
     assert main(["export", str(tmp_path / "notamodel"), str(tmp_path / "out")]) == 2
     assert main(["export", str(tmp_path / "notamodel"), str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert "not a saved model" in err[0] and "already exists" in err[1]
+    assert "is not a model directory (no config.json)" in err[0] and "already exists" in err[1]
     assert (tmp_path / "hf" / "mine.txt").read_text() == "keep" and not (tmp_path / "out").exists()
 
 

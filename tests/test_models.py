@@ -301,9 +301,15 @@ def test_model_loading_errors_are_one_clear_line(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "out")
     assert main(["compress", "--model", str(tmp_path / "empty"), "--preset", "kngpt2", "--out", out]) == 2
     assert main(["compress", "--model", str(tmp_path / "weights.gguf"), "--preset", "kngpt2", "--out", out]) == 2
+    run = tmp_path / "distilled"  # where distill writes its models: one or two levels down
+    for folder in (run / "01-step1" / "model", run / "model"):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    assert main(["eval", str(run), "--dataset", "wikitext2"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == [
         f"tqcompressor: error: {tmp_path / 'empty'} is not a model directory (no config.json)",
         "tqcompressor: error: reading GGUF files needs the gguf package: pip install gguf",
+        f"tqcompressor: error: {run} is not a model directory (no config.json); it holds {run / 'model'} and 1 more",
     ]
     assert not (tmp_path / "out").exists()

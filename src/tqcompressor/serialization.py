@@ -162,7 +162,11 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{directory} is not a directory")
     path = directory / CONFIG
     if not path.is_file():
-        raise ValueError(f"{directory} has no {CONFIG}: not a saved model")
+        # A distillation run writes its models one or two levels down (OUT/model, OUT/03-step3/model).
+        inside = sorted(str(p.parent) for p in [*directory.glob(f"*/{CONFIG}"), *directory.glob(f"*/*/{CONFIG}")])
+        more = f" and {len(inside) - 1} more" if len(inside) > 1 else ""
+        held = f"; it holds {inside[-1]}{more}" if inside else ""
+        raise ValueError(f"{directory} is not a model directory (no {CONFIG}){held}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
