@@ -468,3 +468,38 @@ def test_models_that_read_a_compressed_layers_weight(tmp_path):
         )
         for i in (0, 1)
     )
+
+
+def test_a_budget_and_a_sequential_fit_leave_weights_that_several_layers_share():
+    """Zamba2 calls one transformer block from several layers: compressing one use would leave the dense
+    weight to the others and free nothing, and aiming it at one use would move it for the others."""
+    from transformers import Zamba2Config, Zamba2ForCausalLM
+
+    from tqcompressor.allocation import compressible_modules
+    from tqcompressor.calibration import collect, forward_order
+    from tqcompressor.sequential import compress_sequentially
+
+    torch.manual_seed(0)
+    config = Zamba2Config(
+        **{**TINY, "num_hidden_layers": 4, "num_key_value_heads": 4},
+        **dict(mamba_headdim=8, n_mamba_heads=8, mamba_d_state=8, mamba_ngroups=1, attention_head_dim=8),
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+        num_mem_blocks=1,
+        pad_token_id=0,
+    )
+    model = Zamba2ForCausalLM(config).eval()
+    shared = "model.layers.{}.shared_transformer.self_attn.q_proj"
+    assert model.get_submodule(shared.format(1)).weight is model.get_submodule(shared.format(3)).weight
+    names = compressible_modules(model)
+    assert "model.layers.0.mamba.in_proj" in names and not any("shared_transformer" in name for name in names)
+    blocks = torch.randint(0, config.vocab_size, (8, 16))
+    stats = collect(model, forward_order(model, names, blocks[:1]), blocks, progress=False)  # as the CLI does
+    target = round(0.8 * count_parameters(model))
+    budgeted = copy.deepcopy(model)
+    compress_(budgeted, calibration=stats, target_params=target, progress=False)
+    assert count_parameters(budgeted) <= target
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if "shared_transformer" in name}
+    in_proj = CompressionPlan([Rule(r"model\.layers\.0\.mamba\.in_proj", LowRankConfig(rank=4))])
+    compress_sequentially(model, in_proj, blocks, progress=False)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if name in before)

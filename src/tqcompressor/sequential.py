@@ -35,7 +35,7 @@ from .calibration import (
 )
 from .linalg import aimed_weight
 from .methods.targets import dense_weight, is_linear
-from .params import count_parameters
+from .params import count_parameters, tied_parameters
 from .reconstruction import RECONSTRUCTION_LR, Reconstruction, reconstruct
 from .statistics import InputStats
 
@@ -333,7 +333,13 @@ class _StackReplay:
         prefix = f"{self.name}.{self.position}."
         check_token_count(model, members, tokens)
         planned = [name[len(prefix) :] for name in members]
-        dense = [n for n, m in block.named_modules() if aim_dense and is_linear(m) and n not in planned]
+        # A weight other layers share stays as it is: aimed at this use, it would move for the others.
+        shared = {name for group in tied_parameters(model) for name in group}
+        dense = [
+            n
+            for n, m in block.named_modules()
+            if aim_dense and is_linear(m) and n not in planned and f"{prefix}{n}.weight" not in shared
+        ]
         found = _shared_input_parts(block, planned + dense, self.batches[0])
         # A dense layer the block never calls has no inputs to aim it on (Mamba multiplies by its dt_proj's
         # weight): it stays as it is. A planned one the whole-model pass reached must be reached here too.
