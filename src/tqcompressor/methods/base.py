@@ -40,21 +40,6 @@ class CompressedModule(nn.Module):
         """The equivalent module of the original architecture (``nn.Linear``, ``Conv1D``, ``nn.Embedding``)."""
         raise NotImplementedError
 
-    layout: Literal["linear", "conv1d"]  # linear kinds: the layout of the layer replaced
-
-    def dense_weight(self) -> torch.Tensor:
-        """W (in x out) computed from the factors, carrying their gradients (linear kinds)."""
-        raise NotImplementedError(f"{type(self).__name__} is not a linear layer")
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The replaced layer's weight in its layout (``nn.Linear``: out x in, ``Conv1D``: in x out),
-        computed from the factors at each read, with their gradients: some models read a layer's weight
-        instead of calling it (Mamba's ``dt_proj.weight @ x``, T5's cast to ``wo.weight.dtype``).
-        Embeddings return their (vocab x d) table."""
-        weight_io = self.dense_weight()
-        return weight_io.T if self.layout == "linear" else weight_io
-
     def attend(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden @ E.T`` through the factors (embeddings only; a tied head reads the table unscaled)."""
         raise NotImplementedError(f"{type(self).__name__} is not an embedding")

@@ -43,6 +43,14 @@ def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, 
     raise TypeError(f"cannot compress a {type(module).__name__}; expected nn.Linear or Conv1D")
 
 
+def in_layout(weight_io: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """``weight_io`` (in x out) as the ``weight`` of a layer of ``layout``: nn.Linear's out x in, Conv1D's
+    in x out. Compressed linear layers give their weight so, computed from their factors at each read and
+    with their gradients: some models read a layer's weight instead of calling it (Mamba's
+    ``dt_proj.weight @ x``, T5's cast to ``wo.weight.dtype``)."""
+    return weight_io.T if layout == "linear" else weight_io
+
+
 def dense_linear(weight_io: torch.Tensor, bias: torch.Tensor | None, layout: Layout) -> nn.Module:
     """The ``nn.Linear`` or ``Conv1D`` computing x @ weight_io + bias."""
     in_features, out_features = weight_io.shape

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import CompressedModule
-from ..targets import Layout, dense_embedding, dense_linear, dense_weight, optional_bias
+from ..targets import Layout, dense_embedding, dense_linear, dense_weight, in_layout, optional_bias
 from .factors import KroneckerFactors
 
 
@@ -197,6 +197,10 @@ class KroneckerLinear(CompressedModule):
     def dense_weight(self) -> torch.Tensor:
         """The equivalent W (in x out), row-major."""
         return self.weight_out_in().T.contiguous()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return in_layout(self.dense_weight(), self.layout)
 
     def to_dense(self) -> nn.Module:
         return dense_linear(self.dense_weight().detach(), self.bias, self.layout)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import CompressedModule
-from ..targets import Layout, dense_embedding, dense_linear, dense_weight, optional_bias
+from ..targets import Layout, dense_embedding, dense_linear, dense_weight, in_layout, optional_bias
 from .factors import LowRankFactors
 
 
@@ -60,6 +60,10 @@ class LowRankLinear(CompressedModule):
 
     def dense_weight(self) -> torch.Tensor:
         return self.u @ self.v
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return in_layout(self.dense_weight(), self.layout)
 
     def to_dense(self) -> nn.Module:
         return dense_linear(self.dense_weight().detach(), self.bias, self.layout)
