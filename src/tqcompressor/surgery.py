@@ -69,10 +69,12 @@ def planned_parameters(model: nn.Module, plan: CompressionPlan) -> int:
     for name, module in planned.items():
         total += count_parameters(module) - count_parameters(model.get_submodule(name))
     head = _output_head(model)
-    if not plan.tie_head and head is not None and getattr(head[1], "weight", None) is not None:
+    weight = getattr(head[1], "weight", None) if head is not None else None
+    # Only a dense head shares an embedding's weight (one tied to a compressed embedding computes its own).
+    if not plan.tie_head and isinstance(weight, nn.Parameter):
         replaced = [model.get_submodule(name) for name in planned]
-        if any(getattr(m, "weight", None) is head[1].weight for m in replaced):
-            total += head[1].weight.numel()  # the head is kept as its own dense copy
+        if any(isinstance(m, nn.Embedding) and m.weight is weight for m in replaced):
+            total += weight.numel()  # the head is kept as its own dense copy
     return total
 
 
