@@ -482,9 +482,13 @@ def test_a_budget_and_a_sequential_fit_leave_weights_that_several_layers_share()
     torch.manual_seed(0)
     config = Zamba2Config(
         **{**TINY, "num_hidden_layers": 4, "num_key_value_heads": 4},
-        **dict(mamba_headdim=8, n_mamba_heads=8, mamba_d_state=8, mamba_ngroups=1, attention_head_dim=8),
-        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid"],  # layers 1 and 3 call the shared block
         num_mem_blocks=1,
+        mamba_headdim=8,
+        n_mamba_heads=8,
+        mamba_d_state=8,
+        mamba_ngroups=1,
+        attention_head_dim=8,
         pad_token_id=0,
     )
     model = Zamba2ForCausalLM(config).eval()
