@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from .calibration import CalibrationStats
 from .methods import MethodConfig, get_method, method_names
 from .methods.targets import embedding_scale, is_linear
-from .params import count_parameters, parameters_outside, tied_parameters
+from .params import count_parameters, parameters_outside, shared_parameter_names
 from .plan import CompressionPlan, Rule
 from .statistics import InputStats, TokenStats
 
@@ -218,7 +218,7 @@ def linear_layers(model: nn.Module) -> list[str]:
     others, freeing nothing (a budget of 60% came out at 103%)."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if getter is not None else None
-    shared = {name for group in tied_parameters(model) for name in group}
+    shared = shared_parameter_names(model)
     return [
         name
         for name, module in model.named_modules()

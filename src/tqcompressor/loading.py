@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .serialization import is_compressed_dir, load, read_config
+from .serialization import load, read_config
 
 
 def load_model(name_or_path: str, gguf_file: str | None = None) -> tuple[nn.Module, object]:
@@ -24,9 +24,8 @@ def load_model(name_or_path: str, gguf_file: str | None = None) -> tuple[nn.Modu
         path, gguf_file = path.parent, path.name
     if gguf_file is not None:
         return _load_gguf(path, gguf_file)
-    if path.exists():
-        read_config(path)  # a clear error for a path that holds no model
-    if is_compressed_dir(name_or_path):
+    # A path that exists must hold a model (read_config says clearly where it does not); else a Hub name.
+    if path.exists() and "tqcompressor" in read_config(path):
         model = load(name_or_path)
     else:
         # float32 whatever the checkpoint stores (most current LLMs store bf16): fits and calibration

@@ -35,6 +35,11 @@ def tied_parameters(module: nn.Module) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
+def shared_parameter_names(module: nn.Module) -> set[str]:
+    """The names of ``module``'s parameters whose tensor another name reaches too (``tied_parameters``)."""
+    return {name for group in tied_parameters(module) for name in group}
+
+
 def parameters_outside(module: nn.Module, names: list[str]) -> dict[str, int]:
     """The distinct parameters of ``module`` in none of its submodules ``names``, by name: what compressing
     those modules leaves as it is. A tensor shared with one of them (a tied head's weight) lies in it."""

@@ -35,7 +35,7 @@ from .calibration import (
 )
 from .linalg import aimed_weight
 from .methods.targets import dense_weight, is_linear
-from .params import count_parameters, tied_parameters
+from .params import count_parameters, shared_parameter_names
 from .reconstruction import RECONSTRUCTION_LR, Reconstruction, reconstruct
 from .statistics import InputStats
 
@@ -334,7 +334,7 @@ class _StackReplay:
         check_token_count(model, members, tokens)
         planned = [name[len(prefix) :] for name in members]
         # A weight other layers share stays as it is: aimed at this use, it would move for the others.
-        shared = {name for group in tied_parameters(model) for name in group}
+        shared = shared_parameter_names(model)
         dense = [
             n
             for n, m in block.named_modules()

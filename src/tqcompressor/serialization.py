@@ -173,13 +173,6 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({err}); the directory is corrupted") from err
 
 
-def is_compressed_dir(path: str | Path) -> bool:
-    try:
-        return "tqcompressor" in read_config(path)
-    except (FileNotFoundError, ValueError):
-        return False
-
-
 def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a compressed model saved by ``save``; no network access, no pickles."""
     directory = Path(directory)
