@@ -470,14 +470,9 @@ def test_models_that_read_a_compressed_layers_weight(tmp_path):
     )
 
 
-def test_a_budget_and_a_sequential_fit_leave_weights_that_several_layers_share():
-    """Zamba2 calls one transformer block from several layers: compressing one use would leave the dense
-    weight to the others and free nothing, and aiming it at one use would move it for the others."""
+def _tiny_zamba2() -> torch.nn.Module:
+    """Zamba2 calls one transformer block from several layers, which hold the same parameters."""
     from transformers import Zamba2Config, Zamba2ForCausalLM
-
-    from tqcompressor.allocation import compressible_modules
-    from tqcompressor.calibration import collect, forward_order
-    from tqcompressor.sequential import compress_sequentially
 
     torch.manual_seed(0)
     config = Zamba2Config(
@@ -491,7 +486,18 @@ def test_a_budget_and_a_sequential_fit_leave_weights_that_several_layers_share()
         attention_head_dim=8,
         pad_token_id=0,
     )
-    model = Zamba2ForCausalLM(config).eval()
+    return Zamba2ForCausalLM(config).eval()
+
+
+def test_a_budget_and_a_sequential_fit_leave_weights_that_several_layers_share():
+    """Compressing one use of a shared weight would leave the dense weight to the others and free nothing,
+    and aiming it at one use would move it for the others."""
+    from tqcompressor.allocation import compressible_modules
+    from tqcompressor.calibration import collect, forward_order
+    from tqcompressor.sequential import compress_sequentially
+
+    model = _tiny_zamba2()
+    config = model.config
     shared = "model.layers.{}.shared_transformer.self_attn.q_proj"
     assert model.get_submodule(shared.format(1)).weight is model.get_submodule(shared.format(3)).weight
     names = compressible_modules(model)
@@ -507,3 +513,23 @@ def test_a_budget_and_a_sequential_fit_leave_weights_that_several_layers_share()
     in_proj = CompressionPlan([Rule(r"model\.layers\.0\.mamba\.in_proj", LowRankConfig(rank=4))])
     compress_sequentially(model, in_proj, blocks, progress=False)
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if name in before)
+
+
+def test_a_plan_that_replaces_one_use_of_a_shared_weight_counts_and_says_that_the_others_keep_it():
+    from tqcompressor.sequential import compress_sequentially
+
+    model = _tiny_zamba2()
+    original = count_parameters(model)
+    q_proj = r"model\.layers\.{}\.shared_transformer\.self_attn\.q_proj"
+    blocks = torch.randint(0, model.config.vocab_size, (8, 16))
+    for layers, grows in (("1", True), ("[13]", False)):  # one use: the other keeps the dense weight
+        plan = CompressionPlan([Rule(q_proj.format(layers), LowRankConfig(rank=4))])
+        expected = planned_parameters(model, plan)
+        assert (expected > original) == grows
+        for fit in (compress_, lambda m, p, progress: compress_sequentially(m, p, blocks, progress=progress)):
+            compressed = copy.deepcopy(model)
+            report = fit(compressed, plan, progress=False)
+            assert count_parameters(compressed) == report.params_after == expected
+            said = [note for note in report.notes if "shared with modules the plan leaves" in note]
+            assert bool(said) == grows
+            assert not said or "layers.3.shared_transformer.self_attn.q_proj.weight" in said[0]

@@ -40,6 +40,23 @@ def shared_parameter_names(module: nn.Module) -> set[str]:
     return {name for group in tied_parameters(module) for name in group}
 
 
+def freed_parameters(module: nn.Module, names: list[str]) -> int:
+    """How many parameter values replacing ``module``'s submodules ``names`` frees: the distinct tensors in
+    them that no name outside them reaches (a weight that a layer left alone shares stays)."""
+    prefixes = tuple(f"{name}." for name in names)
+    kept = {
+        _storage_key(param)
+        for name, param in module.named_parameters(remove_duplicate=False)
+        if not name.startswith(prefixes)
+    }
+    freed = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        key = _storage_key(param)
+        if name.startswith(prefixes) and key not in kept:
+            freed[key] = param.numel()
+    return sum(freed.values())
+
+
 def parameters_outside(module: nn.Module, names: list[str]) -> dict[str, int]:
     """The distinct parameters of ``module`` in none of its submodules ``names``, by name: what compressing
     those modules leaves as it is. A tensor shared with one of them (a tied head's weight) lies in it."""

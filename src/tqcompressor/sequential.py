@@ -74,7 +74,7 @@ def compress_sequentially(
     ``reconstruction_lr`` (``reconstruction``; 0: closed-form fits only). Returns one report."""
     from .plan import CompressionPlan, Rule
     from .report import CompressionReport
-    from .surgery import compress_, resolve
+    from .surgery import compress_, resolve, shared_weights_note
 
     if not anchor >= 0:
         raise ValueError(f"the anchor weighs an error: it must be 0 or more, got {anchor}")
@@ -90,6 +90,7 @@ def compress_sequentially(
     steps = resolve(model, plan)  # the whole plan is checked before anything changes
     names = list(dict.fromkeys(name for _, name in steps))
     calibration_targets(model, names)
+    note = shared_weights_note(model, names)  # before any part unties one
     order = forward_order(model, names, blocks[:1])
     unreached = [name for name in names if name not in order]
     if unreached:
@@ -156,6 +157,7 @@ def compress_sequentially(
     finally:
         model.train(was_training)
     final = CompressionReport(plan.name, layers, before, count_parameters(model), head)
+    final.notes += [note] if note else []
     replays = [replay for replay in stacks.values() if replay is not None]
     redirected = sum(replay.dense_aimed for replay in replays)
     seconds += sum(replay.dense_seconds for replay in replays)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .methods import is_embedding
 from .methods.targets import embedding_scale
-from .params import count_parameters
+from .params import count_parameters, freed_parameters, tied_parameters
 from .plan import CompressionPlan, Rule
 from .report import CompressionReport, LayerReport
 from .statistics import on_device
@@ -63,18 +63,19 @@ def resolve(model: nn.Module, plan: CompressionPlan) -> list[tuple[Rule, str]]:
 
 
 def planned_parameters(model: nn.Module, plan: CompressionPlan) -> int:
-    """Parameter count ``compress_(model, plan)`` will produce, from shapes alone (works on meta models)."""
+    """Parameter count ``compress_(model, plan)`` will produce, from shapes alone (works on meta models).
+    A weight that a module the plan leaves shares with one it replaces stays (Zamba2's shared block called
+    from several layers, a dense head tied to a replaced embedding), unless the head is tied again."""
     _, planned = _plan_modules(model, plan)
-    total = count_parameters(model)
-    for name, module in planned.items():
-        total += count_parameters(module) - count_parameters(model.get_submodule(name))
+    total = count_parameters(model) - freed_parameters(model, list(planned))
+    total += sum(count_parameters(module) for module in planned.values())
     head = _output_head(model)
-    weight = getattr(head[1], "weight", None) if head is not None else None
+    weight = getattr(head[1], "weight", None) if head is not None and head[0] not in planned else None
     # Only a dense head shares an embedding's weight (one tied to a compressed embedding computes its own).
-    if not plan.tie_head and isinstance(weight, nn.Parameter):
+    if plan.tie_head and isinstance(weight, nn.Parameter):
         replaced = [model.get_submodule(name) for name in planned]
         if any(isinstance(m, nn.Embedding) and m.weight is weight for m in replaced):
-            total += weight.numel()  # the head is kept as its own dense copy
+            total -= weight.numel()  # the head will read the compressed embedding
     return total
 
 
@@ -85,6 +86,28 @@ def _output_head(model: nn.Module) -> tuple[str, nn.Module] | None:
         return None
     name = next(name for name, module in model.named_modules() if module is head)
     return name, head
+
+
+def shared_weights_note(model: nn.Module, names: list[str]) -> str | None:
+    """Why replacing ``names`` may add parameters: a weight they share with modules left as they are (Zamba2's
+    block called from several layers) stays dense for those. A head tied to a replaced embedding is the
+    head's rewiring's to describe."""
+    prefixes = tuple(f"{name}." for name in names)
+    found = _output_head(model)
+    head = f"{found[0]}." if found is not None else None
+    pairs = []
+    for group in tied_parameters(model):
+        inside = [name for name in group if name.startswith(prefixes)]
+        outside = [name for name in group if not name.startswith(prefixes) and not (head and name.startswith(head))]
+        if inside and outside:
+            pairs.append(f"{inside[0]} with {outside[0]}")
+    if not pairs:
+        return None
+    more = f" and {len(pairs) - 1} more" if len(pairs) > 1 else ""
+    return (
+        f"{len(pairs)} replaced weights are shared with modules the plan leaves, which keep them dense, so "
+        f"replacing adds parameters instead of freeing them (name every use to replace each): {pairs[0]}{more}"
+    )
 
 
 def _describe_head(model: nn.Module, head: nn.Module) -> str:
@@ -218,6 +241,7 @@ def compress_(
     else:
         calibration.check(model, list(dict.fromkeys(name for _, name in steps)))
     before = count_parameters(model)
+    note = shared_weights_note(model, [name for _, name in steps])
     reports, head = [], "unchanged"
     for rule, name in tqdm(steps, desc=f"compress ({plan.name})", disable=not progress, unit="layer"):
         module = model.get_submodule(name)
@@ -232,6 +256,7 @@ def compress_(
     if head == "unchanged" and found is not None:
         head = _describe_head(model, found[1])
     report = CompressionReport(plan.name, reports, before, count_parameters(model), head)
+    report.notes += [note] if note else []
     guard_hub_saving(model)
     history = getattr(model, "tqcompressor_history", [])
     model.tqcompressor_history = [*history, {"plan": plan.to_dict(), "report": report.to_dict()}]
