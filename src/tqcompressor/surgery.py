@@ -64,8 +64,8 @@ def resolve(model: nn.Module, plan: CompressionPlan) -> list[tuple[Rule, str]]:
 
 def planned_parameters(model: nn.Module, plan: CompressionPlan) -> int:
     """Parameter count ``compress_(model, plan)`` will produce, from shapes alone (works on meta models).
-    A weight that a module the plan leaves shares with one it replaces stays (Zamba2's shared block called
-    from several layers, a dense head tied to a replaced embedding), unless the head is tied again."""
+    A weight that a replaced module shares with one the plan leaves stays dense (Zamba2's block called from
+    several layers; a head tied to a replaced embedding, unless the plan ties it to the compressed one)."""
     _, planned = _plan_modules(model, plan)
     total = count_parameters(model) - freed_parameters(model, list(planned))
     total += sum(count_parameters(module) for module in planned.values())
@@ -105,8 +105,8 @@ def shared_weights_note(model: nn.Module, names: list[str]) -> str | None:
         return None
     more = f" and {len(pairs) - 1} more" if len(pairs) > 1 else ""
     return (
-        f"{len(pairs)} replaced weights are shared with modules the plan leaves, which keep them dense, so "
-        f"replacing adds parameters instead of freeing them (name every use to replace each): {pairs[0]}{more}"
+        "weights shared with modules the plan leaves stay dense there, so replacing them adds parameters "
+        f"instead of freeing them (name every use to replace each): {pairs[0]}{more}"
     )
 
 
