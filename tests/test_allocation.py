@@ -317,6 +317,9 @@ def test_a_budget_is_met_and_its_plan_file_reruns(tmp_path, capsys):
     table = (tmp_path / "weighted" / "allocation.txt").read_text().splitlines()
     assert table[0].endswith("est. KL") and all(line.split()[-1] != "-" for line in table[1:-1])
     assert tq.count_parameters(tq.load(tmp_path / "weighted")) <= target
+    assert main([*measured, "--sensitivity", "--out", str(tmp_path / "said")]) == 0  # the default, said
+    plans = [(tmp_path / run / "allocation.yaml").read_text() for run in ("weighted", "said")]
+    assert plans[0] == plans[1]
     deeper = [*base, "--target-ratio", "0.045", "--no-sensitivity"]  # low enough to cut linear layers too
     assert main([*deeper, "--no-sequential", "--out", str(tmp_path / "deep")]) == 0
     assert main([*deeper, "--out", str(tmp_path / "seq")]) == 0  # a budget is fitted sequentially by default
@@ -356,6 +359,7 @@ def test_a_budget_is_met_and_its_plan_file_reruns(tmp_path, capsys):
     assert main([*plain, "--min-kept", "1", "--out", str(tmp_path / "s7")]) == 2
     assert "the share of its parameters each module keeps must be in [0, 1), got 1.0" in capsys.readouterr().err
     assert main([*base, "--plan", plan, "--no-sensitivity", "--out", str(tmp_path / "s1")]) == 2
+    assert main([*base, "--plan", plan, "--sensitivity", "--out", str(tmp_path / "s8")]) == 2
     assert main([*plain, "--sensitivity-tokens", "64", "--out", str(tmp_path / "s2")]) == 2
     stats_only = [*tiny, "--calibration-stats", str(tmp_path / "nope"), "--target-params", str(target)]
     assert main([*stats_only, "--out", str(tmp_path / "s3")]) == 2

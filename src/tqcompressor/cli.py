@@ -58,20 +58,23 @@ def _compress(args: argparse.Namespace) -> None:
         _refuse_preset_flags(args, "the plan file")
     _check_calibration_flags(args)
     budget = bool(args.target_params or args.target_ratio)
-    if (args.no_sensitivity or args.sensitivity_tokens is not None or args.methods or args.min_kept) and not budget:
+    if (
+        args.sensitivity is not None or args.sensitivity_tokens is not None or args.methods or args.min_kept
+    ) and not budget:
         raise ValueError(
-            "--no-sensitivity, --sensitivity-tokens, --methods and --min-kept concern a budget's choices: "
+            "--(no-)sensitivity, --sensitivity-tokens, --methods and --min-kept concern a budget's choices: "
             "give --target-params/ratio"
         )
     if args.methods:
         offered_methods(args.methods)  # before calibration, which can take minutes
     check_min_kept(args.min_kept)  # before calibration too
-    if args.sensitivity_tokens is not None and args.no_sensitivity:
+    if args.sensitivity_tokens is not None and args.sensitivity is False:
         raise ValueError("--sensitivity-tokens sets the measurement that --no-sensitivity turns off: give one")
+    args.sensitivity = args.sensitivity is not False  # a budget measures unless told not to
     if args.fisher is None:
         # For a budget the Fisher is better and cheaper than measuring every module (SmolLM2 at 70%: held-out
         # ppl 75.7 against 92.8, calibration + search 900 s against 1314 s); only the embedding is measured.
-        args.fisher = budget and bool(args.calibration) and not args.no_sensitivity
+        args.fisher = budget and bool(args.calibration) and args.sensitivity
     if args.sequential is None:
         # For a budget a sequential fit of the chosen plan beats fitting it at once in every row measured
         # (SmolLM2 at 70%: held-out ppl 59.9 against 75.7; at 50%: 147.6 against 234.9), for several
@@ -155,14 +158,14 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path, d
     """--target-params / --target-ratio: allocate, fit, and save the plan, table and plot beside the model."""
     if not (args.calibration or args.calibration_stats):
         raise ValueError("--target-params / --target-ratio need --calibration (or --calibration-stats)")
-    if not args.no_sensitivity and not args.calibration:
+    if args.sensitivity and not args.calibration:
         raise ValueError(
             "a budget measures each module's sensitivity on the --calibration text: give --calibration DATA "
             "(or --no-sensitivity to choose by estimated errors alone)"
         )
     if args.dense_head or args.time_budget is not None:
         raise ValueError("--dense-head and --time-budget do not apply to a budget")
-    if args.fisher and args.no_sensitivity:
+    if args.fisher and not args.sensitivity:
         raise ValueError(
             "--fisher prices the linear layers in KL; the token embedding has no such price and is measured on "
             "the sensitivity tokens: drop --no-sensitivity"
@@ -172,7 +175,7 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path, d
     stats, blocks = _calibration(args, model, tokenizer, compressible_modules(model), reached_only=True)
     target = args.target_params or round(args.target_ratio * count_parameters(model))
     probe_blocks = None
-    if not args.no_sensitivity:
+    if args.sensitivity:
         wanted = args.sensitivity_tokens or DEFAULT_SENSITIVITY_TOKENS
         probe_blocks = blocks[: max(1, math.ceil(wanted / blocks.shape[1]))]
     allocation = allocation_plan(
@@ -470,11 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--target-params", type=int, help="choose every layer's method and size for this budget")
     which.add_argument("--target-ratio", type=float, help="the same, as a share of the model's parameters")
     c.add_argument(
-        "--no-sensitivity",
-        action="store_true",
-        help="with a budget: choose by estimated errors alone, without measuring how much each module's "
-        "compression changes the output (KL on part of the --calibration text, one pass per module); "
-        "faster, and on SmolLM2 far worse",
+        "--sensitivity",
+        action=argparse.BooleanOptionalAction,
+        help="with a budget: measure how much each module's compression changes the output (KL on part of "
+        "the --calibration text, one pass per module; default); --no-sensitivity chooses by estimated "
+        "errors alone: faster, and on SmolLM2 far worse",
     )
     c.add_argument(
         "--sensitivity-tokens",
