@@ -1,10 +1,12 @@
 """Depth reduction (the DistilGPT-2 baseline): the kept blocks compute what they computed in the teacher,
 the KV cache still works after renumbering, and the result saves and loads."""
 
+import copy
+
 import pytest
 import torch
-from test_architectures import llama_config
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+from test_architectures import TINY, llama_config
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import tqcompressor as tq
 from tqcompressor.cli import main
@@ -75,3 +77,79 @@ def test_cli_keeps_layers_alone_or_before_a_preset(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "comma-separated block indices" in err and "say what to do" in err
     assert not (tmp_path / "bad").exists() and not (tmp_path / "nothing").exists()
+
+
+FOUR = {**TINY, "num_hidden_layers": 4, "num_key_value_heads": 2, "pad_token_id": 0}
+ALTERNATING = ["sliding_attention", "full_attention"] * 2
+FAMILIES = {
+    "mamba": dict(state_size=8),  # no attention: the mixers hold the layer index
+    "gemma3_text": dict(head_dim=8, sliding_window=4, layer_types=ALTERNATING),
+    "gpt_neox": {},
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8),
+    "deepseek_v3": dict(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,  # block 0 is dense, the others Mixtures of Experts
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,  # with qk_nope_head_dim: the width of a head
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
+    ),
+    "qwen3_next": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        head_dim=8,
+        layer_types=["linear_attention", "full_attention"] * 2,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+    ),
+}
+REFUSED = {
+    ("deepseek_v3", "odd"): "builds other modules",  # blocks 1 and 3 renumbered 0 and 1: 0 would be dense
+    ("qwen3_next", "even"): "does not run",  # linear attention alone: its forward needs a full-attention block
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_any_family_keeps_blocks_that_compute_what_a_shallower_model_built_from_its_config_computes(family, tmp_path):
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **FOUR, **FAMILIES[family])).eval()
+    ids = torch.randint(1, 120, (1, 8))
+    for keep in ("even", "odd"):
+        model = copy.deepcopy(teacher)
+        if (family, keep) in REFUSED:
+            settings = dict(vars(model.config))
+            with pytest.raises(ValueError, match=REFUSED[family, keep]):
+                tq.keep_layers_(model, keep)
+            assert vars(model.config) == settings
+            with torch.no_grad():
+                torch.testing.assert_close(model(ids).logits, teacher(ids).logits, rtol=0, atol=0)
+            continue
+        tq.keep_layers_(model, keep)
+        # Built anew from the kept config (as loading does), with the kept weights: the same model.
+        rebuilt = type(model)(copy.deepcopy(model.config)).eval()
+        rebuilt.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(greedy(model, ids, True), greedy(model, ids, False))
+        tq.save(model, tmp_path / keep)
+        with torch.no_grad():
+            torch.testing.assert_close(tq.load(tmp_path / keep)(ids).logits, model(ids).logits)
+
+
+def test_a_model_whose_blocks_cannot_be_told_apart_is_refused():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(vocab_size=120, d_model=32, d_ff=64, num_layers=2, num_heads=2))
+    with pytest.raises(ValueError, match=r"cannot tell .* 2 lists of 2 modules \(encoder.block, decoder.block\)"):
+        tq.keep_layers_(model)
+    assert len(model.encoder.block) == 2

@@ -3,9 +3,11 @@ one by default), with their weights, and renumber them so that the KV cache and 
 
 from __future__ import annotations
 
-from torch import nn
+import copy
+import re
 
-from .presets import architecture
+import torch
+from torch import nn
 
 
 def kept_layers(layers: int, keep: str | list[int]) -> list[int]:
@@ -22,23 +24,95 @@ def kept_layers(layers: int, keep: str | list[int]) -> list[int]:
     return chosen
 
 
+def block_list(model: nn.Module) -> str:
+    """The name of the one ``nn.ModuleList`` that holds the model's transformer blocks: as long as its
+    config's layer count, and not inside another such list."""
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if not isinstance(layers, int):
+        raise ValueError(f"{type(model).__name__}'s config gives no layer count (num_hidden_layers)")
+    found: list[str] = []
+    for name, module in model.named_modules():
+        inside = any(name.startswith(f"{outer}.") for outer in found)
+        if isinstance(module, nn.ModuleList) and len(module) == layers and not inside:
+            found.append(name)
+    if len(found) != 1:
+        where = f"{len(found)} lists of {layers} modules ({', '.join(found)})" if found else f"no list of {layers}"
+        raise ValueError(f"cannot tell {type(model).__name__}'s transformer blocks apart: {where}")
+    return found[0]
+
+
+def _keep_in_config(config, layers: int, chosen: list[int]) -> None:
+    """Make ``config`` that of the model with blocks ``chosen`` of ``layers``, in place (the model's modules
+    hold this object): every per-layer list (layer_types, Llama 4's no_rope_layers, ...) keeps the entries
+    of those blocks."""
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list | tuple) and len(value) == layers and key != "architectures":
+            setattr(config, key, type(value)(value[i] for i in chosen))
+    config.num_hidden_layers = len(chosen)
+
+
 def keep_layers_(model: nn.Module, keep: str | list[int] = "even") -> list[int]:
-    """Drop every transformer block but those ``keep`` names, in place; returns the kept indices.
-    Model families: those the presets know (GPT-2 and the LLaMA family)."""
-    arch, _, _, layers = architecture(model.config)
+    """Drop every transformer block but those ``keep`` names, in place; returns the kept indices. Refuses,
+    changing nothing, a model whose config would build other modules for the kept blocks (Qwen2-MoE with
+    an expert layer every other block: its even blocks are dense, and two blocks built anew would not be)."""
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
         raise ValueError("this model scales attention by its layer index; renumbered blocks would change it")
+    name = block_list(model)
+    layers = model.config.num_hidden_layers
     chosen = kept_layers(layers, keep)
-    parent_name, _, attribute = arch.blocks.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    blocks = getattr(parent, attribute)
-    setattr(parent, attribute, nn.ModuleList(blocks[i] for i in chosen))
-    for new_index, block in enumerate(getattr(parent, attribute)):
-        for module in block.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_index  # the KV cache is indexed by it
-    setattr(model.config, arch.layers, len(chosen))
-    layer_types = getattr(model.config, "layer_types", None)
-    if isinstance(layer_types, list) and len(layer_types) == layers:
-        model.config.layer_types = [layer_types[i] for i in chosen]
+    config = copy.deepcopy(model.config)
+    _keep_in_config(config, layers, chosen)
+    renumbered = {str(old): str(new) for new, old in enumerate(chosen)}
+    pattern = re.compile(rf"^{re.escape(name)}\.(\d+)\.")
+    expected = {}
+    for key, tensor in model.state_dict().items():
+        match = pattern.match(key)
+        if match is None:
+            expected[key] = tensor.shape
+        elif match[1] in renumbered:
+            expected[f"{name}.{renumbered[match[1]]}.{key[match.end() :]}"] = tensor.shape
+    with torch.device("meta"):
+        built = {key: tensor.shape for key, tensor in type(model)(config).state_dict().items()}
+    if built != expected:
+        differ = sorted(set(built) ^ set(expected)) or [k for k in built if built[k] != expected[k]]
+        raise ValueError(
+            f"{type(model).__name__} builds other modules for blocks {chosen} renumbered (its config ties them "
+            f"to their index): {', '.join(differ[:3])} differ"
+        )
+    parent_name, _, attribute = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    blocks, settings = getattr(parent, attribute), dict(vars(model.config))
+    numbers = [(module, module.layer_idx) for module in blocks.modules() if hasattr(module, "layer_idx")]
+
+    def renumber(kept: nn.ModuleList) -> None:
+        setattr(parent, attribute, kept)
+        for new_index, block in enumerate(kept):
+            for module in block.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = new_index  # the KV cache is indexed by it
+
+    renumber(nn.ModuleList(blocks[i] for i in chosen))
+    _keep_in_config(model.config, layers, chosen)
+    try:
+        _runs(model)
+    except Exception as err:
+        setattr(parent, attribute, blocks)
+        for module, index in numbers:
+            module.layer_idx = index
+        vars(model.config).update(settings)
+        raise ValueError(f"{type(model).__name__} with blocks {chosen} alone does not run: {err}") from err
     return chosen
+
+
+@torch.no_grad()
+def _runs(model: nn.Module) -> None:
+    """Run two tokens through ``model`` (some layer mixes need a block of a kind the choice left out:
+    Qwen3-Next's even blocks are all linear attention, and its forward then fails)."""
+    weight = next(model.parameters())
+    if weight.device.type != "meta":
+        was_training = model.training
+        model.eval()
+        try:
+            model(torch.zeros((1, 2), dtype=torch.long, device=weight.device))
+        finally:
+            model.train(was_training)
