@@ -24,7 +24,7 @@ def kept_layers(layers: int, keep: str | list[int]) -> list[int]:
     return chosen
 
 
-def block_list(model: nn.Module) -> str:
+def _block_list(model: nn.Module) -> str:
     """The name of the one ``nn.ModuleList`` that holds the model's transformer blocks: as long as its
     config's layer count, and not inside another such list."""
     layers = getattr(model.config, "num_hidden_layers", None)
@@ -53,45 +53,24 @@ def _keep_in_config(config, layers: int, chosen: list[int]) -> None:
 
 def keep_layers_(model: nn.Module, keep: str | list[int] = "even") -> list[int]:
     """Drop every transformer block but those ``keep`` names, in place; returns the kept indices. Refuses,
-    changing nothing, a model whose config would build other modules for the kept blocks (Qwen2-MoE with
-    an expert layer every other block: its even blocks are dense, and two blocks built anew would not be)."""
+    changing nothing, a choice the config would build other modules for (Qwen2-MoE with an expert layer
+    every other block: its even blocks are dense, two blocks built anew would not both be) or that does
+    not run."""
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
         raise ValueError("this model scales attention by its layer index; renumbered blocks would change it")
-    name = block_list(model)
+    name = _block_list(model)
     layers = model.config.num_hidden_layers
     chosen = kept_layers(layers, keep)
-    config = copy.deepcopy(model.config)
-    _keep_in_config(config, layers, chosen)
-    renumbered = {str(old): str(new) for new, old in enumerate(chosen)}
-    pattern = re.compile(rf"^{re.escape(name)}\.(\d+)\.")
-    expected = {}
-    for key, tensor in model.state_dict().items():
-        match = pattern.match(key)
-        if match is None:
-            expected[key] = tensor.shape
-        elif match[1] in renumbered:
-            expected[f"{name}.{renumbered[match[1]]}.{key[match.end() :]}"] = tensor.shape
-    with torch.device("meta"):
-        built = {key: tensor.shape for key, tensor in type(model)(config).state_dict().items()}
-    if built != expected:
-        differ = sorted(set(built) ^ set(expected)) or [k for k in built if built[k] != expected[k]]
-        raise ValueError(
-            f"{type(model).__name__} builds other modules for blocks {chosen} renumbered (its config ties them "
-            f"to their index): {', '.join(differ[:3])} differ"
-        )
+    _refuse_other_modules(model, name, chosen)
     parent_name, _, attribute = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     blocks, settings = getattr(parent, attribute), dict(vars(model.config))
     numbers = [(module, module.layer_idx) for module in blocks.modules() if hasattr(module, "layer_idx")]
-
-    def renumber(kept: nn.ModuleList) -> None:
-        setattr(parent, attribute, kept)
-        for new_index, block in enumerate(kept):
-            for module in block.modules():
-                if hasattr(module, "layer_idx"):
-                    module.layer_idx = new_index  # the KV cache is indexed by it
-
-    renumber(nn.ModuleList(blocks[i] for i in chosen))
+    setattr(parent, attribute, nn.ModuleList(blocks[i] for i in chosen))
+    for new_index, block in enumerate(getattr(parent, attribute)):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index  # the KV cache is indexed by it
     _keep_in_config(model.config, layers, chosen)
     try:
         _runs(model)
@@ -102,6 +81,30 @@ def keep_layers_(model: nn.Module, keep: str | list[int] = "even") -> list[int]:
         vars(model.config).update(settings)
         raise ValueError(f"{type(model).__name__} with blocks {chosen} alone does not run: {err}") from err
     return chosen
+
+
+def _refuse_other_modules(model: nn.Module, name: str, chosen: list[int]) -> None:
+    """Raise unless the model built anew (on the meta device) from the config of blocks ``chosen`` of the
+    list ``name`` has the parameters those blocks, renumbered, bring."""
+    config = copy.deepcopy(model.config)
+    _keep_in_config(config, config.num_hidden_layers, chosen)
+    renumbered = {str(old): str(new) for new, old in enumerate(chosen)}
+    pattern = re.compile(rf"^{re.escape(name)}\.(\d+)\.")
+    kept = {}
+    for key, tensor in model.state_dict().items():
+        match = pattern.match(key)
+        if match is None:
+            kept[key] = tensor.shape
+        elif match[1] in renumbered:
+            kept[f"{name}.{renumbered[match[1]]}.{key[match.end() :]}"] = tensor.shape
+    with torch.device("meta"):
+        built = {key: tensor.shape for key, tensor in type(model)(config).state_dict().items()}
+    if built != kept:
+        differ = sorted(set(built) ^ set(kept)) or [key for key in built if built[key] != kept[key]]
+        raise ValueError(
+            f"{type(model).__name__} builds other modules for blocks {chosen} renumbered (its config ties them "
+            f"to their index): {', '.join(differ[:3])} differ"
+        )
 
 
 @torch.no_grad()
