@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .methods import CompressedModule
-from .methods.targets import optional_bias
+from .methods.targets import computed_weight, optional_bias
 
 
 class TiedEmbeddingHead(nn.Module):
@@ -23,7 +23,8 @@ class TiedEmbeddingHead(nn.Module):
     def weight(self) -> torch.Tensor:
         """E (vocab x d), as a dense head's weight, computed from the embedding's factors: for models that
         read it (Mamba casts its input to ``lm_head.weight.dtype``)."""
-        return self.embedding.weight
+        like = next(self.embedding.parameters())
+        return computed_weight(lambda: self.embedding.weight, (self.out_features, self.in_features), like)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.embedding.attend(hidden)

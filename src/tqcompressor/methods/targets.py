@@ -3,10 +3,12 @@ weights are stored transposed to each other) and embedding tables, read as matri
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from transformers.pytorch_utils import Conv1D
 
 from ..linalg import relative
@@ -43,12 +45,44 @@ def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, 
     raise TypeError(f"cannot compress a {type(module).__name__}; expected nn.Linear or Conv1D")
 
 
-def in_layout(weight_io: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """``weight_io`` (in x out) as the ``weight`` of a layer of ``layout``: nn.Linear's out x in, Conv1D's
-    in x out. Compressed linear layers give their weight so, computed from their factors at each read and
-    with their gradients: some models read a layer's weight instead of calling it (Mamba's
-    ``dt_proj.weight @ x``, T5's cast to ``wo.weight.dtype``)."""
-    return weight_io.T if layout == "linear" else weight_io
+def layer_weight(module: nn.Module, layout: Layout, like: torch.Tensor) -> torch.Tensor:
+    """``module.dense_weight()`` (in x out) as the ``weight`` of a layer of ``layout`` (nn.Linear's out x in,
+    Conv1D's in x out; ``like``: a factor, for dtype and device), for models that read a layer's weight
+    instead of calling it (Mamba's ``dt_proj.weight @ x``, T5's cast to ``wo.weight.dtype``)."""
+    rows, cols = module.in_features, module.out_features
+
+    def compute() -> torch.Tensor:
+        weight_io = module.dense_weight()
+        return weight_io.T if layout == "linear" else weight_io
+
+    return computed_weight(compute, (cols, rows) if layout == "linear" else (rows, cols), like)
+
+
+def computed_weight(compute: Callable[[], torch.Tensor], shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A weight computed from factors at each read: ``compute()`` itself while autograd records (gradients
+    reach the factors); otherwise a tensor that computes it only when an operation uses its values, so a
+    read for its dtype, device or shape costs nothing (Mamba casts its input to ``lm_head.weight.dtype``
+    at every forward: computing a compressed tied embedding there made generation 4-5x slower)."""
+    if torch.is_grad_enabled():
+        return compute()
+    return _Deferred(compute, shape, like.dtype, like.device)
+
+
+class _Deferred(torch.Tensor):
+    """Shape, dtype and device without values; any operation on it runs on ``compute()``."""
+
+    @staticmethod
+    def __new__(cls, compute: Callable[[], torch.Tensor], shape, dtype, device):
+        tensor = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device)
+        tensor.compute = compute
+        return tensor
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def values(x):
+            return x.compute() if isinstance(x, _Deferred) else x
+
+        return func(*tree_map(values, args), **tree_map(values, kwargs or {}))
 
 
 def dense_linear(weight_io: torch.Tensor, bias: torch.Tensor | None, layout: Layout) -> nn.Module:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import CompressedModule
-from ..targets import Layout, dense_embedding, dense_linear, dense_weight, in_layout, optional_bias
+from ..targets import Layout, dense_embedding, dense_linear, dense_weight, layer_weight, optional_bias
 from .factors import KroneckerFactors
 
 
@@ -200,7 +200,7 @@ class KroneckerLinear(CompressedModule):
 
     @property
     def weight(self) -> torch.Tensor:
-        return in_layout(self.dense_weight(), self.layout)
+        return layer_weight(self, self.layout, self.a)
 
     def to_dense(self) -> nn.Module:
         return dense_linear(self.dense_weight().detach(), self.bias, self.layout)

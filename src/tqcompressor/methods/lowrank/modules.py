@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import CompressedModule
-from ..targets import Layout, dense_embedding, dense_linear, dense_weight, in_layout, optional_bias
+from ..targets import Layout, dense_embedding, dense_linear, dense_weight, layer_weight, optional_bias
 from .factors import LowRankFactors
 
 
@@ -63,7 +63,7 @@ class LowRankLinear(CompressedModule):
 
     @property
     def weight(self) -> torch.Tensor:
-        return in_layout(self.dense_weight(), self.layout)
+        return layer_weight(self, self.layout, self.u)
 
     def to_dense(self) -> nn.Module:
         return dense_linear(self.dense_weight().detach(), self.bias, self.layout)
