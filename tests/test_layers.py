@@ -204,7 +204,7 @@ def test_a_weight_read_without_gradients_computes_it_only_when_its_values_are_us
         (kronecker, kronecker, "dense_weight"),
         (head, embedding, "expand"),
     ):
-        expected = (module.to_dense() if module is not head else embedding.to_dense()).weight.detach()
+        expected = (embedding if module is head else module).to_dense().weight.detach()
         computed = getattr(owner, method)
         calls = []
         monkeypatch.setattr(
