@@ -60,6 +60,9 @@ def test_bad_block_choices_fail_before_anything_changes():
     for keep in ([4], [], "middle"):
         with pytest.raises(ValueError, match=r"block indices|keep must be"):
             tq.keep_layers_(model, keep)
+    tq.compress_(model, tq.CompressionPlan([tq.Rule(r"transformer\.h\.1\.mlp\.c_fc", tq.LowRankConfig(rank=4))]))
+    with pytest.raises(ValueError, match="keep the blocks of the dense model, then compress it"):
+        tq.keep_layers_(model, "odd")
     assert len(model.transformer.h) == 4
 
 

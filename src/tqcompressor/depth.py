@@ -9,6 +9,8 @@ import re
 import torch
 from torch import nn
 
+from .methods import CompressedModule
+
 
 def kept_layers(layers: int, keep: str | list[int]) -> list[int]:
     """The block indices ``keep`` names: "even" (0, 2, 4, ...: DistilGPT-2's choice), "odd", or a list."""
@@ -58,6 +60,9 @@ def keep_layers_(model: nn.Module, keep: str | list[int] = "even") -> list[int]:
     not run."""
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
         raise ValueError("this model scales attention by its layer index; renumbered blocks would change it")
+    if any(isinstance(module, CompressedModule) for module in model.modules()):
+        # The check below builds the dense architecture, which a compressed model no longer matches.
+        raise ValueError("keep the blocks of the dense model, then compress it")
     name = _block_list(model)
     layers = model.config.num_hidden_layers
     chosen = kept_layers(layers, keep)
