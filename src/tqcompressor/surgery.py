@@ -70,9 +70,8 @@ def planned_parameters(model: nn.Module, plan: CompressionPlan) -> int:
     total = count_parameters(model) - freed_parameters(model, list(planned))
     total += sum(count_parameters(module) for module in planned.values())
     head = _output_head(model)
-    weight = getattr(head[1], "weight", None) if head is not None and head[0] not in planned else None
-    # Only a dense head shares an embedding's weight (one tied to a compressed embedding computes its own).
-    if plan.tie_head and isinstance(weight, nn.Parameter):
+    weight = _dense_head_weight(head[1]) if head is not None and head[0] not in planned else None
+    if plan.tie_head and weight is not None:
         replaced = [model.get_submodule(name) for name in planned]
         if any(isinstance(m, nn.Embedding) and m.weight is weight for m in replaced):
             total -= weight.numel()  # the head will read the compressed embedding
@@ -110,6 +109,13 @@ def shared_weights_note(model: nn.Module, names: list[str]) -> str | None:
     )
 
 
+def _dense_head_weight(head: nn.Module) -> nn.Parameter | None:
+    """The weight Parameter a dense head holds, the only kind an embedding can share; None for a head that
+    computes its weight from factors (tied to a compressed embedding, or compressed itself), which reading
+    ``head.weight`` would compute in full."""
+    return dict(head.named_parameters(recurse=False)).get("weight")
+
+
 def _describe_head(model: nn.Module, head: nn.Module) -> str:
     if isinstance(head, TiedEmbeddingHead):
         name = next(name for name, module in model.named_modules() if module is head.embedding)
@@ -129,7 +135,7 @@ def _rewire_head(model: nn.Module, embedding_name: str, old: nn.Module, new: nn.
     if isinstance(head, TiedEmbeddingHead) and head.embedding is old:
         set_submodule(model, head_name, TiedEmbeddingHead(new, head.bias))
         return f"tied to the compressed {embedding_name}"
-    weight = getattr(head, "weight", None)
+    weight = _dense_head_weight(head)
     if weight is None or not isinstance(old, nn.Embedding) or weight.data_ptr() != old.weight.data_ptr():
         return None  # the head was never tied to this embedding: leave it alone
     if tie:
