@@ -1,6 +1,6 @@
 """How fast compressed layers and models run against the dense original, and how long compression takes.
 
-    python benchmarks/speed.py [--parts layers compiled models compression] [--rounds 7] [--decode-tokens 32]
+    python benchmarks/speed.py [--parts layers compiled models reads compression] [--rounds 7] [--decode-tokens 32]
 
 Layers: forward time over dense ``nn.Linear`` time measured in the same run (interleaved rounds,
 medians), at GPT-2 small and SmolLM2-135M MLP shapes, for Kronecker factorisations at ½ the dense
@@ -15,6 +15,9 @@ permutations folded by ``tq.fold_permutations``, and low-rank), for the house te
 ÷4 embedding, the ``tqcompressedgpt2`` preset) and SmolLM2-135M. Speed does not depend on the
 weights' values, so factors are fitted data-free without the search and the permutations are random
 ones, which cost what searched ones cost.
+Reads: greedy decode of a model that reads its head's weight at every step (Mamba casts its input to
+``lm_head.weight.dtype``), Mamba-130m's shape with random weights: dense, its tied embedding compressed,
+and the same with every read computing the whole table (as before such reads were deferred).
 Compression: wall time of the ``tqcompressedgpt2`` preset with default search settings on a
 random-weight GPT-2 small, and of a calibrated low-rank plan on SmolLM2 (calibration included).
 Writes benchmarks/results/speed.{json,md,png}.
@@ -270,6 +273,55 @@ def measure_models(rounds: int, prompt_tokens: int, decode_tokens: int) -> list[
     return records
 
 
+def measure_reads(rounds: int, decode_tokens: int) -> list[dict]:
+    """Seconds per greedy token of a Mamba of Mamba-130m's shape (random weights), dense and with its tied
+    embedding compressed, with reads of ``lm_head.weight`` deferred (the library) and computed in full."""
+    from unittest import mock
+
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    config = MambaConfig(vocab_size=50_280, hidden_size=768, num_hidden_layers=24, state_size=16)
+    models = {"dense": MambaForCausalLM(config).eval()}
+    for method, embedding in (
+        ("lowrank 1/2", tq.LowRankConfig(ratio=0.5)),
+        ("kronecker /2", tq.KroneckerConfig(embedding_factor=2, permute=False)),
+    ):
+        compressed = copy.deepcopy(models["dense"])
+        tq.compress_(compressed, tq.CompressionPlan([tq.Rule(r"backbone\.embeddings", embedding)]), progress=False)
+        models[f"embedding {method}"] = compressed
+    prompt = torch.randint(0, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def decode(model: nn.Module, computed_in_full: bool) -> Callable[[], object]:
+        def run():
+            with contextlib.ExitStack() as stack:
+                if computed_in_full:
+                    for where in ("tqcompressor.methods.targets", "tqcompressor.tied_head"):
+                        stack.enter_context(mock.patch(f"{where}.computed_weight", lambda compute, *_: compute()))
+                model.generate(prompt, max_new_tokens=decode_tokens, do_sample=False, pad_token_id=0)
+
+        return run
+
+    calls = {name: decode(model, False) for name, model in models.items()}
+    calls |= {f"{name}, every read computed": decode(model, True) for name, model in models.items() if name != "dense"}
+    medians = interleaved_medians(calls, rounds)
+    records = []
+    for name, seconds in medians.items():
+        model = models[name.split(",")[0]]
+        records.append(
+            {
+                "kind": "read",
+                "model": "mamba-130m shape (random)",
+                "method": name,
+                "params": tq.count_parameters(model),
+                "seconds_per_token": seconds / decode_tokens,
+                "ratio_to_dense": seconds / medians["dense"],
+            }
+        )
+        print(json.dumps(records[-1]), flush=True)
+    return records
+
+
 def measure_compression(calibration_tokens: int) -> list[dict]:
     records = []
     torch.manual_seed(0)
@@ -313,7 +365,7 @@ def measure_compression(calibration_tokens: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["layers", "compiled", "models", "compression"])
+    parser.add_argument("--parts", nargs="+", default=["layers", "compiled", "models", "reads", "compression"])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (x4 for 1 and 8 tokens)")
     parser.add_argument("--model-rounds", type=int, default=5, help="prompts per model (each then decoded)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -327,7 +379,13 @@ def main() -> None:
         write_report(json.loads(path.read_text()), args.out)
         return
     previous = json.loads(path.read_text()) if path.exists() else {"meta": {}, "records": []}
-    kinds = {"layers": "layer", "compiled": "compiled", "models": "model", "compression": "compression"}
+    kinds = {
+        "layers": "layer",
+        "compiled": "compiled",
+        "models": "model",
+        "reads": "read",
+        "compression": "compression",
+    }
     command = (
         f"python benchmarks/speed.py --parts {' '.join(args.parts)} --rounds {args.rounds} "
         f"--model-rounds {args.model_rounds} --prompt-tokens {args.prompt_tokens} "
@@ -347,6 +405,8 @@ def main() -> None:
         data["records"] += measure_compiled(args.rounds)
     if "models" in args.parts:
         data["records"] += measure_models(args.model_rounds, args.prompt_tokens, args.decode_tokens)
+    if "reads" in args.parts:
+        data["records"] += measure_reads(args.model_rounds, args.decode_tokens)
     if "compression" in args.parts:
         data["records"] += measure_compression(args.calibration_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -440,6 +500,24 @@ def write_report(data: dict, out: Path) -> None:
                 f"\nTarget, SmolLM2 with MLPs halved ({r['method']}, {r['dtype']}): decode tokens/s at least the "
                 f"original's: {verdict} ({1 / r['ratio_to_dense']:.2f}x the original's tokens/s)."
             )
+    reads = [r for r in records if r["kind"] == "read"]
+    if reads:
+        lines += [
+            "",
+            "## A model that reads its head's weight (greedy decode, float32)",
+            "",
+            "Mamba casts its input to `lm_head.weight.dtype` at every step; with the tied embedding compressed, "
+            "the head's weight is computed from the factors. The library defers that computation when no "
+            "gradients are recorded; the rows marked 'every read computed' compute it in full at each read.",
+            "",
+            "| model | method | params | s/token | ratio to dense |",
+            "|---|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['model']} | {r['method']} | {r['params']:,} | {r['seconds_per_token']:.4f} | "
+            f"{r['ratio_to_dense']:.2f} |"
+            for r in reads
+        ]
     compression = [r for r in records if r["kind"] == "compression"]
     if compression:
         lines += ["", "## Compression time", ""]
@@ -474,6 +552,14 @@ def write_report(data: dict, out: Path) -> None:
         axes[-1].legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / "speed.png", dpi=120)
+    if reads:
+        fig, ax = plt.subplots(figsize=(9, 3.5))
+        ax.barh([r["method"] for r in reads], [r["ratio_to_dense"] for r in reads])
+        ax.axvline(1.0, color="grey", linewidth=0.8)
+        ax.set_xlabel("decode time per token / dense")
+        ax.set_title(f"{reads[0]['model']}: greedy decode, float32", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "speed_reads.png", dpi=120)
 
 
 def targets(layers: list[dict]) -> list[str]:
