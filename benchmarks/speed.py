@@ -1,6 +1,6 @@
 """How fast compressed layers and models run against the dense original, and how long compression takes.
 
-    python benchmarks/speed.py [--parts layers compiled models reads compression] [--rounds 7] [--decode-tokens 32]
+    python benchmarks/speed.py [--parts layers compiled models reads experts compression] [--rounds 7]
 
 Layers: forward time over dense ``nn.Linear`` time measured in the same run (interleaved rounds,
 medians), at GPT-2 small and SmolLM2-135M MLP shapes, for Kronecker factorisations at ½ the dense
@@ -18,6 +18,10 @@ ones, which cost what searched ones cost.
 Reads: greedy decode of a model that reads its head's weight at every step (Mamba casts its input to
 ``lm_head.weight.dtype``), Mamba-130m's shape with random weights: dense, its tied embedding compressed,
 and the same with every read computing the whole table (as before such reads were deferred).
+Experts: one MoE layer's experts of granite-3.0-1b-a400m's shape (32 experts of 1024 -> 2x512 -> 1024, 8
+per token; random weights and routing): the stock fused tensors under transformers' default implementation,
+under transformers' eager loop, unfused into per-expert linear layers (``tq.unfuse_experts``), and those at
+½ their parameters (low-rank), for 1, 8 and 8x512 tokens, float32.
 Compression: wall time of the ``tqcompressedgpt2`` preset with default search settings on a
 random-weight GPT-2 small, and of a calibrated low-rank plan on SmolLM2 (calibration included).
 Writes benchmarks/results/speed.{json,md,png}.
@@ -32,6 +36,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -322,6 +327,62 @@ def measure_reads(rounds: int, decode_tokens: int) -> list[dict]:
     return records
 
 
+def measure_experts(rounds: int) -> list[dict]:
+    from transformers import GraniteMoeConfig
+    from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeExperts
+
+    config = GraniteMoeConfig(hidden_size=1024, intermediate_size=512, num_local_experts=32, num_experts_per_tok=8)
+    config._experts_implementation = "grouped_mm"  # what a model built on this CPU chooses by default
+    torch.manual_seed(0)
+    fused = GraniteMoeExperts(config).eval()
+    for weight in fused.parameters():
+        nn.init.normal_(weight, std=0.02)
+    holder = nn.ModuleDict({"experts": fused})
+    eager = copy.deepcopy(holder)
+    eager["experts"].config._experts_implementation = "eager"
+    unfused = copy.deepcopy(holder)
+    tq.unfuse_experts(unfused)
+    halved = copy.deepcopy(unfused)
+    rule = tq.Rule(r"experts\.(gate_up|down)_proj\.\d+", tq.LowRankConfig(ratio=0.5))
+    tq.compress_(halved, tq.CompressionPlan([rule]), progress=False)
+    variants = {
+        "fused (stock)": holder,
+        "fused, eager": eager,
+        "unfused, dense": unfused,
+        "unfused, low-rank 1/2": halved,
+    }
+    shape = "granite-3.0-1b-a400m experts (32 x 1024->2x512->1024, top 8)"
+    records = []
+    for tokens in (1, 8, 8 * 512):
+        generator = torch.Generator().manual_seed(tokens)
+        x = torch.randn(tokens, config.hidden_size, generator=generator)
+        index = torch.rand(tokens, config.num_local_experts, generator=generator).topk(8).indices
+        weights = torch.rand(tokens, 8, generator=generator)
+
+        calls = {name: partial(run_experts, module["experts"], x, index, weights) for name, module in variants.items()}
+        medians = interleaved_medians(calls, rounds)
+        for name, seconds in medians.items():
+            records.append(
+                {
+                    "kind": "experts",
+                    "shape": shape,
+                    "method": name,
+                    "implementation": variants[name]["experts"].config._experts_implementation,
+                    "tokens": tokens,
+                    "params": tq.count_parameters(variants[name]),
+                    "seconds": seconds,
+                    "ratio_to_dense": seconds / medians["fused (stock)"],
+                }
+            )
+            print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+@torch.inference_mode()
+def run_experts(experts: nn.Module, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+    experts(x, index, weights)
+
+
 def measure_compression(calibration_tokens: int) -> list[dict]:
     records = []
     torch.manual_seed(0)
@@ -365,7 +426,8 @@ def measure_compression(calibration_tokens: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["layers", "compiled", "models", "reads", "compression"])
+    parts = ["layers", "compiled", "models", "reads", "experts", "compression"]
+    parser.add_argument("--parts", nargs="+", choices=parts, default=parts)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (x4 for 1 and 8 tokens)")
     parser.add_argument("--model-rounds", type=int, default=5, help="prompts per model (each then decoded)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -384,6 +446,7 @@ def main() -> None:
         "compiled": "compiled",
         "models": "model",
         "reads": "read",
+        "experts": "experts",
         "compression": "compression",
     }
     command = (
@@ -407,6 +470,8 @@ def main() -> None:
         data["records"] += measure_models(args.model_rounds, args.prompt_tokens, args.decode_tokens)
     if "reads" in args.parts:
         data["records"] += measure_reads(args.model_rounds, args.decode_tokens)
+    if "experts" in args.parts:
+        data["records"] += measure_experts(args.rounds)
     if "compression" in args.parts:
         data["records"] += measure_compression(args.calibration_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -518,6 +583,25 @@ def write_report(data: dict, out: Path) -> None:
             f"{r['ratio_to_dense']:.2f} |"
             for r in reads
         ]
+    experts = [r for r in records if r["kind"] == "experts"]
+    if experts:
+        lines += [
+            "",
+            f"## MoE experts: {experts[0]['shape']}, float32",
+            "",
+            "Forward of one layer's experts (random routing): the stock fused tensors under the implementation "
+            "a model built on this CPU takes (grouped_mm) and under transformers' eager loop, the same experts as "
+            "per-expert linear layers (`tq.unfuse_experts`, what plans and budgets compress), and those at ½ "
+            "their parameters.",
+            "",
+            "| method | implementation | params | 1 token | 8 tokens | 4096 tokens |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for method in dict.fromkeys(r["method"] for r in experts):
+            cells = {r["tokens"]: r for r in experts if r["method"] == method}
+            first = next(iter(cells.values()))
+            ratios = " | ".join(f"{cells[t]['ratio_to_dense']:.2f}" for t in sorted(cells))
+            lines.append(f"| {method} | {first['implementation']} | {first['params']:,} | {ratios} |")
     compression = [r for r in records if r["kind"] == "compression"]
     if compression:
         lines += ["", "## Compression time", ""]
@@ -552,6 +636,22 @@ def write_report(data: dict, out: Path) -> None:
         axes[-1].legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / "speed.png", dpi=120)
+    if experts:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        methods = list(dict.fromkeys(r["method"] for r in experts))
+        counts = sorted({r["tokens"] for r in experts})
+        for i, method in enumerate(methods):
+            cells = {r["tokens"]: r["ratio_to_dense"] for r in experts if r["method"] == method}
+            ratios = [cells[t] for t in counts]
+            ax.bar([j + 0.25 * i for j in range(len(counts))], ratios, width=0.25, label=method)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        middle = 0.25 * (len(methods) - 1) / 2
+        ax.set_xticks([j + middle for j in range(len(counts))], [f"{t} token{'s' * (t > 1)}" for t in counts])
+        ax.set_ylabel("time / fused (stock) time")
+        ax.set_title(experts[0]["shape"], fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "speed_experts.png", dpi=120)
     if reads:
         fig, ax = plt.subplots(figsize=(9, 3.5))
         ax.barh([r["method"] for r in reads], [r["ratio_to_dense"] for r in reads])

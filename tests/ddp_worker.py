@@ -1,4 +1,5 @@
-"""Run by test_ddp.py under ``torchrun`` (or alone): distil the tiny student and write this rank's weights."""
+"""Run by test_ddp.py under ``torchrun`` (or alone): distil the tiny student (``moe``: the MoE one) and write
+this rank's weights."""
 
 import json
 import sys
@@ -7,12 +8,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from test_distillation import compressed_pair, config, pattern_blocks
+from test_experts import moe_pair
 
 from tqcompressor.training import Trainer, process_state
 
 out = Path(sys.argv[1])
 state = process_state()
-teacher, student = compressed_pair()
+if sys.argv[2:] == ["moe"]:
+    teacher, student = moe_pair()
+else:
+    teacher, student = compressed_pair()
 for module in student.modules():  # dropout masks differ per process; without it 1 and 2 processes must agree
     if isinstance(module, torch.nn.Dropout):
         module.p = 0.0

@@ -41,6 +41,20 @@ def launch(launcher: str, folder: Path) -> list[str]:
     return ["accelerate", "launch", "--config_file", str(folder / "ddp.yaml"), str(WORKER), str(folder)]
 
 
+def test_two_processes_distil_an_moe_student_whose_unfused_experts_a_step_may_not_reach(tmp_path):
+    """An expert no token reaches leaves its layers without gradients: DDP must expect unused parameters."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    single.mkdir()
+    double.mkdir()
+    run([sys.executable, str(WORKER), str(single), "moe"], WORKER.parent)
+    run([*launch("torchrun", double), "moe"], WORKER.parent)
+    ranks = [load_file(str(double / f"rank{r}.safetensors")) for r in (0, 1)]
+    alone = load_file(str(single / "rank0.safetensors"))
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    for name, tensor in alone.items():
+        torch.testing.assert_close(ranks[0][name], tensor, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_two_cpu_processes_train_like_one_process_on_the_global_batch(tmp_path, launcher):
     single, double = tmp_path / "single", tmp_path / "double"

@@ -7,6 +7,7 @@ tq.save(model, "out", tokenizer); model = tq.load("out")
 
 from .calibration import CalibrationStats, calibrate
 from .depth import keep_layers_
+from .experts import fuse_experts, unfuse_experts
 from .folding import fold_permutations
 from .methods import CompressedModule, CompressionMethod, FitReport, MethodConfig, get_method, method_names, register
 from .methods.kronecker import (
@@ -57,6 +58,7 @@ __all__ = [
     "count_parameters",
     "fit_factors",
     "fold_permutations",
+    "fuse_experts",
     "get_method",
     "keep_layers_",
     "load",
@@ -71,6 +73,7 @@ __all__ = [
     "search_permutations",
     "tied_parameters",
     "truncated_svd",
+    "unfuse_experts",
     "valid_factorizations",
 ]
 __version__ = "0.1.0"

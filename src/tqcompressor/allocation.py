@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import CalibrationStats
+from .experts import PROJECTIONS
 from .methods import MethodConfig, get_method, method_names
 from .methods.targets import embedding_scale, is_linear
 from .params import count_parameters, parameters_outside, shared_parameter_names
@@ -202,13 +203,16 @@ class Allocation:
 
 def left_as_is(outside: dict[str, int]) -> str:
     """What a budget cannot touch, the largest tensors named: where a model's parameters mostly lie outside
-    the linear layers and the token embedding (a Mixture-of-Experts' expert tensors, an untied head), no
-    budget reaches far below its size."""
+    the linear layers and the token embedding (a Mixture-of-Experts' fused expert tensors, an untied head),
+    no budget reaches far below its size."""
     largest = sorted(outside.items(), key=lambda item: -item[1])[:3]
     named = ", ".join(f"{name} {count:,}" for name, count in largest)
-    return f"{sum(outside.values()):,} parameters outside the modules chosen for stay as they are" + (
+    text = f"{sum(outside.values()):,} parameters outside the modules chosen for stay as they are" + (
         f" (the most in {named})" if named else ""
     )
+    if any(name.rpartition(".")[2] in PROJECTIONS for name in outside):
+        text += "; tqcompressor.unfuse_experts(model) first makes the MoE experts linear layers a budget reaches"
+    return text
 
 
 def linear_layers(model: nn.Module) -> list[str]:

@@ -19,6 +19,7 @@ from .data import id_counts, load_blocks, pack_blocks, token_ids
 from .depth import keep_layers_
 from .distillation import DistillationLoss
 from .evaluation import DATASETS, evaluate, fidelity, read_text, size_report
+from .experts import fuse_experts, unfuse_experts
 from .export import export
 from .loading import check_runs_on_token_ids, is_causal_lm, load_model, stored_dtype
 from .params import count_parameters
@@ -107,6 +108,7 @@ def _compress(args: argparse.Namespace) -> None:
             save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, dtype=dtype)
             print(f"saved to {out}")
             return
+    _unfuse_experts(model)
     if budget:
         _compress_to_budget(args, model, tokenizer, out, dtype)
         return
@@ -133,9 +135,25 @@ def _compress(args: argparse.Namespace) -> None:
     else:
         calibration = _calibration(args, model, tokenizer, [name for _, name in resolve(model, plan)])[0]
         report = compress_(model, plan, calibration=calibration, progress=not args.quiet)
-    save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, dtype=dtype)
+    _save(model, out, tokenizer, args, dtype)
     print(report.table())
     print(f"saved to {out}")
+
+
+def _unfuse_experts(model: torch.nn.Module) -> None:
+    """MoE experts as per-expert linear layers, which plans and budgets can name (same outputs)."""
+    names = unfuse_experts(model)
+    if names:
+        print(
+            f"experts of {len(names)} MoE layers as linear layers ({names[0]}.down_proj.0, ...) for plans and "
+            "budgets to reach; the layers whose experts all stay dense are saved as before",
+            file=sys.stderr,
+        )
+
+
+def _save(model: torch.nn.Module, out: Path, tokenizer, args: argparse.Namespace, dtype: torch.dtype, **extra) -> None:
+    fuse_experts(model)  # the layers whose experts all stayed dense: the stock tensors and forward again
+    save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, dtype=dtype, **extra)
 
 
 def _sequential_options(args: argparse.Namespace) -> dict:
@@ -207,7 +225,7 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path, d
         (folder / "allocation.txt").write_text(allocation.table() + "\n")
         plot_layers([report.to_dict()], folder / "allocation.png")
 
-    save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, write_extra=write_allocation, dtype=dtype)
+    _save(model, out, tokenizer, args, dtype, write_extra=write_allocation)
     print(allocation.table())
     print(report.table())
     print(f"saved to {out} (the chosen plan: {out / 'allocation.yaml'})")
@@ -396,6 +414,7 @@ def _distill(args: argparse.Namespace) -> None:
             if not args.tokens:
                 raise ValueError("--token-shares splits --tokens: give both")
             schedule = schedule.share_tokens(args.tokens, args.token_shares)
+        _unfuse_experts(teacher)  # the student starts as its copy
         schedule.check(teacher)
         budgets = schedule.token_budgets(args.tokens)
     if not budgets or not all(budgets):

@@ -33,6 +33,7 @@ from .calibration import (
     forward_order,
     weight_digest,
 )
+from .experts import routed_owner
 from .linalg import aimed_weight
 from .methods.targets import dense_weight, is_linear
 from .params import count_parameters, shared_parameter_names
@@ -91,7 +92,12 @@ def compress_sequentially(
     names = list(dict.fromkeys(name for _, name in steps))
     calibration_targets(model, names)
     note = shared_weights_note(model, names)  # before any part unties one
-    order = forward_order(model, names, blocks[:1])
+    # Experts take their place from their experts module, which every token reaches (the first block's
+    # tokens may be routed to none of them).
+    owners = {name: owner for name in names if (owner := routed_owner(model, name))}
+    order = []
+    for called in forward_order(model, list(dict.fromkeys([*names, *owners.values()])), blocks[:1]):
+        order += [name for name in names if (name == called and name not in owners) or owners.get(name) == called]
     unreached = [name for name in names if name not in order]
     if unreached:
         raise ValueError(f"the calibration text never reached {unreached[:3]}: they are not used in forward")
@@ -166,6 +172,12 @@ def compress_sequentially(
         f"model's outputs{f', as were {redirected} layers the plan keeps dense' if aim_dense else ''}; "
         f"{len(groups) - aimed} on whole-model passes; {seconds:.1f} s of calibration"
     )
+    unreached = sum(replay.unreached_experts for replay in replays)
+    if unreached:
+        final.notes.append(
+            "experts' layers that the calibration text reached and that got no token once the layers before them "
+            f"were compressed, fitted to their weights alone: {unreached}"
+        )
     done = [r for replay in replays for r in replay.reconstructions]
     if reconstruction_epochs:
         kept = sum(r.epoch > 0 for r in done)
@@ -277,6 +289,7 @@ class _StackReplay:
         self.compressed_parts = 0  # parts of the model compressed when ``batches`` was taken
         self.dense_aimed = 0  # layers the plan keeps dense whose weights were aimed
         self.dense_seconds = 0.0  # spent aiming parts with nothing to compress
+        self.unreached_experts = 0  # planned experts' layers the compressed stream routed no token to
 
     @classmethod
     def capture(
@@ -335,6 +348,10 @@ class _StackReplay:
         prefix = f"{self.name}.{self.position}."
         check_token_count(model, members, tokens)
         planned = [name[len(prefix) :] for name in members]
+        # An expert's layer sees other tokens in the two streams (routing follows what came before), so no
+        # row of its inputs pairs with one of the original's: fitted to its own inputs, never aimed (nor, left
+        # dense, aimed itself).
+        routed = {name for name, module in block.named_modules() if is_linear(module) and routed_owner(block, name)}
         # A weight other layers share stays as it is: aimed at this use, it would move for the others.
         shared = shared_parameter_names(model)
         dense = [
@@ -344,16 +361,19 @@ class _StackReplay:
         ]
         found = _shared_input_parts(block, planned + dense, self.batches[0])
         # A dense layer the block never calls has no inputs to aim it on (Mamba multiplies by its dt_proj's
-        # weight): it stays as it is. A planned one the whole-model pass reached must be reached here too.
+        # weight): it stays as it is. A planned one the whole-model pass reached must be reached here too,
+        # but an expert may have no token in the first batch (its inputs come from those it has) or, routed
+        # otherwise in the model compressed so far, none at all (fitted to its weight alone).
         missing = [name for name in planned if not any(name in part for part in found)]
-        if missing:
+        if any(name not in routed for name in missing):
             raise RuntimeError(f"{prefix}{missing[0]} was reached by the model's forward and not by its block's")
         # Before anything in it changes, the block gives the original inputs of every part and its output
         # in one pass per batch; the compressed stream's passes stop at the part they are for.
-        wanted, outputs = self._original_pass(block, [part[0] for part in found])
-        for part in found:
+        wanted, outputs = self._original_pass(block, [part[0] for part in found if part[0] not in routed])
+        for part in found + [[name] for name in missing]:
             names = [prefix + name for name in part if name in planned]
-            aim = self.compressed_parts > 0  # until then both streams are the same: nothing to correct
+            # Until something is compressed both streams are the same: nothing to correct.
+            aim = self.compressed_parts > 0 and part[0] not in routed
             if not (names or aim):
                 continue
             started = time.perf_counter()
@@ -362,6 +382,8 @@ class _StackReplay:
             with torch.no_grad():
                 for i, (args, kwargs) in enumerate(self.batches):
                     given, _ = _module_inputs(block, part, partial(block, *args, **kwargs), stop=True)
+                    if part[0] in routed and not given:
+                        continue  # no token of this batch was routed to the expert
                     if len(given) < len(part) or any(given[name] is not given[part[0]] for name in part):
                         raise RuntimeError(f"{prefix}{part} changed which input they share between batches")
                     x = given[part[0]].reshape(-1, given[part[0]].shape[-1]).double()
@@ -383,6 +405,10 @@ class _StackReplay:
             if not names:
                 self.dense_seconds += time.perf_counter() - started
                 continue
+            if count == 0:  # an expert no token reached: its weight's own error, as a data-free fit measures
+                width = dense_weight(block.get_submodule(part[0]))[0].shape[0]
+                second, count = torch.eye(width, dtype=torch.float64), 1
+                self.unreached_experts += 1
             stats = CalibrationStats(
                 {name: names[0] for name in names},
                 inputs={names[0]: InputStats(second.cpu(), count)},

@@ -22,6 +22,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .experts import fuse_experts, is_fused_experts, unfuse, unfused_experts
 from .methods import is_compressed, is_embedding, module_class
 from .methods.targets import embedding_scale
 from .surgery import guard_hub_saving, set_submodule, set_untied_config
@@ -72,6 +73,7 @@ def save(
     config["tqcompressor"] = {
         "format_version": FORMAT_VERSION,
         "modules": compressed_modules(model),
+        "unfused_experts": unfused_experts(model),
         "history": getattr(model, "tqcompressor_history", []),
     }
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
@@ -194,6 +196,11 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     config = transformers.AutoConfig.for_model(**raw)
     model = model_class(config)
     modules = dict(model.named_modules())
+    for name in section.get("unfused_experts", []):
+        if name not in modules or not is_fused_experts(modules[name]):
+            raise ValueError(f"{directory}/config.json unfuses experts at {name}; the architecture has none there")
+        unfuse(modules[name])
+    modules = dict(model.named_modules())
     # Embeddings first, so that tied heads can reference their rebuilt embedding.
     for name, spec in sorted(section["modules"].items(), key=lambda kv: kv[1]["type"] == TIED_HEAD):
         replacement = _placeholder(spec, modules)
@@ -262,7 +269,7 @@ def materialize(model: nn.Module, pattern: str | None = None) -> nn.Module:
     """Replace compressed modules by their dense equivalents, in place: all of them (the original
     architecture), or those whose name fully matches the regex ``pattern`` (e.g. layers whose
     factorised form runs slower than dense; ``benchmarks/results/speed.md`` says which). A tied head
-    follows its embedding."""
+    follows its embedding; MoE experts left all dense go back into the stock tensors (``fuse_experts``)."""
     modules = list(model.named_modules())
     chosen = [
         (name, module)
@@ -288,6 +295,7 @@ def materialize(model: nn.Module, pattern: str | None = None) -> nn.Module:
             linear.bias = head.bias
         set_submodule(model, name, linear.to(embedding.weight.device))
     _tie_config_to_shared_head(model)
+    fuse_experts(model)  # the stock 3-D tensors again, wherever every expert is dense
     if any(is_compressed(module) for module in model.modules()):
         return model
     model.tqcompressor_history = []

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .experts import is_fused_experts
 from .methods import is_embedding
 from .methods.targets import embedding_scale
 from .params import count_parameters, freed_parameters, tied_parameters
@@ -40,9 +41,11 @@ def _plan_modules(model: nn.Module, plan: CompressionPlan) -> tuple[list[tuple[R
     unmatched = [f"'{rule.pattern}'" for rule, names in zip(plan.rules, matches, strict=True) if not names]
     if unmatched:
         sample = ", ".join(name for name in list(modules)[1:8])
+        experts = next((name for name, module in modules.items() if is_fused_experts(module)), None)
+        hint = f"; its MoE experts become linear layers ({experts}.down_proj.0, ...) by unfuse_experts(model)"
         raise ValueError(
             f"plan rules that match no module of this {type(model).__name__}: {', '.join(unmatched)} "
-            f"(its module names look like: {sample}, ...)"
+            f"(its module names look like: {sample}, ...{hint if experts else ''})"
         )
     for rule, names in zip(plan.rules, matches, strict=True):
         for name in names:

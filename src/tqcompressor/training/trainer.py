@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import TokenBlocks
+from ..experts import unfused_experts
 from ..loading import check_runs_on_token_ids
 from ..methods import is_compressed
 from ..plots import plot_training
@@ -66,7 +68,10 @@ class Trainer:
     ):
         """``continuation`` places this stage inside a longer run (see ``continuation``);
         ``keep_optimizer`` writes the final optimizer state beside the final model for the next stage."""
-        self.accelerator = Accelerator(cpu=on_cpu_only())
+        # A step may route no token to an expert, whose unfused layers then get no gradient: data parallel must
+        # look for unused parameters there (else it stops: "Expected to have finished reduction").
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(unfused_experts(student)))
+        self.accelerator = Accelerator(cpu=on_cpu_only(), kwargs_handlers=[ddp])
         self.config, self.data, self.out, self.tokenizer = config, data, Path(out), tokenizer
         self.progress = progress and self.accelerator.is_main_process
         self.total_steps = config.steps(data.block_size)
