@@ -251,3 +251,15 @@ def test_the_cli_unfuses_experts_and_saves_dense_ones_fused(tmp_path, capsys):
     assert main([*distill, "--data", str(tmp_path / "books" / "a.txt"), "--out", str(tmp_path / "d")]) == 0
     student = tq.load(tmp_path / "d" / "01-experts" / "model")
     assert isinstance(student.model.layers[1].mlp.experts.down_proj[2], LowRankLinear)
+
+
+def test_keep_layers_keeps_unfused_experts_as_they_are():
+    model = mixtral(num_hidden_layers=4)
+    fused = copy.deepcopy(model)
+    tq.unfuse_experts(model)
+    assert tq.keep_layers_(model, "odd") == tq.keep_layers_(fused, "odd") == [1, 3]
+    assert tq.unfuse_experts(fused) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert model.state_dict().keys() == fused.state_dict().keys()
+    ids = torch.randint(0, 120, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, fused(ids).logits, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import re
 import torch
 from torch import nn
 
+from .experts import unfuse, unfused_experts
 from .methods import CompressedModule
 
 
@@ -95,15 +96,19 @@ def _refuse_other_modules(model: nn.Module, name: str, chosen: list[int]) -> Non
     _keep_in_config(config, config.num_hidden_layers, chosen)
     renumbered = {str(old): str(new) for new, old in enumerate(chosen)}
     pattern = re.compile(rf"^{re.escape(name)}\.(\d+)\.")
-    kept = {}
-    for key, tensor in model.state_dict().items():
+
+    def kept_as(key: str) -> str | None:
         match = pattern.match(key)
         if match is None:
-            kept[key] = tensor.shape
-        elif match[1] in renumbered:
-            kept[f"{name}.{renumbered[match[1]]}.{key[match.end() :]}"] = tensor.shape
+            return key
+        return f"{name}.{renumbered[match[1]]}.{key[match.end() :]}" if match[1] in renumbered else None
+
+    kept = {kept_as(key): tensor.shape for key, tensor in model.state_dict().items() if kept_as(key) is not None}
     with torch.device("meta"):
-        built = {key: tensor.shape for key, tensor in type(model)(config).state_dict().items()}
+        rebuilt = type(model)(config)
+        for experts in filter(None, map(kept_as, unfused_experts(model))):
+            unfuse(rebuilt.get_submodule(experts))  # as the model's own were
+        built = {key: tensor.shape for key, tensor in rebuilt.state_dict().items()}
     if built != kept:
         differ = sorted(set(built) ^ set(kept)) or [key for key in built if built[key] != kept[key]]
         raise ValueError(
