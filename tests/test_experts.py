@@ -114,6 +114,7 @@ def test_unfused_experts_compute_what_the_fused_ones_do_and_fuse_back_exactly(bu
     state = model.state_dict()
     assert not fused & set(state)
     assert f"{names[0]}.down_proj.3.weight" in state and count_parameters(model) == total
+    assert all(p.is_contiguous() for p in model.parameters())  # as a saved model loads: the same kernels
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, logits, rtol=1e-5, atol=1e-5)  # another summation order
     assert tq.unfuse_experts(model) == []

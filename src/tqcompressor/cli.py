@@ -146,7 +146,7 @@ def _unfuse_experts(model: torch.nn.Module) -> None:
     if names:
         print(
             f"experts of {len(names)} MoE layers as linear layers ({names[0]}.down_proj.0, ...) for plans and "
-            "budgets to reach; the layers whose experts all stay dense are saved as before",
+            "budgets to reach",
             file=sys.stderr,
         )
 

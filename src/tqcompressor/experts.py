@@ -93,7 +93,9 @@ def unfuse(module: nn.Module) -> None:
         for expert in range(weight.shape[0]):
             matrix = weight[expert].T if module.is_transposed else weight[expert]  # out x in, as nn.Linear's
             layer = nn.Linear(matrix.shape[1], matrix.shape[0], bias=bias is not None, device="meta")
-            layer.weight = nn.Parameter(matrix.detach().clone(), requires_grad=weight.requires_grad)
+            # Row-major, as a saved model loads it: the same layout takes the same kernels, the same logits.
+            matrix = matrix.detach().clone(memory_format=torch.contiguous_format)
+            layer.weight = nn.Parameter(matrix, requires_grad=weight.requires_grad)
             if bias is not None:
                 layer.bias = nn.Parameter(bias[expert].detach().clone(), requires_grad=bias.requires_grad)
             layers.append(layer)

@@ -365,8 +365,9 @@ class _StackReplay:
         # but an expert may have no token in the first batch (its inputs come from those it has) or, routed
         # otherwise in the model compressed so far, none at all (fitted to its weight alone).
         missing = [name for name in planned if not any(name in part for part in found)]
-        if any(name not in routed for name in missing):
-            raise RuntimeError(f"{prefix}{missing[0]} was reached by the model's forward and not by its block's")
+        lost = [name for name in missing if name not in routed]
+        if lost:
+            raise RuntimeError(f"{prefix}{lost[0]} was reached by the model's forward and not by its block's")
         # Before anything in it changes, the block gives the original inputs of every part and its output
         # in one pass per batch; the compressed stream's passes stop at the part they are for.
         wanted, outputs = self._original_pass(block, [part[0] for part in found if part[0] not in routed])
