@@ -264,3 +264,23 @@ def test_keep_layers_keeps_unfused_experts_as_they_are():
     ids = torch.randint(0, 120, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, fused(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_schedule_unfuses_the_students_experts_and_leaves_the_teachers_fused(tmp_path):
+    from test_distillation import config, pattern_blocks
+
+    from tqcompressor.schedule import Schedule, ScheduleStep, run_schedule
+
+    teacher = mixtral(vocab_size=300)  # the size of test_distillation's pattern blocks
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        logits = teacher(ids).logits
+    experts = CompressionPlan([Rule(r"model\.layers\.\d+\.mlp\.experts\.down_proj\.\d+", LowRankConfig(rank=4))])
+    schedule = Schedule([ScheduleStep("experts", experts, tokens=24 * 8 * 2)])
+    schedule.check(teacher)  # against the student it will become
+    run_schedule(teacher, None, schedule, pattern_blocks(), config(bf16=False), tmp_path / "run", progress=False)
+    assert not any(isinstance(module, UnfusedExperts) for module in teacher.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(ids).logits, logits, rtol=0, atol=0)
+    student = tq.load(tmp_path / "run" / "01-experts" / "model")
+    assert isinstance(student.model.layers[1].mlp.experts.down_proj[3], LowRankLinear)

@@ -414,7 +414,6 @@ def _distill(args: argparse.Namespace) -> None:
             if not args.tokens:
                 raise ValueError("--token-shares splits --tokens: give both")
             schedule = schedule.share_tokens(args.tokens, args.token_shares)
-        _unfuse_experts(teacher)  # the student starts as its copy
         schedule.check(teacher)
         budgets = schedule.token_budgets(args.tokens)
     if not budgets or not all(budgets):

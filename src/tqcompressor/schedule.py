@@ -19,10 +19,12 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 import yaml
 from torch import nn
 
 from .data import TokenBlocks
+from .experts import is_fused_experts, unfuse_experts
 from .params import count_parameters
 from .plan import CompressionPlan
 from .presets import preset_steps
@@ -134,7 +136,9 @@ class Schedule:
         return [step.tokens if step.tokens is not None else share for step in self.steps]
 
     def check(self, model: nn.Module) -> None:
-        """Raise before any work if a step names nothing or its shapes do not fit the model."""
+        """Raise before any work if a step names nothing or its shapes do not fit the model (its student, with
+        MoE experts unfused: ``run_schedule``)."""
+        model = student_shape(model)
         for step in self.steps:
             if step.plan is not None:
                 try:
@@ -144,6 +148,17 @@ class Schedule:
         merged = self.one_shot().steps[0].plan
         if merged is not None:
             resolve(model, merged)  # widths as the earlier steps leave them
+
+
+def student_shape(teacher: nn.Module) -> nn.Module:
+    """``teacher``, or where it holds fused MoE experts an empty copy (meta device) with them unfused, as the
+    student is: the names and shapes its plans resolve against."""
+    if not any(is_fused_experts(module) for module in teacher.modules()):
+        return teacher
+    with torch.device("meta"):
+        student = type(teacher)(teacher.config)
+    unfuse_experts(student)
+    return student
 
 
 def step_dir(out: Path, index: int, step: ScheduleStep) -> Path:
@@ -177,7 +192,10 @@ def run_schedule(
     schedule.check(teacher)
     budgets = schedule.token_budgets(total_tokens)
     step_counts = [replace(config, tokens=tokens).steps(data.block_size) for tokens in budgets]
+    # The student's experts become linear layers that plans can name; the teacher keeps its fused ones and
+    # their faster implementations (grouped_mm on a GPU).
     student, results = copy.deepcopy(teacher), []
+    unfuse_experts(student)
     for index, (step, tokens) in enumerate(zip(schedule.steps, budgets, strict=True), 1):
         folder = step_dir(out, index, step)
         if resume and (folder / METRICS).is_file():
