@@ -64,8 +64,7 @@ def is_fused_experts(module: nn.Module) -> bool:
     """An experts module of transformers' experts interface, its experts still in 3-D tensors."""
     down = module._parameters.get("down_proj")
     return (
-        not isinstance(module, UnfusedExperts)
-        and hasattr(type(module), "_apply_gate")
+        hasattr(type(module), "_apply_gate")
         and hasattr(module, "is_transposed")
         and isinstance(getattr(module, "config", None), PretrainedConfig)
         and down is not None
@@ -122,14 +121,12 @@ def unfused_experts(model: nn.Module) -> list[str]:
 def fuse_experts(model: nn.Module) -> list[str]:
     """Stack the linear layers of every unfused experts module whose experts are all dense back into the
     stock 3-D tensors, in place; returns their names. Modules holding a compressed expert stay unfused."""
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, UnfusedExperts)
-        and all(is_linear(layer) for p in PROJECTIONS if p in module._modules for layer in module._modules[p])
-    ]
-    for name in names:
-        _fuse(model.get_submodule(name))
+    names = []
+    for name in unfused_experts(model):
+        module = model.get_submodule(name)
+        if all(is_linear(layer) for p in PROJECTIONS if p in module._modules for layer in module._modules[p]):
+            _fuse(module)
+            names.append(name)
     return names
 
 
