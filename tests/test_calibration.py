@@ -231,10 +231,109 @@ def test_the_statistics_memory_is_known_before_collecting_and_too_much_is_refuse
     held += [t.head_second_moment for t in stats.tokens.values() if t.head_second_moment is not None]
     assert inputs == sum(t.nbytes for t in held)  # shared inputs counted once, as collected
     assert outputs == sum(g.nbytes for g in stats.outputs.values())
-    monkeypatch.setattr(calibration, "free_memory", lambda device: inputs + outputs - 1)
+    monkeypatch.setattr(calibration, "free_memory", lambda device: 3 * (inputs + outputs) - 1)  # a third for them
     with pytest.raises(ValueError, match=r"would take 0\.0 GiB of input second moments and 0\.0 GiB of the Fisher"):
+        collect(model, names, ids, progress=False, fisher=True, spill=False)
+    assert collect(model, names, ids, progress=False, spill=False).inputs.keys() == stats.inputs.keys()  # fits so
+
+
+def spilled_llama(monkeypatch, share: float = 0.5):
+    """A tiny tied LLaMA, its statistics collected in memory, and again as if only ``share`` of them fitted."""
+    from tqcompressor import calibration
+    from tqcompressor.allocation import compressible_modules
+
+    model = LlamaForCausalLM(llama_config(tie_word_embeddings=True)).eval()
+    names = compressible_modules(model)
+    ids = blocks(count=8, length=16)
+    in_memory = collect(model, names, ids, progress=False, fisher=True)
+    need = sum(calibration.statistics_bytes(model, *calibration.calibration_targets(model, names), ids[:1], True))
+    with monkeypatch.context() as patch:
+        patch.setattr(calibration, "free_memory", lambda device: int(need * share))
+        spilled = collect(model, names, ids, progress=False, fisher=True)
+    return model, names, ids, in_memory, spilled
+
+
+def test_statistics_larger_than_memory_are_collected_in_passes_and_kept_on_disk(monkeypatch):
+    import gc
+    from pathlib import Path
+
+    from tqcompressor.calibration import OnDisk
+
+    _, names, ids, in_memory, spilled = spilled_llama(monkeypatch)
+    assert isinstance(spilled.inputs, OnDisk) and isinstance(spilled.outputs, OnDisk)
+    folder = Path(spilled.inputs.folder.name)
+    # A pass holds at most a third of what is free, a sixth of the whole: at least six passes.
+    assert spilled.summary()["passes"] >= 6
+    assert len(list(folder.iterdir())) == len(spilled.inputs) + len(spilled.outputs)
+    assert set(spilled.owner) == set(in_memory.owner) == set(names)
+    for name in names:
+        expected, found = in_memory.for_module(name), spilled.for_module(name)
+        assert type(found) is type(expected)
+        for field in ("second_moment", "output_second_moment", "counts", "head_second_moment"):
+            if getattr(expected, field, None) is not None:
+                torch.testing.assert_close(getattr(found, field), getattr(expected, field))
+        assert getattr(found, "tokens", None) == getattr(expected, "tokens", None)
+    assert spilled.summary()["tokens"] == in_memory.summary()["tokens"] == ids.numel()
+    assert spilled.summary()["on_disk"] == str(folder)
+    fitted = {names[1], names[-1]}
+    assert set(spilled.fisher_of(fitted)) == fitted & set(in_memory.outputs)
+    with pytest.raises(ValueError, match="kept on disk for this run only"):
+        spilled.save(folder.parent / "stats.safetensors")
+    assert not (folder.parent / "stats.safetensors").exists()
+    moments = spilled.fisher_of(fitted)
+    del spilled
+    gc.collect()
+    assert folder.exists()  # the Fisher moments taken out still read from it
+    del moments
+    gc.collect()
+    assert not folder.exists()
+
+
+def test_spilled_statistics_choose_and_fit_the_same_budget(monkeypatch):
+    import copy
+
+    from tqcompressor.allocation import allocation_plan
+    from tqcompressor.sequential import compress_sequentially
+
+    model, _, ids, in_memory, spilled = spilled_llama(monkeypatch)
+    target = round(0.6 * tq.count_parameters(model))
+    chosen = {}
+    for kind, stats in (("memory", in_memory), ("disk", spilled)):
+        chosen[kind] = allocation_plan(model, stats, target, sensitivity_blocks=ids[:2])
+    assert chosen["disk"].plan.to_dict() == chosen["memory"].plan.to_dict()
+    plan = chosen["memory"].plan
+    fitted = {name for name, c in chosen["memory"].chosen.items() if c.config is not None}
+    logits = {}
+    for kind, stats in (("memory", in_memory), ("disk", spilled)):
+        at_once, sequential = copy.deepcopy(model), copy.deepcopy(model)
+        tq.compress_(at_once, plan, calibration=stats, progress=False)
+        compress_sequentially(sequential, plan, ids, progress=False, output_moments=stats.fisher_of(fitted))
+        with torch.no_grad():
+            logits[kind] = [at_once(ids).logits, sequential(ids).logits]
+    for found, expected in zip(logits["disk"], logits["memory"], strict=True):
+        torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_statistics_no_pass_or_disk_can_hold_are_refused_before_any_pass(monkeypatch):
+    from tqcompressor import calibration
+    from tqcompressor.allocation import compressible_modules
+
+    model = LlamaForCausalLM(llama_config(tie_word_embeddings=True)).eval()
+    names = compressible_modules(model)
+    ids = blocks(count=8, length=16)
+    passes = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: passes.append(1) or type(model).forward(model, *a, **k))
+    widest = max(calibration._bytes_of(model.get_submodule(n), True, True) for n in names if "embed" not in n)
+    monkeypatch.setattr(calibration, "free_memory", lambda device: 3 * widest - 1)
+    with pytest.raises(
+        ValueError, match=r"alone take 0\.0 GiB \(float64\), more than the 0\.0 GiB one pass can hold \(a third"
+    ):
         collect(model, names, ids, progress=False, fisher=True)
-    assert collect(model, names, ids, progress=False).inputs.keys() == stats.inputs.keys()  # fits without it
+    monkeypatch.setattr(calibration, "free_memory", lambda device: 3 * widest)
+    monkeypatch.setattr(calibration, "free_disk", lambda: 0)
+    with pytest.raises(ValueError, match="point TMPDIR to a larger disk"):
+        collect(model, names, ids, progress=False, fisher=True)
+    assert len(passes) == 2  # the probes that size the statistics, one token block each
 
 
 @pytest.mark.parametrize(
@@ -588,3 +687,34 @@ def test_cli_counts_embedding_tokens_on_more_text_than_it_calibrates_on(tmp_path
     err = capsys.readouterr().err
     assert "fewer than the calibration tokens" in err and "apply to --calibration DATA only" in err
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+
+
+def test_a_budget_whose_statistics_exceed_memory_runs_from_disk_unless_they_are_to_be_saved(
+    tmp_path, monkeypatch, capsys
+):
+    from tqcompressor import calibration
+    from tqcompressor.allocation import compressible_modules
+    from tqcompressor.cli import main
+
+    tiny_gpt2_dir(tmp_path, n_embd=64)
+    base = ["compress", "--model", str(tmp_path / "tiny"), "--calibration", str(tmp_path / "books")]
+    base += ["--target-ratio", "0.8", "--calibration-tokens", "2048", "--sensitivity-tokens", "128"]
+    assert main([*base, "--quiet", "--out", str(tmp_path / "memory")]) == 0
+    model = tq.loading.load_model(str(tmp_path / "tiny"))[0]
+    names = compressible_modules(model)
+    sample = torch.zeros(1, 8, dtype=torch.long)
+    need = sum(calibration.statistics_bytes(model, *calibration.calibration_targets(model, names), sample, True))
+    monkeypatch.setattr(calibration, "free_memory", lambda device: need // 2)
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "disk")]) == 0
+    assert "passes over the text, each keeping its statistics on disk" in capsys.readouterr().err
+    plans = [(tmp_path / run / "allocation.yaml").read_text() for run in ("memory", "disk")]
+    assert plans[0] == plans[1]
+    ids = blocks(count=2, length=16)
+    with torch.no_grad():
+        logits = [tq.load(tmp_path / run)(ids).logits for run in ("memory", "disk")]
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+    saving = [*base, "--save-calibration", str(tmp_path / "stats.safetensors"), "--out", str(tmp_path / "saved")]
+    assert main([*saving, "--quiet"]) == 2
+    assert "let them spill to disk (spill=True; in the CLI, without --save-calibration)" in capsys.readouterr().err
+    assert not (tmp_path / "saved").exists() and not (tmp_path / "stats.safetensors").exists()

@@ -10,8 +10,11 @@ safetensors + JSON metadata and are checked against the model on load.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +30,11 @@ from .methods.targets import dense_weight, is_linear
 from .statistics import InputStats, TokenStats
 
 FORMAT = "tqcompressor-calibration-1"
+# The share of the memory free that statistics may take at once, in one pass or in each of several: the
+# rest holds the passes' activations, and the Fisher's backward pass keeps a whole model's (a 1.1B LLaMA
+# of TinyLlama's shape: about 8 GiB beyond its statistics on 4 x 512 tokens; with half of 18 GiB free
+# for the statistics, a pass reached 22 GiB of a 23 GiB machine).
+STATISTICS_SHARE = 1 / 3
 
 
 def weight_digest(module: nn.Module) -> list[float]:
@@ -35,15 +43,56 @@ def weight_digest(module: nn.Module) -> list[float]:
     return [float(weight.sum()), float(weight.norm())]
 
 
+class OnDisk(Mapping):
+    """Statistics too large for memory (``collect`` with ``spill``): each tensor in a safetensors file of a
+    temporary folder, read at every access; the folder goes when the last mapping holding it does."""
+
+    def __init__(self, files: dict[str, Path], shapes: dict[str, tuple[int, ...]], folder: tempfile.TemporaryDirectory):
+        self.files, self.shapes, self.folder = files, shapes, folder
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.files[key]), "pt") as handle:
+            return handle.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.files  # without reading the tensor, as Mapping's default would
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+class InputsOnDisk(OnDisk):
+    """Input second moments kept on disk, read as ``InputStats``; ``passes``: over the text, to collect them."""
+
+    def __init__(self, files, shapes, folder, tokens: dict[str, int], passes: int):
+        super().__init__(files, shapes, folder)
+        self.tokens, self.passes = tokens, passes
+
+    def __getitem__(self, key: str) -> InputStats:
+        return InputStats(super().__getitem__(key), self.tokens[key])
+
+
+def _width(inputs: Mapping[str, InputStats], key: str) -> int:
+    return inputs.shapes[key][0] if isinstance(inputs, OnDisk) else inputs[key].second_moment.shape[0]
+
+
+def _input_tokens(inputs: Mapping[str, InputStats]) -> dict[str, int]:
+    return inputs.tokens if isinstance(inputs, InputsOnDisk) else {key: s.tokens for key, s in inputs.items()}
+
+
 @dataclass
 class CalibrationStats:
     """``owner[module]`` names the accumulator a module reads; ``inputs``/``tokens`` hold them;
-    ``outputs[module]``: Σ g gᵀ of a linear layer's output gradients, where the Fisher was collected."""
+    ``outputs[module]``: Σ g gᵀ of a linear layer's output gradients, where the Fisher was collected.
+    ``inputs`` and ``outputs`` are ``OnDisk`` where they did not fit in memory."""
 
     owner: dict[str, str]
-    inputs: dict[str, InputStats] = field(default_factory=dict)
+    inputs: Mapping[str, InputStats] = field(default_factory=dict)
     tokens: dict[str, TokenStats] = field(default_factory=dict)
-    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
     digests: dict[str, list[float]] = field(default_factory=dict)
     model_type: str | None = None
     seconds: float = 0.0
@@ -56,21 +105,34 @@ class CalibrationStats:
             return replace(self.inputs[key], output_second_moment=self.outputs[name])
         return self.inputs.get(key) or self.tokens.get(key)
 
+    def fisher_of(self, names: set[str]) -> Mapping[str, torch.Tensor]:
+        """The Fisher output moments of ``names`` alone, without reading those kept on disk."""
+        if isinstance(self.outputs, OnDisk):
+            kept = {name: self.outputs.files[name] for name in self.outputs.files if name in names}
+            return OnDisk(kept, self.outputs.shapes, self.outputs.folder)
+        return {name: g for name, g in self.outputs.items() if name in names}
+
     def summary(self) -> dict:
-        widths = [s.second_moment.shape[0] for s in self.inputs.values()]
+        widths = [_width(self.inputs, key) for key in self.inputs]
         widths += [len(t.head_second_moment) for t in self.tokens.values() if t.head_second_moment is not None]
-        return {
+        summary = {
             "modules": len(self.owner),
             "accumulators": len(self.inputs) + len(self.tokens),
-            "tokens": max(
-                [s.tokens for s in self.inputs.values()] + [int(t.counts.sum()) for t in self.tokens.values()]
-            ),
+            "tokens": max([*_input_tokens(self.inputs).values()] + [int(t.counts.sum()) for t in self.tokens.values()]),
             "float64_bytes": sum(w * w * 8 for w in widths),
             "seconds": round(self.seconds, 2),
         }
+        if isinstance(self.inputs, InputsOnDisk):
+            summary.update(on_disk=self.inputs.folder.name, passes=self.inputs.passes)
+        return summary
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
+        if isinstance(self.inputs, OnDisk) or isinstance(self.outputs, OnDisk):
+            raise ValueError(
+                "these statistics did not fit in memory and are kept on disk for this run only: one file cannot "
+                "hold them (collect them with spill=False, without --save-calibration, where memory allows)"
+            )
         tensors = {f"{key}.second_moment": s.second_moment.contiguous() for key, s in self.inputs.items()}
         tensors.update({f"{key}.counts": s.counts.contiguous() for key, s in self.tokens.items()})
         tied = [key for key, s in self.tokens.items() if s.head_second_moment is not None]
@@ -195,25 +257,45 @@ def check_token_count(model: nn.Module, linear: list[str], tokens: int) -> None:
         )
 
 
+def _accumulators(model: nn.Module, linear: list[str], sample: torch.Tensor) -> dict[str, str]:
+    """Each of ``linear`` -> the first of them, in the order a forward pass over ``sample`` calls them,
+    that receives the very same input tensor (whose accumulator ``collect`` shares); those the pass does
+    not call (an expert no token of ``sample`` is routed to) last, each its own."""
+    seen: list[tuple[torch.Tensor, str]] = []  # held, so that identity within the pass is reliable
+    key: dict[str, str] = {}
+
+    def record(name: str, args: tuple) -> None:
+        if name not in key:
+            key[name] = next((k for x, k in seen if x is args[0]), name)
+            seen.append((args[0], key[name]))
+
+    _each_call(model, linear, sample, record)
+    return key | {name: name for name in linear if name not in key}
+
+
+def _bytes_of(module: nn.Module, fisher: bool, own_input: bool) -> int:
+    width, outputs = dense_weight(module)[0].shape
+    return 8 * ((width * width if own_input else 0) + (outputs * outputs if fisher else 0))
+
+
+def _embedding_bytes(model: nn.Module, embeddings: list[str]) -> int:
+    counts = sum(model.get_submodule(name).num_embeddings for name in embeddings)
+    return 8 * (counts + sum(head.weight.shape[-1] ** 2 for head in tied_heads(model, embeddings).values()))
+
+
 def statistics_bytes(
     model: nn.Module, linear: list[str], embeddings: list[str], sample: torch.Tensor, fisher: bool
 ) -> tuple[int, int]:
     """(bytes of the input statistics, bytes of the Fisher's) that ``collect`` will accumulate, float64:
     Σ x xᵀ once per distinct input (one forward pass over ``sample`` tells which layers share one), token
     counts and a tied head's Σ h hᵀ, and with ``fisher`` Σ g gᵀ of every linear layer's output."""
-    seen: list[torch.Tensor] = []  # held, so that identity within the pass is reliable
+    return _sizes(model, _accumulators(model, linear, sample), embeddings, fisher)
 
-    def record(name: str, args: tuple) -> None:
-        if not any(args[0] is x for x in seen):
-            seen.append(args[0])
 
-    _each_call(model, linear, sample, record)
-    inputs = sum(x.shape[-1] ** 2 for x in seen)
-    for name in embeddings:
-        inputs += model.get_submodule(name).num_embeddings
-    inputs += sum(head.weight.shape[-1] ** 2 for head in tied_heads(model, embeddings).values())
-    outputs = sum(dense_weight(model.get_submodule(name))[0].shape[1] ** 2 for name in linear) if fisher else 0
-    return 8 * inputs, 8 * outputs
+def _sizes(model: nn.Module, keys: dict[str, str], embeddings: list[str], fisher: bool) -> tuple[int, int]:
+    inputs = sum(_bytes_of(model.get_submodule(name), False, key == name) for name, key in keys.items())
+    outputs = sum(_bytes_of(model.get_submodule(name), True, False) for name in keys) if fisher else 0
+    return inputs + _embedding_bytes(model, embeddings), outputs
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -229,29 +311,89 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_memory(
-    model: nn.Module, linear: list[str], embeddings: list[str], sample: torch.Tensor, fisher: bool
-) -> None:
-    """Refuses, before any pass over the text, statistics that would not fit in memory: on a 24 GB machine a
-    1.1B-parameter LLaMA's (9.5 GiB of input moments, 17.6 GiB of Fisher) were killed after nine minutes.
-    Accumulated on the model's device, so that is where they must fit."""
+def free_disk() -> int:
+    """Bytes free where statistics spill to: the temporary folder (``TMPDIR``)."""
+    return shutil.disk_usage(tempfile.gettempdir()).free
+
+
+def _groups(model: nn.Module, keys: dict[str, str], embeddings: list[str], fisher: bool, limit: int) -> list[list[str]]:
+    """The linear layers of ``keys`` (``_accumulators``) in their order, cut into groups whose statistics take
+    at most ``limit`` bytes each (the embeddings' go with the first); layers that share an input in one group
+    share its accumulator."""
+    gib = 2**30
+    groups: list[list[str]] = [[]]
+    held: set[str] = set()
+    used = _embedding_bytes(model, embeddings)
+    for name, key in keys.items():
+        module = model.get_submodule(name)
+        cost = _bytes_of(module, fisher, key not in held)
+        if groups[-1] and used + cost > limit:
+            groups.append([])
+            held, used = set(), 0
+            cost = _bytes_of(module, fisher, True)
+        if cost > limit:
+            raise ValueError(
+                f"the calibration statistics of {name} alone take {cost / gib:.1f} GiB (float64), more than the "
+                f"{limit / gib:.1f} GiB one pass can hold (a third of the memory free): "
+                + ("collect them without the Fisher (--no-fisher; fisher=False in Python), " if fisher else "")
+                + "or on a machine with more memory"
+            )
+        groups[-1].append(name)
+        held.add(key)
+        used += cost
+    return [group for group in groups if group] or [[]]
+
+
+def _passes(
+    model: nn.Module,
+    linear: list[str],
+    embeddings: list[str],
+    sample: torch.Tensor,
+    fisher: bool,
+    spill: bool,
+    progress: bool,
+) -> list[list[str]] | None:
+    """None where the statistics fit in the memory free on the model's device (or it is not known); else,
+    with ``spill``, the groups of ``linear`` to collect one pass each and keep on disk. Refuses, before any
+    pass over the text, what can be held neither way: on a 24 GB machine a 1.1B-parameter LLaMA's
+    statistics (9.5 GiB of input moments, 17.6 GiB of Fisher) were killed after nine minutes."""
     device = next(model.parameters()).device
     free = free_memory(device)
     if free is None:
-        return
-    inputs, outputs = statistics_bytes(model, linear, embeddings, sample, fisher)
-    if inputs + outputs <= free:
-        return
+        return None
+    keys = _accumulators(model, linear, sample)
+    inputs, outputs = _sizes(model, keys, embeddings, fisher)
+    limit = int(free * STATISTICS_SHARE)
+    if inputs + outputs <= limit:
+        return None
     gib = 2**30
     parts = f"{inputs / gib:.1f} GiB of input second moments" + (
         f" and {outputs / gib:.1f} GiB of the Fisher's output moments" if fisher else ""
     )
-    raise ValueError(
-        f"the calibration statistics of {len(linear) + len(embeddings)} modules would take {parts} "
-        f"(float64), and {free / gib:.1f} GiB of {device.type} memory is free: "
-        + ("collect them without the Fisher (--no-fisher; fisher=False in Python), " if fisher else "")
-        + "for fewer modules, or on a machine with more memory"
-    )
+    if not spill:
+        raise ValueError(
+            f"the calibration statistics of {len(linear) + len(embeddings)} modules would take {parts} "
+            f"(float64), and {free / gib:.1f} GiB of {device.type} memory is free (a third for statistics, the "
+            "rest for the activations of the passes over the text): "
+            + ("collect them without the Fisher (--no-fisher; fisher=False in Python), " if fisher else "")
+            + "for fewer modules, on a machine with more memory, or let them spill to disk (spill=True; in the "
+            "CLI, without --save-calibration)"
+        )
+    groups = _groups(model, keys, embeddings, fisher, limit)
+    disk = free_disk()
+    if inputs + outputs > disk:
+        raise ValueError(
+            f"the calibration statistics would take {parts} (float64): more than a third of the {free / gib:.1f} "
+            f"GiB of memory free, and than the {disk / gib:.1f} GiB free on disk in {tempfile.gettempdir()} where they "
+            "would be kept: point TMPDIR to a larger disk, collect them without the Fisher, or for fewer modules"
+        )
+    if progress:
+        print(
+            f"calibration: {parts} exceed a third of the {free / gib:.1f} GiB of memory free: {len(groups)} "
+            f"passes over the text, each keeping its statistics on disk in {tempfile.gettempdir()}",
+            file=sys.stderr,
+        )
+    return groups
 
 
 def check_finite(stats: CalibrationStats) -> None:
@@ -289,7 +431,6 @@ def _each_call(model: nn.Module, names: list[str], sample: torch.Tensor, record:
             handle.remove()
 
 
-@torch.no_grad()
 def collect(
     model: nn.Module,
     names: list[str],
@@ -298,20 +439,79 @@ def collect(
     progress: bool = True,
     token_counts: torch.Tensor | None = None,
     fisher: bool = False,
+    spill: bool = True,
 ) -> CalibrationStats:
     """Run ``model`` over ``blocks`` (sequences x tokens) and accumulate the statistics of ``names``.
     ``token_counts`` (``data.token_counts``): the embeddings' token counts taken on more of the
     calibration text than ``blocks`` hold, since counting needs no forward pass (house teacher, its
     embedding alone at rank 190: held-out ppl 135.7 weighted by the counts of its 10.4M training
     tokens, 141.6 by those of 32k calibration tokens; dense 132.0). ``fisher``: also the output
-    gradients' second moments of the linear layers (``fisher_moments``; a backward pass per batch)."""
+    gradients' second moments of the linear layers (``fisher_moments``; a backward pass per batch).
+    ``spill``: statistics larger than the memory free are collected in several passes over ``blocks``,
+    a group of layers each, and kept on disk in the temporary folder (``OnDisk``) for as long as the
+    returned statistics live; they cannot then be saved. Without it they are refused."""
     linear, embeddings = calibration_targets(model, names)
     check_token_count(model, linear, blocks.numel())
-    check_memory(model, linear, embeddings, blocks[:1, :8], fisher and bool(linear))
     for name in embeddings if token_counts is not None else []:
         vocab = model.get_submodule(name).num_embeddings
         if token_counts.shape != (vocab,):
             raise ValueError(f"token_counts cover {tuple(token_counts.shape)} ids; {name} has {vocab} rows")
+    groups = _passes(model, linear, embeddings, blocks[:1, :8], fisher and bool(linear), spill, progress)
+
+    def one_pass(linear: list[str], embeddings: list[str]) -> CalibrationStats:
+        return _collect_once(model, linear, embeddings, blocks, batch_size, progress, token_counts, fisher)
+
+    if groups is None:
+        return one_pass(linear, embeddings)
+    return _kept_on_disk(groups, embeddings, one_pass, fisher)
+
+
+def _kept_on_disk(
+    groups: list[list[str]],
+    embeddings: list[str],
+    one_pass: Callable[[list[str], list[str]], CalibrationStats],
+    fisher: bool,
+) -> CalibrationStats:
+    """The statistics of each group of linear layers from ``one_pass`` (of the ``embeddings`` too, with
+    the first), written to a temporary folder before the next."""
+    folder = tempfile.TemporaryDirectory(prefix="tqcompressor-statistics-")
+    files: dict[str, dict[str, Path]] = {"inputs": {}, "outputs": {}}
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {"inputs": {}, "outputs": {}}
+    stats = CalibrationStats({}, tokens={})
+    tokens: dict[str, int] = {}
+    for index, group in enumerate(groups):
+        part = one_pass(group, embeddings if index == 0 else [])
+        moments = {("inputs", key): s.second_moment for key, s in part.inputs.items()}
+        moments.update({("outputs", name): g for name, g in part.outputs.items()})
+        tokens.update({key: s.tokens for key, s in part.inputs.items()})
+        stats.owner.update(part.owner)
+        stats.tokens.update(part.tokens)
+        stats.digests.update(part.digests)
+        stats.model_type, stats.seconds = part.model_type, stats.seconds + part.seconds
+        del part
+        # One file per tensor, each freed once written: saving copies a file's tensors into bytes first.
+        while moments:
+            (kind, key), tensor = moments.popitem()
+            files[kind][key] = Path(folder.name) / f"{kind}.{key}.safetensors"
+            shapes[kind][key] = tuple(tensor.shape)
+            save_file({key: tensor.contiguous()}, str(files[kind][key]))
+            del tensor
+    stats.inputs = InputsOnDisk(files["inputs"], shapes["inputs"], folder, tokens, len(groups))
+    stats.outputs = OnDisk(files["outputs"], shapes["outputs"], folder) if fisher else {}
+    return stats
+
+
+@torch.no_grad()
+def _collect_once(
+    model: nn.Module,
+    linear: list[str],
+    embeddings: list[str],
+    blocks: torch.Tensor,
+    batch_size: int,
+    progress: bool,
+    token_counts: torch.Tensor | None,
+    fisher: bool,
+) -> CalibrationStats:
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -456,10 +656,11 @@ def calibrate(
     progress: bool = True,
     token_counts: torch.Tensor | None = None,
     fisher: bool = False,
+    spill: bool = True,
 ) -> CalibrationStats:
     """Statistics of every module ``plan`` (a ``CompressionPlan``) targets, from one pass over ``blocks``
-    (``token_counts``, ``fisher``: as in ``collect``)."""
+    (``token_counts``, ``fisher``, ``spill``: as in ``collect``)."""
     from .surgery import resolve  # surgery only needs these statistics by duck type
 
     names = [name for _, name in resolve(model, plan)]
-    return collect(model, names, blocks, batch_size, progress, token_counts, fisher)
+    return collect(model, names, blocks, batch_size, progress, token_counts, fisher, spill)

@@ -204,7 +204,7 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path, d
     if args.sequential:
         counts = next((t.counts for t in stats.tokens.values()), None)  # counted once, for the statistics
         fitted = {name for name, candidate in allocation.chosen.items() if candidate.config is not None}
-        outputs = {name: g for name, g in stats.outputs.items() if name in fitted}
+        outputs = stats.fisher_of(fitted)
         # The fit collects each part's inputs afresh: the original's moments would only hold memory beside
         # it (width² each: 9.5 GiB for a 1.1B LLaMA).
         del stats
@@ -303,7 +303,15 @@ def _calibration(
         reached = set(forward_order(model, names, blocks[:1]))
         names = [name for name in names if name in reached]
     counts = _token_counts(model, ids, names)
-    stats = collect(model, names, blocks, progress=not args.quiet, token_counts=counts, fisher=args.fisher)
+    stats = collect(
+        model,
+        names,
+        blocks,
+        progress=not args.quiet,
+        token_counts=counts,
+        fisher=args.fisher,
+        spill=not args.save_calibration,  # statistics larger than memory stay in temporary files, unsaved
+    )
     print(f"calibration: {json.dumps(stats.summary())}", file=sys.stderr)
     if args.save_calibration:
         stats.save(args.save_calibration)
@@ -542,7 +550,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"default {DEFAULT_COUNT_TOKENS:,}, or all of a shorter text)",
     )
     c.add_argument("--calibration-stats", help="statistics saved earlier with --save-calibration")
-    c.add_argument("--save-calibration", help="write the collected statistics here (safetensors)")
+    c.add_argument(
+        "--save-calibration",
+        help="write the collected statistics here (safetensors); they must then fit in memory (without it, "
+        "statistics larger than memory are collected in several passes and kept in TMPDIR for this run)",
+    )
     c.add_argument(
         "--sequential",
         action=argparse.BooleanOptionalAction,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 
 import torch
@@ -55,7 +55,7 @@ def compress_sequentially(
     damping: float = DAMPING,
     aim_dense: bool = True,
     token_counts: torch.Tensor | None = None,
-    output_moments: dict[str, torch.Tensor] | None = None,
+    output_moments: Mapping[str, torch.Tensor] | None = None,
     anchor: float = 0.0,
     reconstruction_epochs: int = 0,
     reconstruction_lr: float = RECONSTRUCTION_LR,
@@ -149,7 +149,7 @@ def compress_sequentially(
                 parts = iter([(members, collect(model, members, blocks, batch_size, False, token_counts))])
             for part_members, stats in parts:
                 seconds += stats.seconds
-                stats.outputs = {n: g for n, g in (output_moments or {}).items() if n in part_members}
+                stats.outputs = {n: output_moments[n] for n in part_members if n in (output_moments or {})}
                 rules = [Rule(re.escape(name), rule.config) for rule, name in steps if name in part_members]
                 part = CompressionPlan(rules, name=plan.name, tie_head=plan.tie_head)
                 report = compress_(model, part, calibration=stats, progress=False)
