@@ -120,7 +120,7 @@ def main() -> None:
     runs = json.loads(path.read_text())["runs"] if path.exists() else []
     runs = [run for run in runs if run["model"] != record["model"]] + [record]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"runs": runs}, indent=1))
+    path.write_text(json.dumps({"runs": runs}) + "\n")  # one line: thousands of memory samples
     write_markdown(runs)
     plot(runs)
     print(json.dumps({k: v for k, v in record.items() if k != "samples"}, indent=2))
@@ -129,6 +129,7 @@ def main() -> None:
 def write_markdown(runs: list[dict]) -> None:
     lines = ["# Calibration statistics larger than memory (a budget's, for 1.1-1.2B-parameter LLaMAs)", ""]
     lines += [f"- {run['model']}: `{run['command']}` on {run['machine']}" for run in runs]
+    lines += ["", "Resident memory sampled every second (a shorter peak can be missed); sizes in GiB."]
     lines += ["", "| quantity | " + " | ".join(run["model"] for run in runs) + " |", "|---|" + "---:|" * len(runs)]
     keys = [key for key in runs[-1] if key not in ("model", "command", "machine", "samples")]
     for key in keys:
