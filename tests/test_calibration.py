@@ -249,6 +249,7 @@ def spilled_llama(monkeypatch, share: float = 0.5):
     need = sum(calibration.statistics_bytes(model, *calibration.calibration_targets(model, names), ids[:1], True))
     with monkeypatch.context() as patch:
         patch.setattr(calibration, "free_memory", lambda device: int(need * share))
+        patch.setattr(calibration, "fisher_pass_bytes", lambda *args: 0)  # the share alone decides here
         spilled = collect(model, names, ids, progress=False, fisher=True)
     return model, names, ids, in_memory, spilled
 
@@ -324,16 +325,43 @@ def test_statistics_no_pass_or_disk_can_hold_are_refused_before_any_pass(monkeyp
     passes = []
     monkeypatch.setattr(model, "forward", lambda *a, **k: passes.append(1) or type(model).forward(model, *a, **k))
     widest = max(calibration._bytes_of(model.get_submodule(n), True, True) for n in names if "embed" not in n)
-    monkeypatch.setattr(calibration, "free_memory", lambda device: 3 * widest - 1)
-    with pytest.raises(
-        ValueError, match=r"alone take 0\.0 GiB \(float64\), more than the 0\.0 GiB one pass can hold \(a third"
-    ):
+    working = 10 * widest  # what the Fisher's pass is taken to need beside the statistics
+    monkeypatch.setattr(calibration, "fisher_pass_bytes", lambda *args: working)
+    monkeypatch.setattr(calibration, "free_memory", lambda device: working + widest - 1)
+    with pytest.raises(ValueError, match=r"alone take 0\.0 GiB \(float64\), more than the 0\.0 GiB one pass can hold"):
         collect(model, names, ids, progress=False, fisher=True)
-    monkeypatch.setattr(calibration, "free_memory", lambda device: 3 * widest)
+    monkeypatch.setattr(calibration, "free_memory", lambda device: working)
+    with pytest.raises(ValueError, match=r"the Fisher's pass, about 0\.0 GiB a batch\).*fewer sequences per batch"):
+        collect(model, names, ids, progress=False, fisher=True)
+    monkeypatch.setattr(calibration, "free_memory", lambda device: working + widest)
     monkeypatch.setattr(calibration, "free_disk", lambda: 0)
     with pytest.raises(ValueError, match="point TMPDIR to a larger disk"):
         collect(model, names, ids, progress=False, fisher=True)
-    assert len(passes) == 2  # the probes that size the statistics, one token block each
+    assert len(passes) == 3  # one per call: the probe that tells which layers share an input
+
+
+def test_the_fisher_pass_is_sized_by_the_activations_it_keeps_and_the_statistics_get_what_it_leaves(monkeypatch):
+    from tqcompressor import calibration
+    from tqcompressor.allocation import compressible_modules
+
+    model = LlamaForCausalLM(llama_config(tie_word_embeddings=True)).eval()
+    weights = sum(p.nbytes for p in model.parameters())
+    ids = blocks(count=8, length=16)
+    one = calibration.fisher_pass_bytes(model, ids[:1], 1)
+    assert calibration.fisher_pass_bytes(model, ids[:1], 4) == 4 * one
+    assert 0 < calibration.fisher_pass_bytes(model, ids[:1, :1], 1) < weights / 10  # activations, not weights
+    assert calibration.fisher_pass_bytes(model, blocks(count=1, length=64), 1) > 3 * one  # grows with the tokens
+    assert all(p.requires_grad for p in model.parameters())
+    names = compressible_modules(model)
+    need = sum(calibration.statistics_bytes(model, *calibration.calibration_targets(model, names), ids[:1], True))
+    working = calibration.fisher_pass_bytes(model, ids[:1], 4)
+    # A third of the memory free holds the statistics, but the Fisher's pass leaves less: several passes.
+    monkeypatch.setattr(calibration, "free_memory", lambda device: 3 * need + working // 2 + 3 * need)
+    monkeypatch.setattr(calibration, "fisher_pass_bytes", lambda *args: working // 2 + 5 * need + need // 2)
+    stats = collect(model, names, ids, progress=False, fisher=True)
+    assert stats.summary()["passes"] >= 2
+    monkeypatch.setattr(calibration, "fisher_pass_bytes", lambda *args: working // 2)
+    assert "passes" not in collect(model, names, ids, progress=False, fisher=True).summary()
 
 
 @pytest.mark.parametrize(
@@ -705,6 +733,7 @@ def test_a_budget_whose_statistics_exceed_memory_runs_from_disk_unless_they_are_
     sample = torch.zeros(1, 8, dtype=torch.long)
     need = sum(calibration.statistics_bytes(model, *calibration.calibration_targets(model, names), sample, True))
     monkeypatch.setattr(calibration, "free_memory", lambda device: need // 2)
+    monkeypatch.setattr(calibration, "fisher_pass_bytes", lambda *args: 0)
     capsys.readouterr()
     assert main([*base, "--out", str(tmp_path / "disk")]) == 0
     assert "passes over the text, each keeping its statistics on disk" in capsys.readouterr().err

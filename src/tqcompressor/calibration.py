@@ -32,9 +32,14 @@ from .statistics import InputStats, TokenStats
 FORMAT = "tqcompressor-calibration-1"
 # The share of the memory free that statistics may take at once, in one pass or in each of several: the
 # rest holds the passes' activations, and the Fisher's backward pass keeps a whole model's (a 1.1B LLaMA
-# of TinyLlama's shape: about 8 GiB beyond its statistics on 4 x 512 tokens; with half of 18 GiB free
-# for the statistics, a pass reached 22 GiB of a 23 GiB machine).
+# of TinyLlama's shape: about 9 GiB beyond its statistics on 4 x 512 tokens; with half of 18 GiB free
+# for the statistics, a pass reached 22 GiB of a 23 GiB machine). Less where the Fisher's pass is
+# estimated to need more (``fisher_pass_bytes``).
 STATISTICS_SHARE = 1 / 3
+# What a Fisher batch holds beyond the tensors its forward saves for the backward pass: the gradients
+# flowing back, their float64 copies, what the allocator keeps (measured 1.9x on TinyLlama-1.1B's shape,
+# 1.7x on Llama-3.2-1B's).
+FISHER_PASS_OVERHEAD = 2.0
 
 
 def weight_digest(module: nn.Module) -> list[float]:
@@ -334,7 +339,7 @@ def _groups(model: nn.Module, keys: dict[str, str], embeddings: list[str], fishe
         if cost > limit:
             raise ValueError(
                 f"the calibration statistics of {name} alone take {cost / gib:.1f} GiB (float64), more than the "
-                f"{limit / gib:.1f} GiB one pass can hold (a third of the memory free): "
+                f"{limit / gib:.1f} GiB one pass can hold beside its activations: "
                 + ("collect them without the Fisher (--no-fisher; fisher=False in Python), " if fisher else "")
                 + "or on a machine with more memory"
             )
@@ -344,11 +349,44 @@ def _groups(model: nn.Module, keys: dict[str, str], embeddings: list[str], fishe
     return [group for group in groups if group] or [[]]
 
 
+def fisher_pass_bytes(model: nn.Module, block: torch.Tensor, batch_size: int) -> int:
+    """What one batch of ``batch_size`` sequences like ``block`` (1 x tokens) holds in the Fisher's pass
+    (``fisher_moments``) beside the statistics: the tensors its forward saves for the backward pass (not
+    the weights, which it does not copy) and the log-probabilities' copies, measured on ``block`` and
+    scaled by ``FISHER_PASS_OVERHEAD``. On TinyLlama-1.1B's shape 4.8 GiB before scaling."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def track(module, args, output):
+        return output.detach().requires_grad_(True)
+
+    handle = model.get_input_embeddings().register_forward_hook(track)
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            log_probs = model(block.to(next(model.parameters()).device)).logits.float().log_softmax(-1)
+    finally:
+        handle.remove()
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+    copies = log_probs.nbytes  # the probabilities a draw reads, not saved
+    return int(FISHER_PASS_OVERHEAD * batch_size * (sum(saved.values()) + copies))
+
+
 def _passes(
     model: nn.Module,
     linear: list[str],
     embeddings: list[str],
-    sample: torch.Tensor,
+    blocks: torch.Tensor,
+    batch_size: int,
     fisher: bool,
     spill: bool,
     progress: bool,
@@ -361,36 +399,43 @@ def _passes(
     free = free_memory(device)
     if free is None:
         return None
-    keys = _accumulators(model, linear, sample)
+    keys = _accumulators(model, linear, blocks[:1, :8])
     inputs, outputs = _sizes(model, keys, embeddings, fisher)
-    limit = int(free * STATISTICS_SHARE)
+    working = fisher_pass_bytes(model, blocks[:1], batch_size) if fisher else 0
+    limit = min(int(free * STATISTICS_SHARE), free - working)
     if inputs + outputs <= limit:
         return None
     gib = 2**30
     parts = f"{inputs / gib:.1f} GiB of input second moments" + (
         f" and {outputs / gib:.1f} GiB of the Fisher's output moments" if fisher else ""
     )
-    if not spill:
+    room = f"{max(limit, 0) / gib:.1f} GiB of the {free / gib:.1f} GiB of {device.type} memory free (the rest for " + (
+        f"the Fisher's pass, about {working / gib:.1f} GiB a batch)" if fisher else "the passes' activations)"
+    )
+    if not spill or limit <= 0:
         raise ValueError(
             f"the calibration statistics of {len(linear) + len(embeddings)} modules would take {parts} "
-            f"(float64), and {free / gib:.1f} GiB of {device.type} memory is free (a third for statistics, the "
-            "rest for the activations of the passes over the text): "
+            f"(float64), and they may take {room}: "
             + ("collect them without the Fisher (--no-fisher; fisher=False in Python), " if fisher else "")
-            + "for fewer modules, on a machine with more memory, or let them spill to disk (spill=True; in the "
-            "CLI, without --save-calibration)"
+            + (
+                "for fewer modules, on a machine with more memory, or let them spill to disk (spill=True; in the "
+                "CLI, without --save-calibration)"
+                if limit > 0
+                else "with fewer sequences per batch (batch_size in Python), or on a machine with more memory"
+            )
         )
     groups = _groups(model, keys, embeddings, fisher, limit)
     disk = free_disk()
     if inputs + outputs > disk:
         raise ValueError(
-            f"the calibration statistics would take {parts} (float64): more than a third of the {free / gib:.1f} "
-            f"GiB of memory free, and than the {disk / gib:.1f} GiB free on disk in {tempfile.gettempdir()} where they "
-            "would be kept: point TMPDIR to a larger disk, collect them without the Fisher, or for fewer modules"
+            f"the calibration statistics would take {parts} (float64): more than the {room}, and than the "
+            f"{disk / gib:.1f} GiB free on disk in {tempfile.gettempdir()} where they would be kept: point TMPDIR "
+            "to a larger disk, collect them without the Fisher, or for fewer modules"
         )
     if progress:
         print(
-            f"calibration: {parts} exceed a third of the {free / gib:.1f} GiB of memory free: {len(groups)} "
-            f"passes over the text, each keeping its statistics on disk in {tempfile.gettempdir()}",
+            f"calibration: {parts} exceed the {room}: {len(groups)} passes over the text, each keeping its "
+            f"statistics on disk in {tempfile.gettempdir()}",
             file=sys.stderr,
         )
     return groups
@@ -456,7 +501,7 @@ def collect(
         vocab = model.get_submodule(name).num_embeddings
         if token_counts.shape != (vocab,):
             raise ValueError(f"token_counts cover {tuple(token_counts.shape)} ids; {name} has {vocab} rows")
-    groups = _passes(model, linear, embeddings, blocks[:1, :8], fisher and bool(linear), spill, progress)
+    groups = _passes(model, linear, embeddings, blocks, batch_size, fisher and bool(linear), spill, progress)
 
     def one_pass(linear: list[str], embeddings: list[str]) -> CalibrationStats:
         return _collect_once(model, linear, embeddings, blocks, batch_size, progress, token_counts, fisher)
