@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -349,6 +350,30 @@ def _groups(model: nn.Module, keys: dict[str, str], embeddings: list[str], fishe
     return [group for group in groups if group] or [[]]
 
 
+@contextmanager
+def _gradients_from_embeddings(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode with gradients enabled from its input embeddings' output onward and none into
+    its weights (their ``requires_grad`` restored afterwards): the Fisher's pass, and its estimate."""
+
+    def track(module, args, output):
+        return output.detach().requires_grad_(True)
+
+    handle = model.get_input_embeddings().register_forward_hook(track)
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            yield
+    finally:
+        handle.remove()
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 def fisher_pass_bytes(model: nn.Module, block: torch.Tensor, batch_size: int) -> int:
     """What one batch of ``batch_size`` sequences like ``block`` (1 x tokens) holds in the Fisher's pass
     (``fisher_moments``) beside the statistics: the tensors its forward saves for the backward pass (not
@@ -363,20 +388,8 @@ def fisher_pass_bytes(model: nn.Module, block: torch.Tensor, batch_size: int) ->
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    def track(module, args, output):
-        return output.detach().requires_grad_(True)
-
-    handle = model.get_input_embeddings().register_forward_hook(track)
-    trainable = {p: p.requires_grad for p in model.parameters()}
-    try:
-        for p in trainable:
-            p.requires_grad_(False)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            log_probs = model(block.to(next(model.parameters()).device)).logits.float().log_softmax(-1)
-    finally:
-        handle.remove()
-        for p, flag in trainable.items():
-            p.requires_grad_(flag)
+    with _gradients_from_embeddings(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        log_probs = model(block.to(next(model.parameters()).device)).logits.float().log_softmax(-1)
     copies = log_probs.nbytes  # the probabilities a draw reads, not saved
     return int(FISHER_PASS_OVERHEAD * batch_size * (sum(saved.values()) + copies))
 
@@ -664,18 +677,9 @@ def fisher_moments(
 
         return hook
 
-    def track(module, args, output):
-        return output.detach().requires_grad_(True)  # gradients flow from the embeddings onward, not into weights
-
     handles = [model.get_submodule(name).register_forward_hook(output_hook(name)) for name in names]
-    handles.append(model.get_input_embeddings().register_forward_hook(track))
-    trainable = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
     try:
-        for p in trainable:
-            p.requires_grad_(False)
-        with torch.enable_grad():
+        with _gradients_from_embeddings(model):
             for batch in tqdm(blocks.split(batch_size), desc="Fisher", disable=not progress, unit="batch"):
                 log_probs = model(batch.to(device)).logits.float().log_softmax(-1)
                 flat = log_probs.reshape(-1, log_probs.shape[-1])
@@ -684,9 +688,6 @@ def fisher_moments(
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in trainable.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
     missing = [name for name in names if name not in sums]
     if missing:
         raise ValueError(f"no gradient reached {missing[:3]}: they do not affect the model's predictions")
