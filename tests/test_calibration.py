@@ -265,7 +265,9 @@ def test_statistics_larger_than_memory_are_collected_in_passes_and_kept_on_disk(
     folder = Path(spilled.inputs.folder.name)
     # A pass holds at most a third of what is free, a sixth of the whole: at least six passes.
     assert spilled.summary()["passes"] >= 6
-    assert len(list(folder.iterdir())) == len(spilled.inputs) + len(spilled.outputs)
+    tensors = {*spilled.inputs.files.values(), *spilled.outputs.files.values()}
+    assert set(folder.iterdir()) == tensors | {folder / "owner.lock"}  # one file per tensor, and the lock
+    assert len(tensors) == len(spilled.inputs) + len(spilled.outputs)
     assert set(spilled.owner) == set(in_memory.owner) == set(names)
     for name in names:
         expected, found = in_memory.for_module(name), spilled.for_module(name)
@@ -331,7 +333,9 @@ def test_statistics_no_pass_or_disk_can_hold_are_refused_before_any_pass(monkeyp
     with pytest.raises(ValueError, match=r"alone take 0\.0 GiB \(float64\), more than the 0\.0 GiB one pass can hold"):
         collect(model, names, ids, progress=False, fisher=True)
     monkeypatch.setattr(calibration, "free_memory", lambda device: working)
-    with pytest.raises(ValueError, match=r"the Fisher's pass, about 0\.0 GiB a batch\).*fewer sequences per batch"):
+    with pytest.raises(
+        ValueError, match=r"the Fisher's pass, about 0\.0 GiB for a batch of 1\).*shorter sequences than 16"
+    ):
         collect(model, names, ids, progress=False, fisher=True)
     monkeypatch.setattr(calibration, "free_memory", lambda device: working + widest)
     monkeypatch.setattr(calibration, "free_disk", lambda: 0)
@@ -362,6 +366,103 @@ def test_the_fisher_pass_is_sized_by_the_activations_it_keeps_and_the_statistics
     assert stats.summary()["passes"] >= 2
     monkeypatch.setattr(calibration, "fisher_pass_bytes", lambda *args: working // 2)
     assert "passes" not in collect(model, names, ids, progress=False, fisher=True).summary()
+
+
+def test_a_fisher_pass_too_large_for_the_memory_takes_fewer_sequences_at_a_time(monkeypatch, capsys):
+    from tqcompressor import calibration
+    from tqcompressor.allocation import compressible_modules
+
+    model = LlamaForCausalLM(llama_config(tie_word_embeddings=True)).eval()
+    names = compressible_modules(model)
+    ids = blocks(count=8, length=16)
+    at_four = collect(model, names, ids, batch_size=4, progress=False, fisher=True)
+    at_two = collect(model, names, ids, batch_size=2, progress=False, fisher=True)
+    sequence = calibration.fisher_pass_bytes(model, ids[:1], 1)
+    batches = []
+    fisher_moments = calibration.fisher_moments
+    monkeypatch.setattr(calibration, "fisher_moments", lambda *args: batches.append(args[3]) or fisher_moments(*args))
+    # Two sequences' pass leaves the statistics their third of the memory; four would not.
+    monkeypatch.setattr(calibration, "free_memory", lambda device: 3 * sequence + 2)
+    reduced = collect(model, names, ids, batch_size=4, progress=True, fisher=True)
+    assert batches == [2] * reduced.summary().get("passes", 1)
+    assert "4 sequences a batch would take about 0.0 GiB in the Fisher's pass" in capsys.readouterr().err
+    linear = calibration.calibration_targets(model, names)[0]
+    for expected in (at_two, at_four):  # the same draws of next tokens, summed in other batches
+        for name in linear:
+            found, wanted = reduced.for_module(name), expected.for_module(name)
+            torch.testing.assert_close(found.second_moment, wanted.second_moment)
+            torch.testing.assert_close(found.output_second_moment, wanted.output_second_moment)
+    for free, batch in ((4 * sequence, 2), (6 * sequence + 3, 4), (3 * sequence - 3, 1)):
+        batches.clear()
+        monkeypatch.setattr(calibration, "free_memory", lambda device, free=free: free)
+        collect(model, names, ids, batch_size=4, progress=False, fisher=True)
+        assert set(batches) == {batch}
+
+
+def test_statistics_folders_left_by_killed_runs_are_removed_and_living_ones_kept(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from tqcompressor import calibration
+    from tqcompressor.allocation import compressible_modules
+
+    def holder() -> tuple[subprocess.Popen, Path]:
+        code = "from tqcompressor.calibration import SpillFolder; f = SpillFolder(); print(f.name, flush=True); input()"
+        env = {**os.environ, "TMPDIR": str(tmp_path)}
+        process = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        return process, Path(process.stdout.readline().decode().strip())
+
+    def kill(process: subprocess.Popen) -> None:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    killed, abandoned = holder()
+    living, held = holder()
+    kill(killed)
+    (abandoned / "inputs.x.safetensors").write_bytes(bytes(2**20))
+    older = tmp_path / f"{calibration.SPILL_PREFIX}older"  # no lock file: being made, or by an older version
+    older.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ours = calibration.SpillFolder()
+    try:
+        model = LlamaForCausalLM(llama_config(tie_word_embeddings=True)).eval()
+        names = compressible_modules(model)
+        ids = blocks(count=8, length=16)
+        need = sum(calibration.statistics_bytes(model, *calibration.calibration_targets(model, names), ids[:1], True))
+        monkeypatch.setattr(calibration, "free_memory", lambda device: need // 2)
+        monkeypatch.setattr(calibration, "fisher_pass_bytes", lambda *args: 0)
+        spilled = collect(model, names, ids, progress=True, fisher=True)
+        assert (
+            f"removed 1 folder of statistics that runs killed before they finished left behind (0.0 GiB): {abandoned}"
+            in (capsys.readouterr().err)
+        )
+        assert set(tmp_path.iterdir()) == {held, older, Path(ours.name), Path(spilled.inputs.folder.name)}
+        assert calibration.remove_abandoned_statistics() == []
+        kill(living)
+        assert calibration.remove_abandoned_statistics() == [(held, 0)]
+    finally:
+        kill(living)
+        ours.cleanup()
+    assert set(tmp_path.iterdir()) == {older, Path(spilled.inputs.folder.name)}
+
+
+def test_a_runs_own_statistics_folder_is_kept_where_locks_do_not_exclude_its_own_process(tmp_path, monkeypatch):
+    import tempfile
+    from pathlib import Path
+
+    from tqcompressor import calibration
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    ours = calibration.SpillFolder()
+    # On NFS flock() takes POSIX locks, which a process's second lock on the same file does not conflict with.
+    monkeypatch.setattr(calibration.fcntl, "flock", lambda *args: None)
+    assert calibration.remove_abandoned_statistics() == []
+    assert Path(ours.name).is_dir()
+    ours.cleanup()
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,11 @@ from .methods import is_embedding
 from .methods.targets import dense_weight, is_linear
 from .statistics import InputStats, TokenStats
 
+try:
+    import fcntl
+except ImportError:  # Windows: spilled folders are not locked, and none is taken for abandoned
+    fcntl = None
+
 FORMAT = "tqcompressor-calibration-1"
 # The share of the memory free that statistics may take at once, in one pass or in each of several: the
 # rest holds the passes' activations, and the Fisher's backward pass keeps a whole model's (a 1.1B LLaMA
@@ -41,6 +46,44 @@ STATISTICS_SHARE = 1 / 3
 # flowing back, their float64 copies, what the allocator keeps (measured 1.9x on TinyLlama-1.1B's shape,
 # 1.7x on Llama-3.2-1B's).
 FISHER_PASS_OVERHEAD = 2.0
+SPILL_PREFIX = "tqcompressor-statistics-"
+SPILL_LOCK = "owner.lock"
+_spilled_here: set[str] = set()  # where a file system's locks are per process (NFS), ours look free to us
+
+
+class SpillFolder(tempfile.TemporaryDirectory):
+    """The temporary folder of statistics kept on disk, locked for as long as it lives: a run killed before
+    it could remove it (SIGKILL, the out-of-memory killer, SIGTERM) leaves it unlocked, and the next run
+    that spills removes it (``remove_abandoned_statistics``); a 1B model's take 20-30 GiB."""
+
+    def __init__(self):
+        super().__init__(prefix=SPILL_PREFIX)
+        _spilled_here.add(self.name)
+        if fcntl is not None:
+            # Locked before it has its name, so that no other run finds the lock file unlocked.
+            pending = Path(self.name) / f".{SPILL_LOCK}"
+            self.lock = open(pending, "w")  # noqa: SIM115 - held, and so locked, as long as the folder
+            fcntl.flock(self.lock, fcntl.LOCK_EX)
+            pending.rename(Path(self.name) / SPILL_LOCK)
+
+
+def remove_abandoned_statistics() -> list[tuple[Path, int]]:
+    """Remove the folders of statistics in the temporary folder that no living run holds (the lock of
+    ``SpillFolder`` released by the kernel when its process died); (folder, bytes) of each removed. Folders
+    without a lock file (being created, or older than it) are left alone."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*"):
+        if fcntl is None or str(folder) in _spilled_here:
+            continue
+        try:
+            with open(folder / SPILL_LOCK) as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                size = sum(path.stat().st_size for path in folder.iterdir())
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # held by a living run, removed meanwhile, or not ours to remove
+            continue
+        removed.append((folder, size))
+    return removed
 
 
 def weight_digest(module: nn.Module) -> list[float]:
@@ -53,7 +96,7 @@ class OnDisk(Mapping):
     """Statistics too large for memory (``collect`` with ``spill``): each tensor in a safetensors file of a
     temporary folder, read at every access; the folder goes when the last mapping holding it does."""
 
-    def __init__(self, files: dict[str, Path], shapes: dict[str, tuple[int, ...]], folder: tempfile.TemporaryDirectory):
+    def __init__(self, files: dict[str, Path], shapes: dict[str, tuple[int, ...]], folder: SpillFolder):
         self.files, self.shapes, self.folder = files, shapes, folder
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -403,28 +446,39 @@ def _passes(
     fisher: bool,
     spill: bool,
     progress: bool,
-) -> list[list[str]] | None:
-    """None where the statistics fit in the memory free on the model's device (or it is not known); else,
-    with ``spill``, the groups of ``linear`` to collect one pass each and keep on disk. Refuses, before any
-    pass over the text, what can be held neither way: on a 24 GB machine a 1.1B-parameter LLaMA's
-    statistics (9.5 GiB of input moments, 17.6 GiB of Fisher) were killed after nine minutes."""
+) -> tuple[list[list[str]] | None, int]:
+    """(None where the statistics fit in the memory free on the model's device (or it is not known); else,
+    with ``spill``, the groups of ``linear`` to collect one pass each and keep on disk; the sequences per
+    batch: ``batch_size``, or fewer where a Fisher's pass of that many would leave the statistics less than
+    their share of the memory: their sums do not depend on how the text is cut into batches, and fewer
+    passes take less time). Refuses, before any pass over the text, what can be held neither way: on a
+    24 GB machine a 1.1B-parameter LLaMA's statistics (9.5 GiB of input moments, 17.6 GiB of Fisher)
+    were killed after nine minutes."""
     device = next(model.parameters()).device
     free = free_memory(device)
     if free is None:
-        return None
+        return None, batch_size
     keys = _accumulators(model, linear, blocks[:1, :8])
     inputs, outputs = _sizes(model, keys, embeddings, fisher)
-    working = fisher_pass_bytes(model, blocks[:1], batch_size) if fisher else 0
+    per_sequence = fisher_pass_bytes(model, blocks[:1], 1) if fisher else 0
+    fitting = int(free * (1 - STATISTICS_SHARE)) // per_sequence if per_sequence else batch_size
+    batch = max(1, min(batch_size, fitting))
+    working = batch * per_sequence
     limit = min(int(free * STATISTICS_SHARE), free - working)
-    if inputs + outputs <= limit:
-        return None
     gib = 2**30
+    if batch < batch_size and progress:
+        print(
+            f"calibration: {batch_size} sequences a batch would take about {batch_size * per_sequence / gib:.1f} "
+            f"GiB in the Fisher's pass, of the {free / gib:.1f} GiB of {device.type} memory free: {batch} at a time",
+            file=sys.stderr,
+        )
+    if inputs + outputs <= limit:
+        return None, batch
     parts = f"{inputs / gib:.1f} GiB of input second moments" + (
         f" and {outputs / gib:.1f} GiB of the Fisher's output moments" if fisher else ""
     )
-    room = f"{max(limit, 0) / gib:.1f} GiB of the {free / gib:.1f} GiB of {device.type} memory free (the rest for " + (
-        f"the Fisher's pass, about {working / gib:.1f} GiB a batch)" if fisher else "the passes' activations)"
-    )
+    rest = f"the Fisher's pass, about {working / gib:.1f} GiB for a batch of {batch}" if fisher else "the activations"
+    room = f"{max(limit, 0) / gib:.1f} GiB of the {free / gib:.1f} GiB of {device.type} memory free (the rest: {rest})"
     if not spill or limit <= 0:
         raise ValueError(
             f"the calibration statistics of {len(linear) + len(embeddings)} modules would take {parts} "
@@ -434,10 +488,18 @@ def _passes(
                 "for fewer modules, on a machine with more memory, or let them spill to disk (spill=True; in the "
                 "CLI, without --save-calibration)"
                 if limit > 0
-                else "with fewer sequences per batch (batch_size in Python), or on a machine with more memory"
+                else f"on shorter sequences than {blocks.shape[1]} tokens, or on a machine with more memory"
             )
         )
     groups = _groups(model, keys, embeddings, fisher, limit)
+    removed = remove_abandoned_statistics()
+    if removed and progress:
+        print(
+            f"calibration: removed {len(removed)} folder{'s' * (len(removed) > 1)} of statistics that runs killed "
+            f"before they finished left behind ({sum(size for _, size in removed) / gib:.1f} GiB): "
+            + ", ".join(str(folder) for folder, _ in removed),
+            file=sys.stderr,
+        )
     disk = free_disk()
     if inputs + outputs > disk:
         raise ValueError(
@@ -451,7 +513,7 @@ def _passes(
             f"statistics on disk in {tempfile.gettempdir()}",
             file=sys.stderr,
         )
-    return groups
+    return groups, batch
 
 
 def check_finite(stats: CalibrationStats) -> None:
@@ -504,7 +566,8 @@ def collect(
     calibration text than ``blocks`` hold, since counting needs no forward pass (house teacher, its
     embedding alone at rank 190: held-out ppl 135.7 weighted by the counts of its 10.4M training
     tokens, 141.6 by those of 32k calibration tokens; dense 132.0). ``fisher``: also the output
-    gradients' second moments of the linear layers (``fisher_moments``; a backward pass per batch).
+    gradients' second moments of the linear layers (``fisher_moments``; a backward pass per batch), with
+    fewer than ``batch_size`` sequences a batch where that many would crowd the statistics (``_passes``).
     ``spill``: statistics larger than the memory free are collected in several passes over ``blocks``,
     a group of layers each, and kept on disk in the temporary folder (``OnDisk``) for as long as the
     returned statistics live; they cannot then be saved. Without it they are refused."""
@@ -514,7 +577,8 @@ def collect(
         vocab = model.get_submodule(name).num_embeddings
         if token_counts.shape != (vocab,):
             raise ValueError(f"token_counts cover {tuple(token_counts.shape)} ids; {name} has {vocab} rows")
-    groups = _passes(model, linear, embeddings, blocks, batch_size, fisher and bool(linear), spill, progress)
+    fisher_linear = fisher and bool(linear)
+    groups, batch_size = _passes(model, linear, embeddings, blocks, batch_size, fisher_linear, spill, progress)
 
     def one_pass(linear: list[str], embeddings: list[str]) -> CalibrationStats:
         return _collect_once(model, linear, embeddings, blocks, batch_size, progress, token_counts, fisher)
@@ -532,7 +596,7 @@ def _kept_on_disk(
 ) -> CalibrationStats:
     """The statistics of each group of linear layers from ``one_pass`` (of the ``embeddings`` too, with
     the first), written to a temporary folder before the next."""
-    folder = tempfile.TemporaryDirectory(prefix="tqcompressor-statistics-")
+    folder = SpillFolder()
     files: dict[str, dict[str, Path]] = {"inputs": {}, "outputs": {}}
     shapes: dict[str, dict[str, tuple[int, ...]]] = {"inputs": {}, "outputs": {}}
     stats = CalibrationStats({}, tokens={})
