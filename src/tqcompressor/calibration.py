@@ -53,8 +53,8 @@ _spilled_here: set[str] = set()  # where a file system's locks are per process (
 
 class SpillFolder(tempfile.TemporaryDirectory):
     """The temporary folder of statistics kept on disk, locked for as long as it lives: a run killed before
-    it could remove it (SIGKILL, the out-of-memory killer, SIGTERM) leaves it unlocked, and the next run
-    that spills removes it (``remove_abandoned_statistics``); a 1B model's take 20-30 GiB."""
+    it could remove it (SIGKILL, the out-of-memory killer, SIGTERM) leaves it unlocked, and the next
+    ``collect`` removes it (``remove_abandoned_statistics``); a 1B model's take 20-30 GiB."""
 
     def __init__(self):
         super().__init__(prefix=SPILL_PREFIX)
@@ -492,14 +492,6 @@ def _passes(
             )
         )
     groups = _groups(model, keys, embeddings, fisher, limit)
-    removed = remove_abandoned_statistics()
-    if removed and progress:
-        print(
-            f"calibration: removed {len(removed)} folder{'s' * (len(removed) > 1)} of statistics that runs killed "
-            f"before they finished left behind ({sum(size for _, size in removed) / gib:.1f} GiB): "
-            + ", ".join(str(folder) for folder, _ in removed),
-            file=sys.stderr,
-        )
     disk = free_disk()
     if inputs + outputs > disk:
         raise ValueError(
@@ -577,6 +569,15 @@ def collect(
         vocab = model.get_submodule(name).num_embeddings
         if token_counts.shape != (vocab,):
             raise ValueError(f"token_counts cover {tuple(token_counts.shape)} ids; {name} has {vocab} rows")
+    # On every collect: a run killed for memory may well be followed by one that does not spill.
+    removed = remove_abandoned_statistics()
+    if removed and progress:
+        print(
+            f"calibration: removed {len(removed)} folder{'s' * (len(removed) > 1)} of statistics that runs killed "
+            f"before they finished left behind ({sum(size for _, size in removed) / 2**30:.1f} GiB): "
+            + ", ".join(str(folder) for folder, _ in removed),
+            file=sys.stderr,
+        )
     fisher_linear = fisher and bool(linear)
     groups, batch_size = _passes(model, linear, embeddings, blocks, batch_size, fisher_linear, spill, progress)
 
