@@ -71,9 +71,11 @@ def remove_abandoned_statistics() -> list[tuple[Path, int]]:
     """Remove the folders of statistics in the temporary folder that no living run holds (the lock of
     ``SpillFolder`` released by the kernel when its process died); (folder, bytes) of each removed. Folders
     without a lock file (being created, or older than it) are left alone."""
+    if fcntl is None:
+        return []
     removed = []
     for folder in Path(tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*"):
-        if fcntl is None or str(folder) in _spilled_here:
+        if str(folder) in _spilled_here:
             continue
         try:
             with open(folder / SPILL_LOCK) as lock:
