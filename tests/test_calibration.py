@@ -650,6 +650,9 @@ def test_cli_compresses_with_calibration_and_reuses_saved_statistics(tmp_path, c
         == 2
     )
     assert main([*common, "--sequential", "--out", str(tmp_path / "f")]) == 2
+    assert main([*common, "--calibration-length", "32", "--out", str(tmp_path / "m")]) == 2
+    assert main([*collected, "--calibration-length", "65", "--out", str(tmp_path / "n")]) == 2  # context: 64
+    assert main([*collected, "--calibration-length", "1", "--out", str(tmp_path / "o")]) == 2
     assert main([*collected, "--sequential", "--out", str(tmp_path / "g")]) == 0
     assert {layer["objective"] for layer in tq.load(tmp_path / "g").tqcompressor_history[-1]["report"]["layers"]} == {
         "calibrated"
@@ -670,7 +673,8 @@ def test_cli_compresses_with_calibration_and_reuses_saved_statistics(tmp_path, c
     assert "not both" in err and "apply to --calibration DATA only" in err and "fewer than two blocks" in err
     assert "--no-aim-dense applies to a sequential fit only" in err
     assert "--anchor applies to a sequential fit only" in err and "must be 0 or more" in err
-    assert not any((tmp_path / name).exists() for name in "cdefhjk")
+    assert "longer than the 64 tokens the model reads at a time" in err and "at least 2 tokens, got 1" in err
+    assert not any((tmp_path / name).exists() for name in "cdefhjkmno")
 
 
 def test_cli_reconstructs_the_blocks_of_a_sequential_fit(tmp_path, capsys):
@@ -747,7 +751,8 @@ def test_blocks_drawn_from_a_pool_sample_every_book_and_stay_within_the_counted_
             load_blocks(books, tokenizer, 16, cap, pool_tokens=512 if cap else 1600)
 
 
-def test_cli_calibrates_on_blocks_drawn_across_the_counted_text(tmp_path):
+@pytest.mark.parametrize("length", [None, 24])
+def test_cli_calibrates_on_blocks_drawn_across_the_counted_text(tmp_path, length):
     from tqcompressor.cli import main
     from tqcompressor.data import load_blocks
     from tqcompressor.loading import load_model
@@ -759,10 +764,12 @@ def test_cli_calibrates_on_blocks_drawn_across_the_counted_text(tmp_path):
     stats = tmp_path / "stats.safetensors"
     args = ["compress", "--model", str(tiny), "--plan", str(tmp_path / "plan.yaml"), "--quiet"]
     args += ["--calibration", str(books), "--calibration-tokens", "512", "--count-tokens", "1600"]
+    args += ["--calibration-length", str(length)] if length else []
     assert main([*args, "--save-calibration", str(stats), "--out", str(tmp_path / "out")]) == 0
 
     def moment(**pool) -> torch.Tensor:
-        text = load_blocks(books, tokenizer, 64, 512, seed=0, **pool)
+        # Without --calibration-length, blocks as long as the tiny model's context (64 tokens).
+        text = load_blocks(books, tokenizer, length or 64, 512, seed=0, **pool)
         model = load_model(str(tiny))[0]
         return collect(model, [fc], torch.cat([text.train, text.heldout]), progress=False).for_module(fc).second_moment
 

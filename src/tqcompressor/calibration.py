@@ -490,7 +490,8 @@ def _passes(
                 "for fewer modules, on a machine with more memory, or let them spill to disk (spill=True; in the "
                 "CLI, without --save-calibration)"
                 if limit > 0
-                else f"on shorter sequences than {blocks.shape[1]} tokens, or on a machine with more memory"
+                else f"on shorter sequences than {blocks.shape[1]} tokens (--calibration-length in the CLI), or on a "
+                "machine with more memory"
             )
         )
     groups = _groups(model, keys, embeddings, fisher, limit)

@@ -35,6 +35,7 @@ from .surgery import compress_, resolve
 from .training import FINAL, METRICS, TrainConfig, Trainer, process_state
 
 DEFAULT_CALIBRATION_TOKENS = 262_144
+DEFAULT_CALIBRATION_LENGTH = 512  # where the model reads more: the length every calibration measurement used
 DEFAULT_SENSITIVITY_TOKENS = 1024  # one forward pass per module over these
 DEFAULT_COUNT_TOKENS = 4_194_304  # tokenised only, about 15 s for GPT-2's tokenizer on 2 cores
 
@@ -238,6 +239,7 @@ def _check_calibration_flags(args: argparse.Namespace) -> None:
         )
     given = [
         args.calibration_tokens is not None,
+        args.calibration_length is not None,
         args.count_tokens is not None,
         args.save_calibration,
         args.sequential,
@@ -245,9 +247,11 @@ def _check_calibration_flags(args: argparse.Namespace) -> None:
     ]
     if not args.calibration and any(given):
         raise ValueError(
-            "--calibration-tokens, --count-tokens, --save-calibration, --sequential and --fisher apply to "
-            "--calibration DATA only"
+            "--calibration-tokens, --calibration-length, --count-tokens, --save-calibration, --sequential and "
+            "--fisher apply to --calibration DATA only"
         )
+    if args.calibration_length is not None and args.calibration_length < 2:
+        raise ValueError(f"--calibration-length must be at least 2 tokens, got {args.calibration_length}")
     if args.count_tokens is not None and args.count_tokens < _calibration_tokens(args):
         raise ValueError(
             f"--count-tokens {args.count_tokens} is fewer than the calibration tokens, whose counts it includes: "
@@ -268,10 +272,13 @@ def _count_tokens(args: argparse.Namespace) -> int:
 def _calibration_text(args: argparse.Namespace, model, tokenizer) -> tuple[torch.Tensor, list[int]]:
     """(the calibration blocks, the --count-tokens of the --calibration text they are drawn from): the
     text is tokenised once, for the blocks and for the embedding's counts."""
-    ids = token_ids(args.calibration, tokenizer, _count_tokens(args), seed=0)
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 512)
+    length = args.calibration_length or min(DEFAULT_CALIBRATION_LENGTH, limit)
+    if length > limit:
+        raise ValueError(f"--calibration-length {length} is longer than the {limit} tokens the model reads at a time")
+    ids = token_ids(args.calibration, tokenizer, _count_tokens(args), seed=0)
     # Drawn across --count-tokens of the text: a cap filled from the start reads one or two long books.
-    text = pack_blocks(ids, min(512, limit), _calibration_tokens(args), source=args.calibration)
+    text = pack_blocks(ids, length, _calibration_tokens(args), source=args.calibration)
     blocks = torch.cat([text.train, text.heldout])  # calibration holds nothing out
     vocab = model.get_input_embeddings().num_embeddings
     if int(blocks.max()) >= vocab:
@@ -541,6 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="tokens run through the model, in blocks drawn at random from --count-tokens of the text "
         f"(default {DEFAULT_CALIBRATION_TOKENS:,})",
+    )
+    c.add_argument(
+        "--calibration-length",
+        type=int,
+        help="tokens in each calibration sequence (default: the model's context, at most "
+        f"{DEFAULT_CALIBRATION_LENGTH}); shorter ones need less memory in the Fisher's pass",
     )
     c.add_argument(
         "--count-tokens",
