@@ -4,20 +4,24 @@ sequential, anchor 1, 10 epochs of block reconstruction). Per block, on the same
 reconstructed as the library does; (b) its MLP replaced by the original MLP's top-k intermediate neurons at no
 more than the plan's MLP parameters (k = the plan's MLP parameters // (3 * hidden)), ranked by E[h_i^2] *
 |W_down[:, i]|^2 on the block's calibration inputs, down_proj refitted by least squares to the original MLP's
-output, attention as the plan fits it; then reconstructed the same way. The stream goes on with (a).
-With ``--full`` every block whose MLP the plan compresses gets (b) alone, kept in the stream, and the whole
-model is evaluated as allocation.py does. An experiment (results: benchmarks/results/mlp_pruning.md), not part
-of the library.
+output, attention as the plan fits it; then reconstructed the same way (``--select greedy``: the neurons chosen
+by forward selection on the least-squares output error instead). The stream goes on with (a). With ``--full``
+every block whose MLP the plan compresses gets (b) alone, kept in the stream, and the whole model is evaluated
+as allocation.py does; ``--uniform`` fits and evaluates the uniform SVD plan at the same budget. An experiment
+(results: benchmarks/results/mlp_pruning.md), not part of the library.
 
-    python benchmarks/mlp_pruning.py [--blocks 20] [--out mlp_pruning.json]
+    python benchmarks/mlp_pruning.py [--blocks 20] [--select greedy] [--out mlp_pruning.json]
     python benchmarks/mlp_pruning.py --full [--out mlp_pruning_full.json]
-    python benchmarks/mlp_pruning.py --report mlp_pruning.json mlp_pruning_full.json  # results/mlp_pruning.*
+    python benchmarks/mlp_pruning.py --uniform [--out mlp_pruning_uniform.json]
+    python benchmarks/mlp_pruning.py --report mlp_pruning.json mlp_pruning_full.json mlp_pruning_uniform.json \
+        [--selection-json mlp_pruning_greedy.json]  # writes results/mlp_pruning.{json,md,png}
 """
 
 import argparse
 import contextlib
 import copy
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +49,7 @@ p.add_argument(
     "--uniform", action="store_true", help="fit and evaluate the uniform SVD plan at the same budget instead"
 )
 p.add_argument("--report", nargs=3, metavar=("BLOCKS_JSON", "FULL_JSON", "UNIFORM_JSON"))
+p.add_argument("--selection-json", help="with --report: a block run with --select greedy")
 p.add_argument("--out", default="mlp_pruning.json")
 args = p.parse_args()
 MACHINE = "x86_64 AMD EPYC (avx512_bf16, no AMX), 2 threads, 24 GB, torch 2.13.0+cpu"
@@ -69,7 +74,7 @@ DESCRIPTION = (
 )
 
 
-def write_report(blocks_json: str, full_json: str, uniform_json: str) -> None:
+def write_report(blocks_json: str, full_json: str, uniform_json: str, selection_json: str | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,25 +83,37 @@ def write_report(blocks_json: str, full_json: str, uniform_json: str) -> None:
     rows = json.loads(Path(blocks_json).read_text())["rows"]
     full = json.loads(Path(full_json).read_text())["rows"][0]
     uniform = json.loads(Path(uniform_json).read_text())["rows"][0]
+    selection = {r["block"]: r for r in json.loads(Path(selection_json).read_text())["rows"]} if selection_json else {}
     results = Path(__file__).parent / "results"
+    script = Path(__file__)
+    commit = subprocess.run(
+        ["git", "log", "-1", "--format=%h", "--", script.name], cwd=script.parent, capture_output=True, text=True
+    ).stdout.strip()
     commands = [
-        "git checkout <this script's commit>  # removed in the next commit; it reads the statistics and plan that "
+        f"git checkout {commit}  # the script was removed in the next commit; it reads the statistics and plan that "
         "benchmarks/block_ranks.py (at a80ebce) cached",
         "python benchmarks/mlp_pruning.py --blocks 20 --out mlp_pruning.json",
+        *(
+            ["python benchmarks/mlp_pruning.py --blocks 10 --select greedy --out mlp_pruning_greedy.json"]
+            * bool(selection)
+        ),
         "python benchmarks/mlp_pruning.py --full --out mlp_pruning_full.json",
         "python benchmarks/mlp_pruning.py --uniform --out mlp_pruning_uniform.json",
-        "python benchmarks/mlp_pruning.py --report mlp_pruning.json mlp_pruning_full.json mlp_pruning_uniform.json",
+        "python benchmarks/mlp_pruning.py --report mlp_pruning.json mlp_pruning_full.json mlp_pruning_uniform.json"
+        + (" --selection-json mlp_pruning_greedy.json" if selection else ""),
     ]
     record = dict(
         description=DESCRIPTION,
         commands=commands,
         machine=MACHINE,
         blocks=rows,
+        blocks_greedy_selection=list(selection.values()),
         whole_model=full,
         low_rank_whole_model=GREEDY,
     )
     (results / "mlp_pruning.json").write_text(json.dumps(record, indent=1))
     pruned = [r for r in rows if "pruned_after" in r]
+    seconds = [r["greedy_seconds"] for r in rows] + [r["pruned_seconds"] for r in pruned]
     lines = [
         "# MLP neurons against low-rank MLP projections (SmolLM2-135M at 70%, no training)",
         "",
@@ -104,16 +121,27 @@ def write_report(blocks_json: str, full_json: str, uniform_json: str) -> None:
         "",
         "Commands: " + "; ".join(f"`{c}`" for c in commands) + ".",
         "",
-        f"Machine: {MACHINE}.",
+        f"Machine: {MACHINE}. Whole-model fits: {full['compress_seconds']:.0f} s with whole neurons, "
+        f"{uniform['compress_seconds']:.0f} s uniform SVD, 1544 s as chosen (block_totals.json). A block's "
+        f"reconstruction took {min(seconds):.0f} to {max(seconds):.0f} s (the neurons' selection and least squares "
+        "included).",
         "",
         "| block | MLP share kept | neurons | low-rank before | low-rank after | neurons before | neurons after "
-        "| neurons vs low-rank |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| neurons vs low-rank |" + (" neurons chosen greedily: after | vs low-rank |" if selection else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if selection else ""),
     ]
     for r in pruned:
+        chosen = selection.get(r["block"])
         lines.append(
             f"| {r['block']} | {r['mlp_share']:.2f} | {r['neurons']} | {r['before']:.5f} | {r['greedy_after']:.5f} "
             f"| {r['pruned_before']:.5f} | {r['pruned_after']:.5f} | {r['pruned_vs_greedy']:+.1%} |"
+            + (
+                ""
+                if not selection
+                else " — | — |"
+                if chosen is None
+                else f" {chosen['pruned_after']:.5f} | {chosen['pruned_vs_greedy']:+.1%} |"
+            )
         )
     lines += [
         "",
@@ -129,14 +157,51 @@ def write_report(blocks_json: str, full_json: str, uniform_json: str) -> None:
             f"| {name} | {params:,} | {r['heldout_ppl']:.2f} | {r['heldout_ppl'] / uniform['heldout_ppl'] - 1:+.1%} "
             f"| {r['wikitext2_ppl']:.1f} | {r['lambada_acc']:.3f} | {r['lambada_ppl']:.1f} |"
         )
-    lines.append("")
+    differences = [r["pruned_vs_greedy"] for r in pruned]
+    lines += [
+        "",
+        f"Per block, on the same inputs, whole neurons left a held-out block error "
+        f"{-max(differences):.1%} to {-min(differences):.1%} lower than the plan's low-rank MLP projections "
+        f"(mean {-sum(differences) / len(differences):.1%}) at MLP shares from "
+        f"{max(r['mlp_share'] for r in pruned):.2f} down to {min(r['mlp_share'] for r in pruned):.2f}. "
+        "Kept through the whole model, they gave held-out ppl "
+        f"{full['heldout_ppl']:.2f} against {GREEDY['heldout_ppl']:.2f} "
+        f"({full['heldout_ppl'] / GREEDY['heldout_ppl'] - 1:+.1%}), WikiText-2 "
+        f"{full['wikitext2_ppl'] / GREEDY['wikitext2_ppl'] - 1:+.1%}, LAMBADA ppl "
+        f"{full['lambada_ppl'] / GREEDY['lambada_ppl'] - 1:+.1%} (accuracy {full['lambada_acc']:.3f} against "
+        f"{GREEDY['lambada_acc']:.3f}), with {94154304 - full['params']:,} fewer parameters. Against the uniform SVD "
+        f"plan fitted the same way ({uniform['heldout_ppl']:.2f}), the allocator's plan as chosen is "
+        f"{1 - GREEDY['heldout_ppl'] / uniform['heldout_ppl']:.1%} lower and with whole MLP neurons "
+        f"{1 - full['heldout_ppl'] / uniform['heldout_ppl']:.1%} lower (the issue asks 20%). One seed, one set of "
+        "statistics; the neuron variant is not offered by the allocator, which chose these MLP shares pricing "
+        "low-rank projections only.",
+        "",
+    ]
+    if selection:
+        compared = [r for r in pruned if r["block"] in selection]
+        by_score = [r["pruned_vs_greedy"] for r in compared]
+        chosen = [selection[r["block"]]["pruned_vs_greedy"] for r in compared]
+        lines += [
+            f"Neurons chosen by forward selection on the least-squares output error (`--select greedy`, blocks "
+            f"{compared[0]['block']}-{compared[-1]['block']}) left the block error {-max(chosen):.1%} to "
+            f"{-min(chosen):.1%} below low-rank (mean {-sum(chosen) / len(chosen):.1%}) where the diagonal score "
+            f"left it {-sum(by_score) / len(by_score):.1%} below on the same blocks.",
+            "",
+        ]
     (results / "mlp_pruning.md").write_text("\n".join(lines))
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, relative) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 2))
     blocks = [r["block"] for r in pruned]
+    selected = sorted(b for b, r in selection.items() if "pruned_after" in r)
     ax.plot(blocks, [r["greedy_after"] for r in pruned], "o-", label="low-rank MLP projections (plan)")
     ax.plot(blocks, [r["pruned_after"] for r in pruned], "s-", label="MLP neurons, same parameters")
-    ax.set_xlabel("block")
-    ax.set_ylabel("held-out relative block error after reconstruction")
+    relative.plot(blocks, [100 * r["pruned_vs_greedy"] for r in pruned], "s-", color="C1")
+    if selected:
+        ax.plot(selected, [selection[b]["pruned_after"] for b in selected], "^--", label="neurons by forward selection")
+        relative.plot(selected, [100 * selection[b]["pruned_vs_greedy"] for b in selected], "^--", color="C2")
+    relative.axhline(0, color="C0", linewidth=1)
+    relative.set_xlabel("block")
+    relative.set_ylabel("neurons vs low-rank (%)")
+    ax.set_ylabel("held-out block error\nafter reconstruction")
     ax.set_title("SmolLM2-135M at 70%: MLP structure at equal parameters")
     ax.legend()
     fig.tight_layout()
@@ -144,7 +209,7 @@ def write_report(blocks_json: str, full_json: str, uniform_json: str) -> None:
 
 
 if args.report:
-    write_report(*args.report)
+    write_report(*args.report, args.selection_json)
     sys.exit()
 
 cache = Path(f"/tmp/block_ranks_state_{args.tokens}.pt")  # statistics and plan, shared with block_ranks.py
