@@ -8,7 +8,7 @@ several calibration sizes and seeds; no distillation.
     python benchmarks/calibration_tokens.py [--tokens 32768 65536] [--seeds 0] [--fits sequential at-once]
         [--anchors 0 1] [--reconstruction-epochs 0 10] [--ratio 0.7] [--sensitivity-tokens 1024]
         [--count-tokens 4194304] [--max-tokens 8000] [--lambada-passages 200] [--spread] [--uniform]
-        [--min-kept 0] [--dense-embedding] [--resume]
+        [--min-kept 0] [--dense-embedding] [--neurons] [--resume]
     python benchmarks/calibration_tokens.py --from-json
 
 The CLI's default is 262,144 calibration tokens; allocation.py uses 32,768 to stay within hours on two
@@ -28,7 +28,8 @@ parameters (plan suffix ``-min-kept-F``; the uniform plan is the same either way
 ``--dense-embedding`` keeps the token embedding (and the head tied to it) out of the auto plan's choice,
 so that the linear layers alone give up the parameters the budget asks for (plan suffix
 ``-dense-embedding``): its price is measured at once, and nothing after the tied head can repair its
-error, where the sequential fit repairs much of the linear layers'. Auto records hold
+error, where the sequential fit repairs much of the linear layers'. ``--neurons`` offers the auto plan
+whole-unit MLP cuts (method ``neurons``) beside low-rank (plan suffix ``-neurons``). Auto records hold
 ``kept``: per module, the share of its parameters the allocation kept (a record marked ``reallocated``,
 made by older code: the plan as fitted, and ``allocated_kept`` the plan before its fit chose again).
 Records are appended to benchmarks/results/calibration_tokens.json as they finish (``--resume`` keeps
@@ -94,7 +95,7 @@ def run(args, data: dict) -> None:
             uniform_fits = (
                 [(uniform_name(plan), anchor, epochs) for plan, anchor, epochs in fits] if args.uniform else []
             )
-            suffix_of_auto = auto_suffix(args.min_kept, dense_embedding=args.dense_embedding)
+            suffix_of_auto = auto_suffix(args.min_kept, dense_embedding=args.dense_embedding, neurons=args.neurons)
             fits = [(plan + suffix_of_auto, anchor, epochs) for plan, anchor, epochs in fits] + uniform_fits
             plans = [fit for fit in fits if (tokens, seed, fit[0], args.ratio) not in done]
             if plans:
@@ -119,7 +120,7 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
             chosen_for if args.dense_embedding else fisher,
             target,
             probe_blocks,
-            methods=["lowrank"],
+            methods=["lowrank", "neurons"] if args.neurons else ["lowrank"],
             min_kept=args.min_kept,
         )
         if any(not plan.startswith(UNIFORM) for plan, _, _ in plans)
@@ -159,6 +160,7 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
             "fisher_seconds": fisher_seconds,
             **({"min_kept": args.min_kept} if args.min_kept and chosen is not uniform else {}),
             **({"dense_embedding": True} if args.dense_embedding and chosen is not uniform else {}),
+            **({"neurons": True} if args.neurons and chosen is not uniform else {}),
             **({} if chosen is uniform else {"kept": kept_shares(model, allocation)}),
             "search_seconds": 0.0 if chosen is uniform else allocation.seconds,
             "compress_seconds": time.perf_counter() - started,
@@ -168,29 +170,45 @@ def fit_budget(args, data, model, scoring: Scoring, target: int, tokens: int, se
         del compressed
 
 
-def uniform_name(plan: str, min_kept: float = 0.0, reallocated: bool = False, dense_embedding: bool = False) -> str:
+def uniform_name(
+    plan: str,
+    min_kept: float = 0.0,
+    reallocated: bool = False,
+    dense_embedding: bool = False,
+    neurons: bool = False,
+) -> str:
     """The record's plan name for ``plan``'s fit of the uniform SVD plan instead of the allocator's (the
-    same whatever ``--min-kept`` or ``--dense-embedding`` did to the auto plan, or the older code's
-    reallocation: ``min_kept``, ``reallocated`` and ``dense_embedding`` are what ``plan`` was made with)."""
-    return UNIFORM + plan.removeprefix(AUTO).removesuffix(auto_suffix(min_kept, reallocated, dense_embedding))
+    same whatever ``--min-kept``, ``--dense-embedding`` or ``--neurons`` did to the auto plan, or the older
+    code's reallocation: those are what ``plan`` was made with)."""
+    suffix = auto_suffix(min_kept, reallocated, dense_embedding, neurons)
+    return UNIFORM + plan.removeprefix(AUTO).removesuffix(suffix)
 
 
 def kept_shares(model, allocation: Allocation) -> dict[str, float]:
-    """Per module, the share of its weight's parameters the allocation keeps."""
-    return {
-        name: round(candidate.params / model.get_submodule(name).weight.numel(), 4)
-        for name, candidate in allocation.chosen.items()
-    }
+    """Per module (an MLP cut whole: its projections together), the share of its weights' parameters the
+    allocation keeps."""
+
+    def weights(name: str) -> int:
+        module = model.get_submodule(name)
+        if hasattr(module, "weight"):
+            return module.weight.numel()
+        return sum(child.weight.numel() for child in module.children() if isinstance(child, torch.nn.Linear))
+
+    return {name: round(candidate.params / weights(name), 4) for name, candidate in allocation.chosen.items()}
 
 
-def auto_suffix(min_kept: float, reallocated: bool = False, dense_embedding: bool = False) -> str:
+def auto_suffix(
+    min_kept: float, reallocated: bool = False, dense_embedding: bool = False, neurons: bool = False
+) -> str:
     """The auto plan's name suffix where each module keeps at least ``min_kept`` of its parameters, with
-    ``reallocated`` the sequential fit chose each part again (older code: see the record's ``code``), and
-    with ``dense_embedding`` the token embedding was left out of the choice."""
+    ``reallocated`` the sequential fit chose each part again (older code: see the record's ``code``), with
+    ``dense_embedding`` the token embedding was left out of the choice, and with ``neurons`` whole-unit
+    MLP cuts were offered beside low-rank."""
     return (
         (f"-min-kept-{min_kept:g}" if min_kept else "")
         + ("-reallocated" if reallocated else "")
         + ("-dense-embedding" if dense_embedding else "")
+        + ("-neurons" if neurons else "")
     )
 
 
@@ -389,7 +407,11 @@ def against_uniform(fitted: list[dict], dense: dict) -> list[str]:
     pairs = []
     for (ratio, tokens, seed, plan), auto in runs.items():
         made = uniform_name(
-            plan, auto.get("min_kept", 0.0), auto.get("reallocated", False), auto.get("dense_embedding", False)
+            plan,
+            auto.get("min_kept", 0.0),
+            auto.get("reallocated", False),
+            auto.get("dense_embedding", False),
+            auto.get("neurons", False),
         )
         uniform = runs.get((ratio, tokens, seed, made))
         if plan.startswith(AUTO) and uniform is not None:
@@ -473,6 +495,11 @@ def main() -> None:
         "--dense-embedding",
         action="store_true",
         help="keep the token embedding out of the auto plan's choice (plan suffix -dense-embedding)",
+    )
+    parser.add_argument(
+        "--neurons",
+        action="store_true",
+        help="offer the auto plan whole-unit MLP cuts (method neurons) beside low-rank (plan suffix -neurons)",
     )
     parser.add_argument("--resume", action="store_true", help="keep finished records")
     parser.add_argument("--from-json", action="store_true", help="only rewrite the markdown and the plot")

@@ -24,6 +24,7 @@ from .methods.kronecker import (
     valid_factorizations,
 )
 from .methods.lowrank import LowRankConfig, LowRankEmbedding, LowRankFactors, LowRankLinear, truncated_svd
+from .methods.neurons import KeptUnitsLinear, NeuronsConfig
 from .params import count_parameters, tied_parameters
 from .plan import CompressionPlan, Rule
 from .presets import preset
@@ -39,6 +40,7 @@ __all__ = [
     "CompressionPlan",
     "CompressionReport",
     "FitReport",
+    "KeptUnitsLinear",
     "KroneckerConfig",
     "KroneckerEmbedding",
     "KroneckerFactors",
@@ -50,6 +52,7 @@ __all__ = [
     "LowRankFactors",
     "LowRankLinear",
     "MethodConfig",
+    "NeuronsConfig",
     "Rule",
     "SearchResult",
     "TiedEmbeddingHead",

@@ -21,6 +21,12 @@ then the KL on the line through (0, 0) and that point. The choice made on those 
 far: the line from the probe misjudged SmolLM2's tied embedding, whose KL near full rank is 2.4x what
 the line says.
 
+An MLP that a method cuts whole (``neurons``: whole inner units kept or dropped) is one choice standing
+for its projections: its candidates are its own and its projections' candidates combined (each stepping
+down its hull where that costs least per parameter), so the walk weighs cutting the MLP whole against
+cutting its projections. Offered where everything is priced in KL (the Fisher, below): a relative error
+on the MLP's output and one on each projection's are not comparable.
+
 With the Fisher in the statistics (``collect(..., fisher=True)``) a linear layer's candidates come
 priced in KL already, ½ tr(Δᵀ C Δ G) (``linalg.fisher_loss``), with no measurement: only the modules
 whose candidates lack that price (the token embedding) are measured, so ``sensitivity`` blocks are
@@ -58,6 +64,9 @@ class Candidate:
     loss: float  # estimated relative squared output error on the calibration inputs
     sensitivity: float = 1.0  # measured harm per unit of that error (1 when not measured)
     kl: float | None = None  # the Fisher's estimate of the KL it costs, where the statistics hold one
+    # For a module holding others (an MLP): the candidate each of them takes (``config`` None); the loss
+    # and KL are their sums.
+    parts: dict[str, Candidate] | None = None
 
     @property
     def cost(self) -> float:
@@ -97,6 +106,46 @@ def candidates(
     if not priced:
         found = [replace(c, kl=None) for c in found]
     return [Candidate(name, None, module.weight.numel(), 0.0, kl=0.0 if priced else None), *found]
+
+
+def group_candidates(
+    name: str, module: nn.Module, stats: dict, children: dict[str, list[Candidate]], methods: Sequence[str]
+) -> list[Candidate]:
+    """For a module holding linear layers (an MLP): keeping them all dense, its own candidates (a method
+    cutting it whole: ``neurons``), and its ``children``'s candidates combined, each child stepping down
+    its hull where that costs least per parameter. Offered only where every candidate is priced in KL;
+    empty where no method cuts the module whole."""
+    own = [
+        Candidate(name, e.config, e.params, e.loss, kl=e.kl)
+        for method in methods
+        for e in get_method(method).estimates(module, stats)
+    ]
+    # A child no method shrinks (only its dense candidate) costs nothing where it stays.
+    lossy = [c for options in children.values() for c in options if c.config is not None]
+    if not own or any(c.kl is None for c in own + lossy):
+        return []
+    hulls = {child: lower_hull(options) for child, options in children.items()}
+    position = dict.fromkeys(hulls, 0)
+    combined = []
+    while True:
+        steps = [(c, _slope(h[position[c]], h[position[c] + 1])) for c, h in hulls.items() if position[c] + 1 < len(h)]
+        if not steps:
+            break
+        child, _ = min(steps, key=lambda step: step[1])
+        position[child] += 1
+        parts = {child: hull[position[child]] for child, hull in hulls.items()}
+        combined.append(
+            Candidate(
+                name,
+                None,
+                sum(c.params for c in parts.values()),
+                sum(c.loss for c in parts.values()),
+                kl=sum(c.cost for c in parts.values()),
+                parts=parts,
+            )
+        )
+    dense = Candidate(name, None, sum(options[0].params for options in children.values()), 0.0, kl=0.0)
+    return [dense, *own, *combined]
 
 
 def lower_hull(options: list[Candidate]) -> list[Candidate]:
@@ -370,9 +419,24 @@ def allocation_plan(
         raise ValueError("the calibration statistics describe none of the model's linear layers or token embedding")
     stats.check(model, names)
     offered = {name: candidates(name, model.get_submodule(name), stats.for_module(name), methods) for name in names}
+    # A module a method cuts whole (an MLP losing units) is one choice, standing for its linear layers.
+    per_module = offered
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.rpartition(".")[0], []).append(name)
+    for parent, children in groups.items():
+        if not parent or len(children) < 2:
+            continue
+        floored = {n: [c for c in offered[n] if c.params >= min_kept * offered[n][0].params] for n in children}
+        found = group_candidates(parent, model.get_submodule(parent), stats.for_module(parent), floored, methods)
+        if found:
+            offered = {name: options for name, options in offered.items() if name not in children}
+            offered[parent] = found
+    grouped = {parent: children for parent, children in groups.items() if parent in offered}
     # What no method can shrink (Qwen2-MoE's gate to its shared expert: one output) stays out of the choice.
     offered = {name: found for name, found in offered.items() if len(found) > 1}
     names = list(offered)
+    chosen_for = [n for n in per_module if n in offered or any(n in children for children in grouped.values())]
     # The floor leaves the candidates to choose from; a sensitivity probe may lie below it.
     options = {name: [c for c in found if c.params >= min_kept * found[0].params] for name, found in offered.items()}
     total = count_parameters(model)
@@ -381,7 +445,7 @@ def allocation_plan(
         raise ValueError(
             f"a budget of {target_params:,} parameters is out of reach: choose between {smallest:,} and {total:,}"
             + (f" (each module keeping at least {min_kept:g} of its parameters)" if min_kept else "")
-            + f"; {left_as_is(parameters_outside(model, names))}"
+            + f"; {left_as_is(parameters_outside(model, chosen_for))}"
         )
     measured = None
     unpriced = [name for name in names if options[name][0].kl is None]
@@ -412,10 +476,16 @@ def allocation_plan(
                 measured[name][new[name].loss] = value
         options = weighted_options()
     chosen = allocate(options, total - target_params)
+    after = total - sum(options[name][0].params - c.params for name, c in chosen.items())
+    for parent, children in grouped.items():
+        candidate = chosen.pop(parent)
+        if candidate.config is not None:
+            chosen[parent] = candidate
+        else:
+            chosen.update(candidate.parts or {child: per_module[child][0] for child in children})
     rules = [Rule(re.escape(name), c.config) for name, c in chosen.items() if c.config is not None]
     if not rules:
         raise ValueError(f"a budget of {target_params:,} parameters needs no compression (the model has {total:,})")
-    after = total - sum(options[name][0].params - c.params for name, c in chosen.items())
     plan = CompressionPlan(rules, name=f"auto-{target_params}", description="chosen by the budget allocation")
     seconds = time.perf_counter() - started
-    return Allocation(plan, chosen, after, seconds, measured, parameters_outside(model, names))
+    return Allocation(plan, chosen, after, seconds, measured, parameters_outside(model, chosen_for))

@@ -148,10 +148,13 @@ class CalibrationStats:
     model_type: str | None = None
     seconds: float = 0.0
 
-    def for_module(self, name: str) -> InputStats | TokenStats | None:
+    def for_module(self, name: str) -> InputStats | TokenStats | dict[str, InputStats] | None:
+        """A module's statistics; for a module holding described linear layers (an MLP a method cuts
+        whole), theirs by child name."""
         key = self.owner.get(name)
         if key is None:
-            return None
+            children = [owned for owned in self.owner if owned.rpartition(".")[0] == name]
+            return {child.rpartition(".")[2]: self.for_module(child) for child in children} or None
         if key in self.inputs and name in self.outputs:
             return replace(self.inputs[key], output_second_moment=self.outputs[name])
         return self.inputs.get(key) or self.tokens.get(key)
@@ -238,7 +241,7 @@ class CalibrationStats:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if self.model_type != model_type:
             raise ValueError(f"calibration statistics are of a {self.model_type!r} model, not {model_type!r}")
-        for name in names:
+        for name in expand_containers(model, names):
             if name not in self.owner:
                 raise ValueError(f"calibration statistics have nothing for {name}: collect them with this plan")
             module = model.get_submodule(name)
@@ -275,11 +278,25 @@ class CalibrationStats:
                 )
 
 
+def expand_containers(model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` with each module that is neither a linear layer nor an embedding (an MLP a method cuts
+    whole) replaced by its linear children, whose statistics are its own."""
+    expanded = []
+    for name in names:
+        module = model.get_submodule(name)
+        if is_linear(module) or is_embedding(module):
+            expanded.append(name)
+        else:
+            expanded += [f"{name}.{child}" for child, m in module.named_children() if is_linear(m)]
+    return list(dict.fromkeys(expanded))
+
+
 def calibration_targets(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]]:
-    """(linear layers, embeddings) among ``names``, each calibrated on the original module."""
+    """(linear layers, embeddings) among ``names`` (containers by their linear children), each calibrated
+    on the original module."""
     check_runs_on_token_ids(model, "calibration", "compress it with a plan and no calibration")
     linear, embeddings = [], []
-    for name in dict.fromkeys(names):
+    for name in expand_containers(model, names):
         module = model.get_submodule(name)
         if is_linear(module):
             linear.append(name)

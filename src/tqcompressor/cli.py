@@ -14,7 +14,14 @@ import torch
 
 from .allocation import allocation_plan, check_min_kept, compressible_modules, offered_methods
 from .assets import default_model
-from .calibration import CalibrationStats, calibration_targets, collect, fisher_moments, forward_order
+from .calibration import (
+    CalibrationStats,
+    calibration_targets,
+    collect,
+    expand_containers,
+    fisher_moments,
+    forward_order,
+)
 from .data import id_counts, load_blocks, pack_blocks, token_ids
 from .depth import keep_layers_
 from .distillation import DistillationLoss
@@ -204,7 +211,8 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path, d
     # the model compressed so far.
     if args.sequential:
         counts = next((t.counts for t in stats.tokens.values()), None)  # counted once, for the statistics
-        fitted = {name for name, candidate in allocation.chosen.items() if candidate.config is not None}
+        fitted = [name for name, candidate in allocation.chosen.items() if candidate.config is not None]
+        fitted = set(expand_containers(model, fitted))
         outputs = stats.fisher_of(fitted)
         # The fit collects each part's inputs afresh: the original's moments would only hold memory beside
         # it (width² each: 9.5 GiB for a 1.1B LLaMA).

@@ -30,11 +30,13 @@ from .calibration import (
     check_finite,
     check_token_count,
     collect,
+    expand_containers,
     forward_order,
     weight_digest,
 )
 from .experts import routed_owner
 from .linalg import aimed_weight
+from .methods import is_embedding
 from .methods.targets import dense_weight, is_linear
 from .params import count_parameters, shared_parameter_names
 from .reconstruction import RECONSTRUCTION_LR, Reconstruction, reconstruct
@@ -149,7 +151,8 @@ def compress_sequentially(
                 parts = iter([(members, collect(model, members, blocks, batch_size, False, token_counts))])
             for part_members, stats in parts:
                 seconds += stats.seconds
-                stats.outputs = {n: output_moments[n] for n in part_members if n in (output_moments or {})}
+                held = expand_containers(model, part_members)
+                stats.outputs = {n: output_moments[n] for n in held if n in (output_moments or {})}
                 rules = [Rule(re.escape(name), rule.config) for rule, name in steps if name in part_members]
                 part = CompressionPlan(rules, name=plan.name, tie_head=plan.tie_head)
                 report = compress_(model, part, calibration=stats, progress=False)
@@ -196,8 +199,10 @@ def compress_sequentially(
 
 
 def _all_linear(model: nn.Module, members: list[str]) -> bool:
-    """Whether kept block inputs can serve ``members``: they hold no embedding."""
-    return calibration_targets(model, members)[0] == members
+    """Whether kept block inputs can serve ``members``: linear layers, or modules cut whole that hold them
+    (no embedding)."""
+    modules = [model.get_submodule(name) for name in members]
+    return all(is_linear(m) or (not is_embedding(m) and any(is_linear(c) for c in m.children())) for m in modules)
 
 
 def _block(name: str) -> str:
@@ -346,8 +351,14 @@ class _StackReplay:
         Afterwards both streams have moved past the block."""
         block = self.stack[self.position]
         prefix = f"{self.name}.{self.position}."
-        check_token_count(model, members, tokens)
+        check_token_count(model, expand_containers(model, members), tokens)
         planned = [name[len(prefix) :] for name in members]
+        # A module cut whole (an MLP losing units) is fitted once the block's parts are: its linear layers
+        # are aimed in their turn like planned ones, and their statistics kept for it.
+        containers = [name for name in planned if not is_linear(block.get_submodule(name))]
+        planned = [name for name in planned if name not in containers]
+        held = expand_containers(block, containers)
+        held_stats: dict[str, InputStats] = {}
         # An expert's layer sees other tokens in the two streams (routing follows what came before), so no
         # row of its inputs pairs with one of the original's: fitted to its own inputs, never aimed (nor, left
         # dense, aimed itself).
@@ -357,9 +368,9 @@ class _StackReplay:
         dense = [
             n
             for n, m in block.named_modules()
-            if aim_dense and is_linear(m) and n not in planned and f"{prefix}{n}.weight" not in shared
+            if aim_dense and is_linear(m) and n not in planned + held and f"{prefix}{n}.weight" not in shared
         ]
-        found = _shared_input_parts(block, planned + dense, self.batches[0])
+        found = _shared_input_parts(block, planned + held + dense, self.batches[0])
         # A dense layer the block never calls has no inputs to aim it on (Mamba multiplies by its dt_proj's
         # weight): it stays as it is. A planned one the whole-model pass reached must be reached here too,
         # but an expert may have no token in the first batch (its inputs come from those it has) or, routed
@@ -373,9 +384,10 @@ class _StackReplay:
         wanted, outputs = self._original_pass(block, [part[0] for part in found if part[0] not in routed])
         for part in found + [[name] for name in missing]:
             names = [prefix + name for name in part if name in planned]
+            holds = [name for name in part if name in held]
             # Until something is compressed both streams are the same: nothing to correct.
             aim = self.compressed_parts > 0 and part[0] not in routed
-            if not (names or aim):
+            if not (names or aim or holds):
                 continue
             started = time.perf_counter()
             second = cross = original = 0
@@ -403,6 +415,7 @@ class _StackReplay:
                         weight = dense_weight(block.get_submodule(name))[0]
                         weight.copy_(aimed_weight(weight, second, cross, self.damping).to(weight.dtype))
                     self.dense_aimed += sum(name in dense for name in part)
+            held_stats.update({name: InputStats(second.cpu(), count) for name in holds})
             if not names:
                 self.dense_seconds += time.perf_counter() - started
                 continue
@@ -419,6 +432,16 @@ class _StackReplay:
             )
             check_finite(stats)
             yield names, stats
+        for container in containers:
+            children = [name for name in held if name.startswith(f"{container}.")]
+            stats = CalibrationStats(
+                {prefix + name: name for name in children},
+                inputs={name: held_stats[name] for name in children},
+                digests={prefix + name: weight_digest(block.get_submodule(name)) for name in children},
+                model_type=getattr(getattr(model, "config", None), "model_type", None),
+            )
+            check_finite(stats)
+            yield [prefix + container], stats
         if self.reconstruction is not None and self.compressed_parts > 0:
             started = time.perf_counter()
             parameters = [p for p in block.parameters() if p.is_floating_point()]

@@ -36,9 +36,12 @@ class TokenStats:
         return (1 - smoothing) * frequency + smoothing / len(self.counts)
 
 
-def on_device(stats: InputStats | TokenStats | None, device: torch.device) -> InputStats | TokenStats | None:
-    """``stats`` with every tensor on ``device``: statistics collected on one device fit a layer on another."""
+def on_device(stats, device: torch.device):
+    """``stats`` (``InputStats``, ``TokenStats``, a dict of them by child name, or None) with every tensor
+    on ``device``: statistics collected on one device fit a layer on another."""
     if stats is None:
         return None
+    if isinstance(stats, dict):
+        return {name: on_device(child, device) for name, child in stats.items()}
     moved = {f.name: getattr(stats, f.name) for f in fields(stats) if isinstance(getattr(stats, f.name), torch.Tensor)}
     return replace(stats, **{name: tensor.to(device) for name, tensor in moved.items()})

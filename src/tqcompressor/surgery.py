@@ -57,6 +57,11 @@ def _plan_modules(model: nn.Module, plan: CompressionPlan) -> tuple[list[tuple[R
             except (ValueError, TypeError) as err:
                 raise ValueError(f"plan rule '{rule.pattern}' on {name}: {err}") from err
             steps.append((rule, name))
+    for inner in planned:
+        parts = inner.split(".")
+        outer = next((".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in planned), None)
+        if outer is not None:
+            raise ValueError(f"plan rules target both {outer} and {inner} inside it: give a module one rule's method")
     return steps, planned
 
 
@@ -254,7 +259,8 @@ def compress_(
     reports, head = [], "unchanged"
     for rule, name in tqdm(steps, desc=f"compress ({plan.name})", disable=not progress, unit="layer"):
         module = model.get_submodule(name)
-        stats = None if calibration is None else on_device(calibration.for_module(name), module.weight.device)
+        device = next(module.parameters()).device
+        stats = None if calibration is None else on_device(calibration.for_module(name), device)
         layer, report = _fit(rule, name, module, stats)
         if is_embedding(layer):
             layer.embed_scale = embedding_scale(module)

@@ -1,7 +1,7 @@
 """Compression methods. Each lives in its own package and registers itself on import; everything
 else finds methods through ``registry``."""
 
-from . import kronecker, lowrank
+from . import kronecker, lowrank, neurons
 from .base import CompressedModule, CompressionMethod, Estimate, FitReport, MethodConfig
 from .registry import get_method, is_compressed, is_embedding, method_names, module_class, register, unregister
 
@@ -18,6 +18,7 @@ __all__ = [
     "lowrank",
     "method_names",
     "module_class",
+    "neurons",
     "register",
     "unregister",
 ]

@@ -148,11 +148,13 @@ class CompressionMethod(ABC):
     @abstractmethod
     def fit(self, module: nn.Module, config: MethodConfig, stats: Any = None) -> tuple[CompressedModule, FitReport]:
         """The compressed replacement of ``module``. ``stats``: calibration statistics of its inputs
-        (``InputStats`` for linear layers, ``TokenStats`` for embeddings), or None for a data-free fit."""
+        (``InputStats`` for linear layers, ``TokenStats`` for embeddings; for a module holding linear
+        layers, such as an MLP cut whole, theirs by child name), or None for a data-free fit."""
 
-    @abstractmethod
     def parameters(self, config: MethodConfig, rows: int, cols: int) -> int:
-        """Parameters that compressing a ``rows x cols`` matrix (no bias) with ``config`` keeps."""
+        """Parameters that compressing a ``rows x cols`` matrix (no bias) with ``config`` keeps (methods that
+        replace one matrix)."""
+        raise NotImplementedError(f"method {self.name!r} does not replace one matrix")
 
     def estimates(self, module: nn.Module, stats: Any) -> list[Estimate]:
         """The configs this method offers a budget allocation for ``module``, from its calibration
