@@ -151,6 +151,11 @@ def test_materialized_saved_and_loaded_models_compute_the_same(tmp_path, gpt2):
         tq.save(model, tmp_path / "cut")
         loaded = tq.load(tmp_path / "cut")
         assert torch.equal(loaded(ids).logits, logits)  # the same modules and weights: the same kernels
+        with pytest.raises(ValueError, match=r"cut together with .*(up_proj|c_fc)"):
+            tq.materialize(loaded, r".*\.0\.mlp\.(c_proj|down_proj)")  # the producers would not fit it
+        assert torch.equal(loaded(ids).logits, logits)  # refused before anything changed
+        dense = tq.materialize(loaded, r".*\.0\.mlp\..*")
+        assert torch.allclose(dense(ids).logits, logits, atol=1e-5)
         dense = tq.materialize(loaded)
         assert not any(is_compressed(m) for m in dense.modules())
         assert torch.allclose(dense(ids).logits, logits, atol=1e-5)  # zero rows and columns added

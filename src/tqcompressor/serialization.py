@@ -281,6 +281,13 @@ def materialize(model: nn.Module, pattern: str | None = None) -> nn.Module:
     if pattern is not None and not chosen:
         compressed = [name for name, module in modules if is_compressed(module)]
         raise ValueError(f"pattern {pattern!r} matches none of the compressed modules {compressed[:8]}")
+    picked = {name for name, _ in chosen}
+    for name, module in chosen:
+        parent = name.rpartition(".")[0]
+        left = [n for n, m in modules if n.rpartition(".")[0] == parent and is_compressed(m) and n not in picked]
+        if module.cut_with_siblings and left:
+            together = re.escape(parent) + r"\..*"
+            raise ValueError(f"{name} is cut together with {', '.join(left)}: materialize them together ({together!r})")
     dense_of: dict[int, nn.Module] = {}
     for name, module in chosen:
         dense_of[id(module)] = module.to_dense()

@@ -26,6 +26,9 @@ class CompressedModule(nn.Module):
     # scales them too. Set where it replaces that one and not saved: the architecture a run is rebuilt
     # from holds the scale again.
     embed_scale: float | None = None
+    # Cut together with the compressed modules beside it (an MLP's producers and consumer keep the same
+    # units): alone at its dense width it would no longer fit them, so it is materialized with them only.
+    cut_with_siblings: ClassVar[bool] = False
 
     def to_spec(self) -> dict[str, Any]:
         """The structure ``from_spec`` needs to rebuild an empty module of the same shapes (JSON)."""

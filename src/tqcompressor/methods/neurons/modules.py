@@ -21,6 +21,7 @@ class KeptUnitsLinear(CompressedModule):
 
     spec_type = "kept_units_linear"
     kind = "linear"
+    cut_with_siblings = True
 
     def __init__(
         self,
