@@ -129,6 +129,18 @@ def test_estimates_are_the_fits_errors_and_kl(inner):
     assert method.estimates(model.model.layers[1].self_attn, stats.for_module("model.layers.1.self_attn")) == []
 
 
+def test_a_budget_counts_the_biases_a_cut_drops():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=100, n_positions=64)).eval()
+    name = "transformer.h.0.mlp"
+    stats = collect(model, compressible_modules(model), token_ids(8), progress=False, fisher=True)
+    mlp = model.get_submodule(name)
+    weights = sum(child.weight.numel() for child in mlp.children() if hasattr(child, "weight"))
+    for estimate in tq.get_method("neurons").estimates(mlp, stats.for_module(name))[::4]:
+        fitted, _ = tq.get_method("neurons").fit(mlp, estimate.config, stats.for_module(name))
+        assert tq.count_parameters(fitted) - tq.count_parameters(mlp) == estimate.params - weights
+
+
 @pytest.mark.parametrize("gpt2", [False, True])
 def test_materialized_saved_and_loaded_models_compute_the_same(tmp_path, gpt2):
     if gpt2:  # Conv1D layers with biases, one producer

@@ -139,11 +139,13 @@ class NeuronsMethod(CompressionMethod):
             consumer.second_moment, weight, counts[0], consumer.output_second_moment, selection_block(parts.inner)
         )
         per_unit = sum(dense_weight(module.get_submodule(n))[0].shape[0] for n in parts.producers) + weight.shape[1]
+        # The producers' biases lose the dropped units too (a budget counts the rest of a bias as kept).
+        biased = sum(dense_weight(module.get_submodule(n))[1] is not None for n in parts.producers)
         fisher = consumer.output_second_moment is not None
         return [
             Estimate(
                 NeuronsConfig(units=units),
-                units * per_unit,
+                units * per_unit - (parts.inner - units) * biased,
                 float(selection.relative[units]),
                 0.5 * float(selection.weighted[units]) if fisher else None,
             )
@@ -184,9 +186,6 @@ class NeuronsMethod(CompressionMethod):
         if metric is not None:
             report.details["kl"] = fisher_loss(weight, approximation, second, metric)
         return fitted, report
-
-    def parameters(self, config: NeuronsConfig, rows: int, cols: int) -> int:
-        raise NotImplementedError("method 'neurons' cuts a whole MLP, not one matrix: count the module it plans")
 
 
 def _check_units_independent(module: nn.Module, fitted: nn.Module, consumer: str) -> None:
