@@ -16,7 +16,7 @@ Side = Literal["outputs", "inputs"]
 
 
 class KeptUnitsLinear(CompressedModule):
-    """y = x W_K (+ b): ``weight`` holds the kept columns (outputs side, in x k) or rows (inputs side,
+    """y = x W_K (+ b): ``weight_kept`` holds the kept columns (outputs side, in x k) or rows (inputs side,
     k x out) of the dense in x out weight; ``index`` the units they are, in the dense layer's order."""
 
     spec_type = "kept_units_linear"

@@ -40,8 +40,8 @@ def forward_selection(
 
     ``block`` > 1 takes that many units a step, the best by their gains at its start, kept one after the
     other (a unit the ones before it in the step carry adds nothing): a step costs one pass over S and
-    two rank-``block`` products instead of ``block`` passes, for a 5632-wide MLP most of the time. The
-    errors stay exact for the order taken."""
+    two rank-``block`` products instead of ``block`` passes (the passes are most of the time on a 5632-wide
+    MLP). The errors stay exact for the order taken."""
     n = second_moment.shape[0]
     if not 0 <= count <= n:
         raise ValueError(f"cannot keep {count} of {n} units")
