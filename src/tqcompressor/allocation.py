@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -82,6 +82,11 @@ def check_min_kept(min_kept: float) -> None:
     """Raises unless ``min_kept`` is a share of its parameters that every module can keep."""
     if not 0 <= min_kept < 1:
         raise ValueError(f"the share of its parameters each module keeps must be in [0, 1), got {min_kept}")
+
+
+def above_floor(found: list[Candidate], min_kept: float) -> list[Candidate]:
+    """The candidates keeping at least ``min_kept`` of the parameters of the first (keeping it dense)."""
+    return [c for c in found if c.params >= min_kept * found[0].params]
 
 
 def offered_methods(methods: Sequence[str] | None = None) -> list[str]:
@@ -127,12 +132,7 @@ def group_candidates(
     hulls = {child: lower_hull(options) for child, options in children.items()}
     position = dict.fromkeys(hulls, 0)
     combined = []
-    while True:
-        steps = [(c, _slope(h[position[c]], h[position[c] + 1])) for c, h in hulls.items() if position[c] + 1 < len(h)]
-        if not steps:
-            break
-        child, _ = min(steps, key=lambda step: step[1])
-        position[child] += 1
+    for _ in descend(hulls, position):
         parts = {child: hull[position[child]] for child, hull in hulls.items()}
         combined.append(
             Candidate(
@@ -171,24 +171,31 @@ def _slope(more: Candidate, fewer: Candidate) -> float:
     return (fewer.cost - more.cost) / max(more.params - fewer.params, 1)
 
 
+def descend(hulls: dict[str, list[Candidate]], position: dict[str, int]) -> Iterator[str]:
+    """Step down the ``hulls`` from ``position`` (per module, its index on its hull; advanced in place),
+    each step the one adding the least loss per parameter freed; yields the module that stepped."""
+    while True:
+        steps = [(n, _slope(h[position[n]], h[position[n] + 1])) for n, h in hulls.items() if position[n] + 1 < len(h)]
+        if not steps:
+            return
+        name, _ = min(steps, key=lambda step: step[1])
+        position[name] += 1
+        yield name
+
+
 def allocate(options: dict[str, list[Candidate]], saving: int) -> dict[str, Candidate]:
     """Per module, the candidate that frees at least ``saving`` parameters in total at the least summed
     loss a greedy walk down the hulls finds (each step the cheapest loss per parameter freed)."""
     hulls = {name: lower_hull(found) for name, found in options.items()}
     position = dict.fromkeys(hulls, 0)
+    walk = descend(hulls, position)
     freed = 0
     while freed < saving:
-        steps = [
-            (name, _slope(h[position[name]], h[position[name] + 1]))
-            for name, h in hulls.items()
-            if position[name] + 1 < len(h)
-        ]
-        if not steps:
+        name = next(walk, None)
+        if name is None:
             raise ValueError("the budget cannot be reached with these candidates")
-        name, _ = min(steps, key=lambda step: step[1])
         hull = hulls[name]
-        freed += hull[position[name]].params - hull[position[name] + 1].params
-        position[name] += 1
+        freed += hull[position[name] - 1].params - hull[position[name]].params
     # The last steps may have freed more than needed (an embedding's rank steps are large): give back
     # the steps whose parameters the budget can spare, most loss regained per parameter first.
     while True:
@@ -427,7 +434,7 @@ def allocation_plan(
     for parent, children in groups.items():
         if not parent or len(children) < 2:
             continue
-        floored = {n: [c for c in offered[n] if c.params >= min_kept * offered[n][0].params] for n in children}
+        floored = {n: above_floor(offered[n], min_kept) for n in children}
         found = group_candidates(parent, model.get_submodule(parent), stats.for_module(parent), floored, methods)
         if found:
             offered = {name: options for name, options in offered.items() if name not in children}
@@ -438,7 +445,7 @@ def allocation_plan(
     names = list(offered)
     chosen_for = [n for n in per_module if n in offered or any(n in children for children in grouped.values())]
     # The floor leaves the candidates to choose from; a sensitivity probe may lie below it.
-    options = {name: [c for c in found if c.params >= min_kept * found[0].params] for name, found in offered.items()}
+    options = {name: above_floor(found, min_kept) for name, found in offered.items()}
     total = count_parameters(model)
     smallest = total - sum(max(c.params for c in found) - min(c.params for c in found) for found in options.values())
     if not smallest <= target_params <= total:

@@ -211,8 +211,8 @@ def _compress_to_budget(args: argparse.Namespace, model, tokenizer, out: Path, d
     # the model compressed so far.
     if args.sequential:
         counts = next((t.counts for t in stats.tokens.values()), None)  # counted once, for the statistics
-        fitted = [name for name, candidate in allocation.chosen.items() if candidate.config is not None]
-        fitted = set(expand_containers(model, fitted))
+        chosen = [name for name, candidate in allocation.chosen.items() if candidate.config is not None]
+        fitted = set(expand_containers(model, chosen))  # an MLP cut whole: its projections' Fisher
         outputs = stats.fisher_of(fitted)
         # The fit collects each part's inputs afresh: the original's moments would only hold memory beside
         # it (width² each: 9.5 GiB for a 1.1B LLaMA).

@@ -28,8 +28,8 @@ from .selection import forward_selection, refit
 # Offered to a budget, as shares of the inner units kept (the MLP's parameters shrink in proportion).
 UNIT_FRACTIONS = (0.875, 0.75, 0.625, 0.5, 0.4375, 0.375, 0.3125, 0.25, 0.1875, 0.125, 0.0625)
 # Units selection takes a step: inner / 256 (``selection.forward_selection``'s ``block``). Selecting 87.5% of
-# 5632 units (TinyLlama) took about 6 min a step at a time with 5 a step and 1.5 min with 22, one thread; on
-# correlated 1536-wide activations 6 a step left 0.8% more error than one at 1/8 of the units kept.
+# 5632 units (TinyLlama's width, synthetic statistics) took about 6 min with 5 a step and 1.5 min with 22, one
+# thread; on correlated 1536-wide activations 6 a step left 0.8% more error than one at 1/8 of the units kept.
 UNITS_PER_STEP = 256
 
 
@@ -138,9 +138,10 @@ class NeuronsMethod(CompressionMethod):
         selection = forward_selection(
             consumer.second_moment, weight, counts[0], consumer.output_second_moment, selection_block(parts.inner)
         )
-        per_unit = sum(dense_weight(module.get_submodule(n))[0].shape[0] for n in parts.producers) + weight.shape[1]
+        producers = [dense_weight(module.get_submodule(name)) for name in parts.producers]
+        per_unit = sum(w.shape[0] for w, _, _ in producers) + weight.shape[1]
         # The producers' biases lose the dropped units too (a budget counts the rest of a bias as kept).
-        biased = sum(dense_weight(module.get_submodule(n))[1] is not None for n in parts.producers)
+        biased = sum(b is not None for _, b, _ in producers)
         fisher = consumer.output_second_moment is not None
         return [
             Estimate(
